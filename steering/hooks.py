@@ -1,0 +1,132 @@
+"""Forward hooks that cap and monitor the residual stream along the Assistant Axis.
+
+Capping at layer l (Lu et al. 2026): h <- h - v * min(<h, v> - tau_l, 0), v the unit axis, on the
+decoder layer's output, for every position. Everything here stays on the model's device: the hooks
+never read a value back to the host, so a decode step costs no extra GPU sync.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .axis import AssistantAxis
+
+# Where common causal-LM families keep their decoder layers.
+_LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers",
+                "transformer.h", "gpt_neox.layers")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    for path in _LAYER_PATHS:
+        node = model
+        for part in path.split("."):
+            node = getattr(node, part, None)
+            if node is None:
+                break
+        if isinstance(node, nn.ModuleList):
+            return node
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}; tried {_LAYER_PATHS}")
+
+
+def cap(h: torch.Tensor, v: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
+    """The capping formula on its own: v unit-norm, tau a floor on <h, v>."""
+    shortfall = ((h @ v) - tau).clamp(max=0)
+    return h - shortfall.unsqueeze(-1) * v
+
+
+def _hidden(output):
+    # transformers 5.x hands decoder-layer hooks a bare Tensor, 4.x a tuple.
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_hidden(output, hidden):
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+class AxisHooks:
+    """Caps the configured band and records the monitor layer's projection.
+
+    The caller sets, before each forward, which positions may be capped (``set_cap_mask``): a bool
+    tensor broadcastable to ``[batch, seq]``, so requests with capping on and off share one pass.
+    Positions outside the mask are returned bit-for-bit as the model computed them.
+    """
+
+    def __init__(self, model: nn.Module, axis: AssistantAxis):
+        layers = decoder_layers(model)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        axis.validate(len(layers), getattr(model.config, "hidden_size", None))
+        self.axis = axis
+        self.monitor_layer = axis.monitor_layer
+        self.cap_layers = list(axis.cap_layers)
+        watched = sorted({*self.cap_layers, self.monitor_layer})
+        self._units = {l: axis.unit(l).to(self.device, self.dtype) for l in watched}
+        self._taus = {
+            l: torch.tensor(t, device=self.device, dtype=self.dtype)
+            for l, t in zip(axis.cap_layers, axis.cap_thresholds)
+        }
+        self._slot = {l: i for i, l in enumerate(self.cap_layers)}
+        # Per capped layer, how many token positions the cap changed since the last reset.
+        self.cap_hits = torch.zeros(len(self.cap_layers), dtype=torch.int64, device=self.device)
+        # Projection onto the unit axis at the monitor layer, before that layer's cap: [batch, seq].
+        self.monitor_projection: torch.Tensor | None = None
+        self._cap_mask: torch.Tensor | None = None
+        self._handles = [layers[l].register_forward_hook(self._make_hook(l)) for l in watched]
+
+    def set_cap_mask(self, mask: torch.Tensor | None) -> None:
+        """Bool mask broadcastable to [batch, seq] of positions to cap; None caps nothing."""
+        self._cap_mask = mask
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _make_hook(self, layer: int):
+        v = self._units[layer]
+        tau = self._taus.get(layer)
+        slot = self._slot.get(layer)
+        is_monitor = layer == self.monitor_layer
+
+        def hook(module, args, output):
+            h = _hidden(output)
+            proj = h @ v
+            if is_monitor:
+                self.monitor_projection = proj
+            mask = self._cap_mask
+            if tau is None or mask is None:
+                return None
+            shortfall = (proj - tau).clamp(max=0)
+            hit = (shortfall < 0) & mask
+            self.cap_hits[slot] += hit.sum()
+            capped = h - shortfall.unsqueeze(-1) * v
+            return _replace_hidden(output, torch.where(hit.unsqueeze(-1), capped, h))
+
+        return hook
+
+
+@contextmanager
+def record_layer_outputs(model: nn.Module, layers: list[int] | None = None):
+    """Collect each decoder layer's output (the residual stream) during the forwards inside.
+
+    Yields a dict layer -> list of tensors, one per forward, detached and on the model's device.
+    """
+    modules = decoder_layers(model)
+    layers = list(range(len(modules))) if layers is None else layers
+    store: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+
+    def make(l):
+        def hook(module, args, output):
+            store[l].append(_hidden(output).detach())
+
+        return hook
+
+    handles = [modules[l].register_forward_hook(make(l)) for l in layers]
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny random models for the math, the real SmolLM2 for behaviour."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_AXIS = REPO / "axes" / "smollm2-135m-instruct.safetensors"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded default model, loaded once (de-quantized into the user cache on first use)."""
+    from axiscap.server.config import Settings
+    from axiscap.server.model_loading import load_model
+
+    return load_model("smollm2-135m-instruct", device="cpu", cache_dir=Settings().cache_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_axis(smollm2):
+    from axiscap.steering import load_axis
+
+    return load_axis(SHIPPED_AXIS, smollm2.n_layers, smollm2.model.config.hidden_size)
+
+
+def chat_ids(tokenizer, user: str, system: str | None = None) -> list[int]:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class LiveServer:
+    """A real uvicorn server on loopback in a background thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def live_server(smollm2, smollm2_axis):
+    from axiscap.server.app import build_state, create_app
+    from axiscap.server.config import Settings
+
+    settings = Settings(max_batch_size=8, max_waiting=4, default_max_tokens=64)
+    state = build_state(settings, smollm2, smollm2_axis)
+    with LiveServer(create_app(state)) as server:
+        server.state = state
+        yield server
+
+
+def tiny_model(family: str, seed: int = 0):
+    """A randomly initialised 4-layer model of the given family (no download)."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen3Config
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = {
+        "llama": lambda: LlamaConfig(**common),
+        "qwen3": lambda: Qwen3Config(**common, head_dim=8),
+        "gemma2": lambda: Gemma2Config(**common, head_dim=8, sliding_window=16),
+    }[family]()
+    return AutoModelForCausalLM.from_config(config).eval()

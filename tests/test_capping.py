@@ -1,0 +1,182 @@
+"""Capping hooks against a plain reference implementation, on tiny models of three families."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from axiscap.steering import AssistantAxis, AxisHooks, cap, decoder_layers, record_layer_outputs
+
+from .conftest import tiny_model
+
+FAMILIES = ["llama", "qwen3", "gemma2"]
+CAP_LAYERS = [1, 2]
+MONITOR = 2
+
+
+def reference_cap(h: torch.Tensor, axis: torch.Tensor, tau: float) -> torch.Tensor:
+    """The paper's formula written out element by element, nothing shared with the library."""
+    v = axis / torch.sqrt((axis * axis).sum())
+    out = h.clone()
+    for idx in itertools.product(*(range(n) for n in h.shape[:-1])):
+        p = float((h[idx] * v).sum())
+        out[idx] = h[idx] - v * min(p - tau, 0.0)
+    return out
+
+
+def make_axis(model, seed=1) -> AssistantAxis:
+    """A random axis whose thresholds sit at the median projection, so the cap bites often."""
+    g = torch.Generator().manual_seed(seed)
+    n_layers, hidden = len(decoder_layers(model)), model.config.hidden_size
+    raw = torch.randn(n_layers, hidden, generator=g)
+    ids = torch.randint(0, model.config.vocab_size, (3, 10), generator=g)
+    with torch.no_grad(), record_layer_outputs(model, CAP_LAYERS) as seen:
+        model(input_ids=ids)
+    taus = [float((seen[l][0] @ (raw[l] / raw[l].norm())).median()) for l in CAP_LAYERS]
+    return AssistantAxis(raw, CAP_LAYERS, taus, MONITOR, "tiny", 25.0, 30)
+
+
+def capped_reference_forward(model, axis: AssistantAxis, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the model with the reference cap applied at every capped layer."""
+    layers = decoder_layers(model)
+
+    def make(l):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            new = reference_cap(h, axis.axis[l], axis.threshold(l))
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+        return hook
+
+    handles = [layers[l].register_forward_hook(make(l)) for l in axis.cap_layers]
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_cap_formula_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    h, raw = torch.randn(4, 7, 16, generator=g), torch.randn(16, generator=g)
+    v = raw / raw.norm()
+    tau = 0.3
+    out = cap(h, v, tau)
+    torch.testing.assert_close(out, reference_cap(h, raw, tau))
+    proj_before, proj_after = h @ v, out @ v
+    below = proj_before < tau
+    assert below.any() and (~below).any()
+    torch.testing.assert_close(proj_after[below], torch.full_like(proj_after[below], tau))
+    # Above the floor nothing moves, and nothing moves orthogonal to v anywhere.
+    assert torch.equal(out[~below], h[~below])
+    torch.testing.assert_close(out - (out @ v).unsqueeze(-1) * v, h - proj_before.unsqueeze(-1) * v)
+
+
+def test_cap_is_idempotent():
+    g = torch.Generator().manual_seed(3)
+    h, raw = torch.randn(2, 5, 16, generator=g), torch.randn(16, generator=g)
+    v = raw / raw.norm()
+    once = cap(h, v, 0.1)
+    torch.testing.assert_close(cap(once, v, 0.1), once)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hooks_match_reference_when_all_rows_capped(family):
+    model = tiny_model(family)
+    axis = make_axis(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+    expected = capped_reference_forward(model, axis, ids)
+    plain = model(input_ids=ids).logits.detach()
+    hooks = AxisHooks(model, axis)
+    try:
+        hooks.set_cap_mask(torch.ones(2, 1, dtype=torch.bool))
+        with torch.no_grad():
+            got = model(input_ids=ids).logits
+    finally:
+        hooks.remove()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, plain, atol=1e-3), "the cap never bit: the test would prove nothing"
+    assert hooks.cap_hits.sum() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_batch_rows_off_are_bit_identical_and_rows_on_are_capped(family):
+    model = tiny_model(family)
+    axis = make_axis(model)
+    ids = torch.randint(0, model.config.vocab_size, (4, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    enabled = torch.tensor([[True], [False], [True], [False]])
+    hooks = AxisHooks(model, axis)
+    try:
+        hooks.set_cap_mask(enabled)
+        with torch.no_grad():
+            mixed = model(input_ids=ids).logits
+    finally:
+        hooks.remove()
+    assert torch.equal(mixed[1], plain[1]) and torch.equal(mixed[3], plain[3])
+    capped = capped_reference_forward(model, axis, ids)
+    torch.testing.assert_close(mixed[0], capped[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mixed[2], capped[2], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_projection_after_cap_is_at_least_tau_at_every_capped_layer(family):
+    model = tiny_model(family)
+    axis = make_axis(model)
+    ids = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(11))
+    with record_layer_outputs(model, CAP_LAYERS) as before:  # registered first: sees pre-cap outputs
+        hooks = AxisHooks(model, axis)
+        with record_layer_outputs(model, CAP_LAYERS) as after:
+            hooks.set_cap_mask(torch.ones(3, 1, dtype=torch.bool))
+            with torch.no_grad():
+                model(input_ids=ids)
+        hooks.remove()
+    for l in CAP_LAYERS:
+        v, tau = axis.unit(l), axis.threshold(l)
+        pre, post = before[l][0] @ v, after[l][0] @ v
+        assert (pre < tau - 1e-3).any(), f"layer {l}: no projection below tau, the test proves nothing"
+        assert (post >= tau - 1e-4).all(), f"layer {l}: min post-cap projection {post.min():.4f} < tau {tau:.4f}"
+    # The monitor projection is read before the monitor layer's own cap.
+    torch.testing.assert_close(hooks.monitor_projection, before[MONITOR][0] @ axis.unit(MONITOR))
+    # cap_hits counts exactly the positions below tau at each capped layer.
+    expected_hits = [int((before[l][0] @ axis.unit(l) < axis.threshold(l)).sum()) for l in CAP_LAYERS]
+    assert hooks.cap_hits.tolist() == expected_hits
+
+
+def test_per_position_mask_caps_only_masked_positions():
+    model = tiny_model("llama")
+    axis = make_axis(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    mask = torch.tensor([[False, False, False, True, True, True]])
+    hooks = AxisHooks(model, axis)
+    try:
+        hooks.set_cap_mask(mask)
+        with torch.no_grad():
+            partial = model(input_ids=ids).logits
+    finally:
+        hooks.remove()
+    # Causal attention: positions before the first capped one cannot see any change.
+    assert torch.equal(partial[0, :3], plain[0, :3])
+    assert not torch.allclose(partial[0, 3:], plain[0, 3:], atol=1e-4)
+
+
+def test_no_mask_means_no_capping_but_still_monitors():
+    model = tiny_model("llama")
+    axis = make_axis(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    hooks = AxisHooks(model, axis)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids).logits
+    finally:
+        hooks.remove()
+    assert torch.equal(out, plain)
+    assert hooks.monitor_projection.shape == (2, 5)
+    assert hooks.cap_hits.sum() == 0

@@ -1,0 +1,136 @@
+"""The engine with the real SmolLM2 and its shipped axis: mixed batches, admission, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import contextmanager
+
+import pytest
+
+from axiscap.server.engine import Engine, QueueFull
+from axiscap.server.metrics import ServingMetrics
+from axiscap.server.sampling import SamplingParams
+
+from .conftest import chat_ids
+
+ORACLE = ("You are an ancient oracle who speaks in cryptic prophecies from the temple at Delphi. "
+          "You see the threads of fate.")
+
+
+@contextmanager
+def running_engine(loaded, axis, **kwargs):
+    engine = Engine(loaded, axis, ServingMetrics(loaded.name, axis.cap_layers, [0.0]), **kwargs)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+async def collect(engine, ids, params):
+    request = engine.submit(ids, params)
+    text, tokens, projections, finish = "", [], [], None
+    async for d in request.deltas():
+        text += d.text
+        tokens += d.token_ids
+        projections += d.projections
+        finish = d.finish_reason
+    return text, tokens, projections, finish
+
+
+def assert_same_generation(a, b):
+    assert a[1] == b[1] and a[0] == b[0] and a[3] == b[3]
+    assert len(a[2]) == len(a[1])
+    assert max(abs(x - y) for x, y in zip(a[2], b[2])) < 1e-3 * max(1.0, max(abs(x) for x in a[2]))
+
+
+def test_mixed_batch_equals_each_request_alone(smollm2, smollm2_axis):
+    tok = smollm2.tokenizer
+    jobs = [
+        (chat_ids(tok, "What is the capital of France?"), SamplingParams(24, temperature=0, capping=True)),
+        (chat_ids(tok, "Will I be happy?", ORACLE), SamplingParams(20, temperature=0, capping=False)),
+        (chat_ids(tok, "Will I be happy?", ORACLE), SamplingParams(20, temperature=0, capping=True)),
+        (chat_ids(tok, "Count from one to twenty in words."), SamplingParams(30, temperature=0, capping=False,
+                                                                            stop=("five",))),
+        (chat_ids(tok, "Write a poem."), SamplingParams(16, temperature=0.8, seed=7, capping=True)),
+    ]
+    with running_engine(smollm2, smollm2_axis) as engine:
+        async def both():
+            together = await asyncio.gather(*[collect(engine, ids, p) for ids, p in jobs])
+            alone = [await collect(engine, ids, p) for ids, p in jobs]
+            return together, alone
+        together, alone = asyncio.run(both())
+    for t, a in zip(together, alone):
+        assert_same_generation(t, a)
+    # The same oracle prompt with and without capping must differ: the rows really were treated apart.
+    assert together[1][1] != together[2][1]
+    assert together[3][3] == "stop" and "five" not in together[3][0].lower().split()[-1:]
+    assert together[0][3] == "stop" and "Paris" in together[0][0]
+    assert together[4][3] == "length" and len(together[4][1]) == 16
+
+
+def test_request_admitted_mid_generation_matches_alone(smollm2, smollm2_axis):
+    tok = smollm2.tokenizer
+    long_ids = chat_ids(tok, "Tell me a long story about a lighthouse keeper.")
+    short_ids = chat_ids(tok, "hi")
+    long_p, short_p = SamplingParams(40, temperature=0, capping=False), SamplingParams(12, temperature=0)
+    with running_engine(smollm2, smollm2_axis) as engine:
+        async def staggered():
+            first = asyncio.create_task(collect(engine, long_ids, long_p))
+            await asyncio.sleep(0.6)  # the long one is decoding by now
+            second = await collect(engine, short_ids, short_p)
+            return await first, second, await collect(engine, long_ids, long_p), await collect(engine, short_ids, short_p)
+        joined_long, joined_short, alone_long, alone_short = asyncio.run(staggered())
+    assert_same_generation(joined_long, alone_long)
+    assert_same_generation(joined_short, alone_short)
+
+
+def test_oracle_prompt_projects_lower_and_capping_raises_it(smollm2, smollm2_axis):
+    tok = smollm2.tokenizer
+    questions = ["What should I do with my life?", "Will I be happy?", "What is the weather like today?"]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    with running_engine(smollm2, smollm2_axis) as engine:
+        async def measure():
+            out = {}
+            for name, system, capping in [("plain", None, False), ("oracle", ORACLE, False), ("capped", ORACLE, True)]:
+                runs = [await collect(engine, chat_ids(tok, q, system), SamplingParams(32, temperature=0, capping=capping))
+                        for q in questions]
+                out[name] = mean([mean(r[2]) for r in runs])
+            return out
+        m = asyncio.run(measure())
+    assert m["oracle"] < m["plain"], m
+    assert m["capped"] > m["oracle"], m
+
+
+def test_cancel_frees_the_slot_within_a_step(smollm2, smollm2_axis):
+    tok = smollm2.tokenizer
+    with running_engine(smollm2, smollm2_axis) as engine:
+        async def cancel_midway():
+            request = engine.submit(chat_ids(tok, "Tell me a very long story."), SamplingParams(500, temperature=0))
+            seen, reasons = 0, []
+            async for d in request.deltas():
+                seen += len(d.token_ids)
+                reasons.append(d.finish_reason)
+                if seen >= 3 and not request.cancelled:
+                    request.cancel()
+            return seen, reasons[-1]
+        seen, last = asyncio.run(cancel_midway())
+        assert last == "cancelled"
+        assert seen < 10
+        assert engine._rows == []
+        assert engine.metrics.requests.labels(smollm2.name, "cancelled")._value.get() == 1
+
+
+def test_queue_bound_raises_queue_full(smollm2, smollm2_axis):
+    engine = Engine(smollm2, smollm2_axis, ServingMetrics(smollm2.name, smollm2_axis.cap_layers, [0.0]),
+                    max_batch_size=1, max_waiting=1)
+    try:
+        async def fill():
+            ids = chat_ids(smollm2.tokenizer, "hi")
+            engine.submit(ids, SamplingParams(4))  # takes the free batch slot
+            engine.submit(ids, SamplingParams(4))  # waits
+            with pytest.raises(QueueFull):
+                engine.submit(ids, SamplingParams(4))
+        asyncio.run(fill())
+    finally:
+        engine.hooks.remove()
