@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup serve test clean
+.PHONY: setup serve test bench tools clean
 
 setup: $(VENV)/.installed
 
@@ -18,8 +18,16 @@ $(VENV)/.installed: pyproject.toml
 serve: setup
 	$(VENV)/bin/axiscap serve
 
-test: setup
+test: setup tools
 	$(PY) -m pytest
+
+# promtool and prometheus for the deployment tests (Debian's package; needs root, skipped without).
+tools:
+	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && sh deploy/install-prometheus.sh; } || \
+		echo "promtool not installed: the Prometheus tests will be skipped"
+
+bench: setup
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

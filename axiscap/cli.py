@@ -82,13 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="name clients put in 'model'")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument("--device", help="cpu, cuda, cuda:N or auto (default auto)")
+    serve.add_argument("--device", help="cpu, cuda, cuda:N, balanced (a model too large for one GPU, its "
+                                        "layers split over all visible GPUs) or auto (default)")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights and activations (default: bfloat16 on CUDA, float32 on CPU)")
     serve.add_argument("--capping-default", action=argparse.BooleanOptionalAction, default=None,
                        help="cap requests that do not set 'capping' (default on)")
     serve.add_argument("--max-batch-size", type=int, help="requests decoded together (default 16)")
     serve.add_argument("--max-waiting", type=int, help="queued requests before 429 (default 64)")
+    serve.add_argument("--prefill-chunk-tokens", type=int,
+                       help="prompt tokens prefilled between two decode steps, so long prompts do not "
+                            "stall running streams (default 512)")
     serve.add_argument("--default-max-tokens", type=int, help="budget when a request sets none (default 1024)")
     serve.add_argument("--cache-dir", type=Path, help="where the de-quantized default model is kept "
                                                       "(default ~/.cache/axiscap)")

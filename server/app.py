@@ -39,9 +39,11 @@ def build_state(settings: Settings, loaded: LoadedModel, axis: AssistantAxis) ->
     def stat(key):
         return float(axis.extra[key]) if key in axis.extra else None
 
-    buckets = projection_buckets(stat("monitor_mean"), stat("monitor_std"), axis.threshold(axis.monitor_layer))
-    metrics = ServingMetrics(loaded.name, axis.cap_layers, buckets)
-    engine = Engine(loaded, axis, metrics, settings.max_batch_size, settings.max_waiting)
+    tau = axis.threshold(axis.monitor_layer)
+    buckets = projection_buckets(stat("monitor_mean"), stat("monitor_std"), tau)
+    metrics = ServingMetrics(loaded.name, axis.cap_layers, buckets, tau, settings.max_waiting)
+    engine = Engine(loaded, axis, metrics, settings.max_batch_size, settings.max_waiting,
+                    settings.prefill_chunk_tokens)
     return ServerState(settings, loaded, axis, metrics, engine, OpenAIServing(engine, loaded, settings))
 
 

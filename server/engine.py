@@ -24,10 +24,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from axiscap.steering import AssistantAxis, AxisHooks
 
+from .kv_cache import BatchCache, _pad_left
 from .metrics import ServingMetrics
 from .model_loading import LoadedModel
 from .sampling import BatchSampler, SamplingParams
@@ -98,9 +98,25 @@ class _Row:
     pending_projections: list[float] = field(default_factory=list)
 
 
+class _PrefillGroup:
+    """Requests admitted together, left-padded into one block and prefilled slice by slice."""
+
+    def __init__(self, requests: list[Request], pad_id: int, device: torch.device):
+        width = max(len(r.prompt_ids) for r in requests)
+        self.requests = requests
+        self.ids = torch.tensor([[pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests],
+                                device=device)
+        self.mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests],
+                                 device=device)
+        self.cap_rows = torch.tensor([[r.params.capping] for r in requests], device=device)
+        self.any_capping = any(r.params.capping for r in requests)
+        self.cache = BatchCache()
+        self.done = 0  # columns prefilled so far
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, axis: AssistantAxis, metrics: ServingMetrics,
-                 max_batch_size: int = 16, max_waiting: int = 64):
+                 max_batch_size: int = 16, max_waiting: int = 64, prefill_chunk_tokens: int = 512):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -109,6 +125,7 @@ class Engine:
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.eos_ids = self._eos_ids()
         self.sampler = BatchSampler(self.device)
 
@@ -118,7 +135,8 @@ class Engine:
         self._thread: threading.Thread | None = None
 
         self._rows: list[_Row] = []
-        self._cache: DynamicCache | None = None
+        self._prefilling: _PrefillGroup | None = None
+        self._cache: BatchCache | None = None
         self._mask: torch.Tensor | None = None  # [batch, kv_len] long
         self._next_input: torch.Tensor | None = None  # [batch] long, last sampled tokens
         self._cap_rows: torch.Tensor | None = None  # [batch, 1] bool
@@ -149,50 +167,61 @@ class Engine:
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
         request = Request(prompt_ids, params, asyncio.get_running_loop())
         with self._wakeup:
-            if len(self._waiting) >= self.max_waiting + max(0, self.max_batch_size - len(self._rows)):
+            if len(self._waiting) >= self.max_waiting + max(0, self.max_batch_size - self._busy_slots()):
                 raise QueueFull()
             self._waiting.append(request)
             self.metrics.waiting.set(len(self._waiting))
             self._wakeup.notify()
         return request
 
+    def _busy_slots(self) -> int:
+        # Read from the event loop while the engine thread works: a prefilling group holds its
+        # slots until its rows are merged, so the count never dips between the two.
+        group = self._prefilling
+        return len(self._rows) + (len(group.requests) if group is not None else 0)
+
     # --- engine thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._wakeup:
-                while not self._stopping and not self._waiting and not self._rows:
+                while not self._stopping and not self._waiting and not self._rows and not self._prefilling:
                     self._wakeup.wait()
                 if self._stopping:
                     break
-            admitted: list[Request] = []
             try:
                 with torch.inference_mode():
                     self._drop_cancelled()
-                    with self._wakeup:
-                        admitted = self._take_waiting()
-                    if admitted:
-                        self._prefill(admitted)
+                    if self._prefilling is None:
+                        with self._wakeup:  # taken and grouped under the lock: submit() sees them busy
+                            admitted = self._take_waiting()
+                            if admitted:
+                                self._prefilling = _PrefillGroup(admitted, self.tokenizer.pad_token_id,
+                                                                 self.device)
+                    if self._prefilling is not None:
+                        self._prefill_chunk()
                     if self._rows:
                         self._decode_step()
             except Exception:  # keep serving: fail this batch's requests, not the process
-                log.exception("engine step failed; failing %d requests", len(self._rows) + len(admitted))
-                running = {id(row.request) for row in self._rows}
-                failed = [row.request for row in self._rows] + [r for r in admitted if id(r) not in running]
+                failed = [row.request for row in self._rows]
+                failed += self._prefilling.requests if self._prefilling is not None else []
+                log.exception("engine step failed; failing %d requests", len(failed))
                 for request in failed:
                     self.metrics.finished("error")
                     request._emit(Delta("", [], [], "error"))
+                self._prefilling = None
                 self._reset_batch()
             self.metrics.running.set(len(self._rows))
         with self._wakeup:
             leftover = [row.request for row in self._rows] + list(self._waiting)
+            leftover += self._prefilling.requests if self._prefilling is not None else []
             self._waiting.clear()
         for request in leftover:
             request._emit(Delta("", [], [], "cancelled"))
 
     def _take_waiting(self) -> list[Request]:
         taken: list[Request] = []
-        while self._waiting and len(self._rows) + len(taken) < self.max_batch_size:
+        while self._waiting and self._busy_slots() + len(taken) < self.max_batch_size:
             request = self._waiting.popleft()
             if request.cancelled:
                 self.metrics.finished("cancelled")
@@ -203,28 +232,37 @@ class Engine:
         return taken
 
     def _drop_cancelled(self) -> None:
+        """Free the rows of cancelled requests (a group in prefill goes once all of it is cancelled)."""
+        requests = []
+        if self._prefilling is not None and all(r.cancelled for r in self._prefilling.requests):
+            requests, self._prefilling = self._prefilling.requests, None
         gone = [i for i, row in enumerate(self._rows) if row.request.cancelled]
-        if not gone:
-            return
-        requests = [self._rows[i].request for i in gone]
-        self._remove_rows(set(gone))
+        requests += [self._rows[i].request for i in gone]
+        if gone:
+            self._remove_rows(set(gone))
         for request in requests:
             self.metrics.finished("cancelled")
             request._emit(Delta("", [], [], "cancelled"))
 
-    def _prefill(self, requests: list[Request]) -> None:
-        pad = self.tokenizer.pad_token_id
-        width = max(len(r.prompt_ids) for r in requests)
-        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests])
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests])
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cap_rows = torch.tensor([[r.params.capping] for r in requests], device=self.device)
-        any_capping = any(r.params.capping for r in requests)
-        self.hooks.set_cap_mask(cap_rows & mask.bool() if any_capping else None)
-        cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+    def _prefill_chunk(self) -> None:
+        """Prefill the next slice of the waiting group's prompts; merge the group once it is done.
+
+        Slicing bounds how long running streams wait for a long prompt: one decode step runs
+        between two slices of at most ``prefill_chunk_tokens`` tokens.
+        """
+        group = self._prefilling
+        n, width = group.ids.shape
+        start = group.done
+        end = min(width, start + max(1, self.prefill_chunk_tokens // n))
+        mask = group.mask[:, :end]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
+        self.hooks.set_cap_mask(group.cap_rows & mask[:, start:].bool() if group.any_capping else None)
+        out = self.model(input_ids=group.ids[:, start:end], attention_mask=mask, position_ids=positions,
+                         past_key_values=group.cache, use_cache=True, logits_to_keep=1)
+        group.done = end
+        if end < width:  # its cap hits are read back with the next published step
+            return
+        requests = group.requests
         rows = [
             _Row(r, IncrementalDetokenizer(self.tokenizer), StopMatcher(r.params.stop),
                  BatchSampler.generator_for(r.params, self.device), length=len(r.prompt_ids))
@@ -232,13 +270,13 @@ class Engine:
         ]
         for r in requests:
             self.metrics.prompt_tokens.inc(len(r.prompt_ids))
-        self._merge(rows, cache, mask, cap_rows)
+        self._merge(rows, group.cache, group.mask, group.cap_rows)
+        self._prefilling = None
         # Sample only the new rows, with their own parameters.
         sampler = BatchSampler(self.device)
         sampler.set_rows([r.params for r in requests], [row.generator for row in rows])
         tokens = sampler.sample(out.logits[:, -1, :])
-        first = len(self._rows) - len(rows)
-        self._next_input[first:] = tokens
+        self._next_input[len(self._rows) - n:] = tokens
         self._publish(rows, tokens, self.hooks.monitor_projection[:, -1])
 
     def _decode_step(self) -> None:
@@ -258,7 +296,9 @@ class Engine:
     def _publish(self, rows: list[_Row], tokens: torch.Tensor, projections: torch.Tensor) -> None:
         """Move this step's tokens, projections and cap counts to the host in one transfer."""
         n = len(rows)
-        host = torch.cat([tokens.double(), projections.double(), self.hooks.cap_hits.double()]).tolist()
+        here = tokens.device  # a model split across GPUs leaves these on different devices
+        host = torch.cat([tokens.double(), projections.to(here).double(), self.hooks.cap_hits.to(here).double()])
+        host = host.tolist()
         self.hooks.cap_hits.zero_()
         self.metrics.add_cap_hits(host[2 * n:])
         now = time.monotonic()
@@ -302,23 +342,19 @@ class Engine:
 
     # --- batch bookkeeping ------------------------------------------------------------------
 
-    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, cap_rows: torch.Tensor) -> None:
-        """Append freshly prefilled rows to the running batch, left-padding the shorter side."""
+    def _merge(self, rows: list[_Row], cache: BatchCache, mask: torch.Tensor, cap_rows: torch.Tensor) -> None:
+        """Append freshly prefilled rows to the running batch, left-padding the narrower side."""
+        new_rows = torch.zeros(len(rows), dtype=torch.long, device=self.device)
         if not self._rows:
-            self._cache, self._mask, self._cap_rows = cache, mask, cap_rows
-            self._next_input = torch.zeros(len(rows), dtype=torch.long, device=self.device)
+            self._cache, self._mask, self._cap_rows, self._next_input = cache, mask, cap_rows, new_rows
         else:
             old, new = self._mask.shape[1], mask.shape[1]
-            self._left_pad(self._cache, new - old)
-            self._left_pad(cache, old - new)
-            width = max(old, new)
-            self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
-            for mine, theirs in zip(self._cache.layers, cache.layers):
-                mine.keys = torch.cat([mine.keys, theirs.keys])
-                mine.values = torch.cat([mine.values, theirs.values])
+            self._cache.pad_left(new - old)
+            cache.pad_left(old - new)
+            self._cache.extend_rows(cache)
+            self._mask = torch.cat([_pad_left(self._mask, new - old, dim=-1), _pad_left(mask, old - new, dim=-1)])
             self._cap_rows = torch.cat([self._cap_rows, cap_rows])
-            self._next_input = torch.cat([self._next_input, torch.zeros(len(rows), dtype=torch.long,
-                                                                          device=self.device)])
+            self._next_input = torch.cat([self._next_input, new_rows])
         self._rows.extend(rows)
         self._rows_changed()
 
@@ -331,9 +367,7 @@ class Engine:
         index = torch.tensor(keep, device=self.device)
         # Columns that are padding in every remaining row can go.
         trim = self._mask.shape[1] - max(row.length for row in self._rows)
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, trim:]
-            layer.values = layer.values[index, :, trim:]
+        self._cache.keep_rows(index, trim)
         self._mask = self._mask[index, trim:]
         self._cap_rows = self._cap_rows[index]
         self._next_input = self._next_input[index]
@@ -346,20 +380,3 @@ class Engine:
     def _reset_batch(self) -> None:
         self._rows, self._cache, self._mask, self._next_input, self._cap_rows = [], None, None, None, None
         self._rows_changed()
-
-    @staticmethod
-    def _left_pad(cache: DynamicCache, n: int) -> None:
-        if n <= 0:
-            return
-        for layer in cache.layers:
-            layer.keys = _pad_left(layer.keys, layer.keys.shape[-2] + n, dim=-2)
-            layer.values = _pad_left(layer.values, layer.values.shape[-2] + n, dim=-2)
-
-
-def _pad_left(t: torch.Tensor, width: int, dim: int = -1) -> torch.Tensor:
-    n = width - t.shape[dim]
-    if n <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = n
-    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)

@@ -28,6 +28,7 @@ def projection_buckets(mean: float | None, std: float | None, threshold: float |
 
 class ServingMetrics:
     def __init__(self, model: str, cap_layers: list[int], buckets: list[float],
+                 monitor_threshold: float | None = None, queue_capacity: int | None = None,
                  registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r, m = self.registry, model
@@ -36,6 +37,15 @@ class ServingMetrics:
             "stream onto the unit Assistant Axis, before that layer's cap. Lower means further from the Assistant.",
             ["model", "capping"], buckets=buckets, registry=r)
         self._projection = {on: self.axis_projection.labels(m, "on" if on else "off") for on in (True, False)}
+        self._threshold = monitor_threshold
+        self.below_threshold = Counter(
+            f"{PREFIX}_tokens_below_threshold", "Generated tokens whose monitor-layer projection fell below "
+            "that layer's cap threshold tau (before the cap).", ["model", "capping"], registry=r)
+        self._below = {on: self.below_threshold.labels(m, "on" if on else "off") for on in (True, False)}
+        threshold = Gauge(f"{PREFIX}_monitor_threshold", "Cap threshold tau of the monitor layer, in projection "
+                          "units: the floor capping enforces there.", ["model"], registry=r)
+        if monitor_threshold is not None:
+            threshold.labels(m).set(monitor_threshold)
         self.cap_activations = Counter(
             f"{PREFIX}_cap_activations", "Token positions whose activation the cap changed, by decoder layer.",
             ["model", "layer"], registry=r)
@@ -60,15 +70,26 @@ class ServingMetrics:
         self.rejected = Counter(
             f"{PREFIX}_rejected_requests", "Requests answered with an error before generating, by HTTP status.",
             ["model", "status"], registry=r)
+        # Known label values start at zero, so rates and alerts work before the first occurrence.
+        for reason in ("stop", "length", "cancelled", "error"):
+            self.requests.labels(m, reason)
+        for status in ("400", "404", "429", "500"):
+            self.rejected.labels(m, status)
         self.running = Gauge(f"{PREFIX}_requests_running", "Requests in the running batch.",
                              ["model"], registry=r).labels(m)
         self.waiting = Gauge(f"{PREFIX}_requests_waiting", "Requests queued for the batch.",
                              ["model"], registry=r).labels(m)
+        capacity = Gauge(f"{PREFIX}_queue_capacity", "Waiting requests accepted before answering 429.",
+                         ["model"], registry=r)
+        if queue_capacity is not None:
+            capacity.labels(m).set(queue_capacity)
         self.model = m
 
     def observe_token(self, projection: float, capping: bool) -> None:
         self._projection[capping].observe(projection)
         self._generated[capping].inc()
+        if self._threshold is not None and projection < self._threshold:
+            self._below[capping].inc()
 
     def add_cap_hits(self, hits: list[float]) -> None:
         for counter, n in zip(self._cap, hits):

@@ -40,6 +40,8 @@ class LoadedModel:
 
 
 def resolve_device(device: str) -> torch.device:
+    if device == "balanced":  # layers spread over all visible GPUs; inputs go to the first
+        return torch.device("cuda:0")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -81,8 +83,8 @@ def _embedded_checkpoint(cache_dir: Path) -> Path:
     staging.mkdir(parents=True, exist_ok=True)
     # transformers refuses save_pretrained on a GGUF-loaded model; the weights are plain fp32 now.
     config = model.config
-    config.quantization_config = None
     del config.quantization_config
+    config.architectures = [type(model).__name__]  # GGUF configs lack it; other loaders need it
     config.save_pretrained(staging)
     model.generation_config.save_pretrained(staging)
     save_model(model, str(staging / "model.safetensors"))
@@ -106,7 +108,10 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto", cache_dir:
     else:
         source, name = model, model
     tokenizer = AutoTokenizer.from_pretrained(source)
-    lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype).to(dev).eval()
+    if device == "balanced":
+        lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map="balanced").eval()
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype).to(dev).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     log.info("loaded %s on %s (%s) in %.1f s", name, dev, torch_dtype, time.monotonic() - started)

@@ -63,9 +63,12 @@ class AxisHooks:
         self.monitor_layer = axis.monitor_layer
         self.cap_layers = list(axis.cap_layers)
         watched = sorted({*self.cap_layers, self.monitor_layer})
-        self._units = {l: axis.unit(l).to(self.device, self.dtype) for l in watched}
+        # A model split across GPUs (device_map) has layers on several devices: keep each layer's
+        # vector where that layer runs.
+        where = {l: next(layers[l].parameters(), param).device for l in watched}
+        self._units = {l: axis.unit(l).to(where[l], self.dtype) for l in watched}
         self._taus = {
-            l: torch.tensor(t, device=self.device, dtype=self.dtype)
+            l: torch.tensor(t, device=where[l], dtype=self.dtype)
             for l, t in zip(axis.cap_layers, axis.cap_thresholds)
         }
         self._slot = {l: i for i, l in enumerate(self.cap_layers)}
@@ -99,9 +102,11 @@ class AxisHooks:
             mask = self._cap_mask
             if tau is None or mask is None:
                 return None
+            if mask.device != h.device:
+                mask = mask.to(h.device, non_blocking=True)
             shortfall = (proj - tau).clamp(max=0)
             hit = (shortfall < 0) & mask
-            self.cap_hits[slot] += hit.sum()
+            self.cap_hits[slot] += hit.sum().to(self.device, non_blocking=True)
             capped = h - shortfall.unsqueeze(-1) * v
             return _replace_hidden(output, torch.where(hit.unsqueeze(-1), capped, h))
 

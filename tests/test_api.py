@@ -248,6 +248,11 @@ def test_metrics_move_after_requests(live_server, client):
         assert grew == results[capping].usage.completion_tokens
         assert sample(after, "axiscap_generation_tokens_total", capping=label) - \
             sample(before, "axiscap_generation_tokens_total", capping=label) == grew
+    below = sample(after, "axiscap_tokens_below_threshold_total", capping="off") - \
+        sample(before, "axiscap_tokens_below_threshold_total", capping="off")
+    assert 0 < below <= results[False].usage.completion_tokens  # the uncapped oracle drifts under tau
+    assert sample(after, "axiscap_monitor_threshold") == live_server.state.axis.threshold(
+        live_server.state.axis.monitor_layer)
     cap_layers = live_server.state.axis.cap_layers
     bites = sum(sample(after, "axiscap_cap_activations_total", layer=str(l)) -
                 sample(before, "axiscap_cap_activations_total", layer=str(l)) for l in cap_layers)

@@ -134,3 +134,37 @@ def test_queue_bound_raises_queue_full(smollm2, smollm2_axis):
         asyncio.run(fill())
     finally:
         engine.hooks.remove()
+
+
+def test_chunked_prefill_gives_the_same_tokens_and_interleaves_with_decoding(smollm2, smollm2_axis):
+    tok = smollm2.tokenizer
+    long_prompt = chat_ids(tok, "Summarise this: " + " ".join(f"item {i} is blue." for i in range(40)))
+    assert len(long_prompt) > 16 * 10
+    params = SamplingParams(12, temperature=0, capping=True)
+    with running_engine(smollm2, smollm2_axis) as whole:
+        reference = asyncio.run(collect(whole, long_prompt, params))
+    with running_engine(smollm2, smollm2_axis, prefill_chunk_tokens=16) as sliced:
+        async def staggered():
+            short_tokens = []
+
+            async def short():
+                request = sliced.submit(chat_ids(tok, "Count to one hundred."), SamplingParams(200, temperature=0))
+                async for d in request.deltas():
+                    short_tokens.extend(d.token_ids)
+
+            running = asyncio.create_task(short())
+            while len(short_tokens) < 2:
+                await asyncio.sleep(0.01)
+            long_request = sliced.submit(long_prompt, params)
+            at_submit = len(short_tokens)
+            chunked, at_first_token = ("", [], [], None), None
+            async for d in long_request.deltas():
+                if at_first_token is None:
+                    at_first_token = len(short_tokens)
+                chunked = (chunked[0] + d.text, chunked[1] + d.token_ids, chunked[2] + d.projections, d.finish_reason)
+            await running
+            return chunked, at_first_token - at_submit
+        chunked, decoded_during_prefill = asyncio.run(staggered())
+    assert_same_generation(chunked, reference)
+    # The running request kept decoding while the long prompt went in slices of 16 tokens.
+    assert decoded_during_prefill >= len(long_prompt) // 16 - 2

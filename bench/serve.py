@@ -1,0 +1,227 @@
+"""Serving benchmark: axiscap with capping off and on, against its peers, on loopback.
+
+Starts each server itself, sends the same streaming chat requests at several concurrencies and
+prints one JSON document: output tokens/s, TTFT and inter-token latency (p50/p95) per concurrency,
+plus (a) plain ``model.generate`` in-process without hooks as a ceiling and (b) ``transformers
+serve`` on the same weights. Ratios are computed from figures of this one run.
+
+    python bench/serve.py                      # everything, default settings
+    python bench/serve.py --concurrency 1 8 --peers none
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+MODEL = "smollm2-135m-instruct"
+TOPICS = ["a lighthouse keeper", "a lost robot", "a desert caravan", "a clockmaker", "a mountain village",
+          "a deep-sea diver", "a city library", "a winter festival", "a river ferry", "an old violin",
+          "a space station cook", "a night train", "a beekeeper", "a chess club", "a map collector",
+          "a volcano observatory"]
+
+
+def prompts(n: int) -> list[str]:
+    return [f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]}." for i in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(cmd: list[str], url: str, timeout: float = 300):
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited: {proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{' '.join(cmd)} did not come up in {timeout} s")
+            time.sleep(0.5)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def one_request(http: httpx.AsyncClient, body: dict) -> dict:
+    start = time.perf_counter()
+    arrivals, usage_tokens = [], None
+    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage_tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices", []):
+                if choice.get("delta", {}).get("content"):
+                    arrivals.append(time.perf_counter())
+    tokens = usage_tokens if usage_tokens is not None else len(arrivals)
+    return {"ttft": arrivals[0] - start if arrivals else None, "itl": list(np.diff(arrivals)), "tokens": tokens}
+
+
+async def load(base_url: str, model: str, concurrency: int, per_worker: int, max_tokens: int,
+               extra: dict) -> dict:
+    texts = prompts(concurrency * per_worker)
+
+    async def worker(w: int, http):
+        out = []
+        for k in range(per_worker):
+            body = {"model": model, "messages": [{"role": "user", "content": texts[w * per_worker + k]}],
+                    "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}, **extra}
+            out.append(await one_request(http, body))
+        return out
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as http:
+        await one_request(http, {"model": model, "messages": [{"role": "user", "content": "hi"}],
+                                 "max_tokens": 4, "stream": True, **extra})  # warm-up
+        start = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*[worker(w, http) for w in range(concurrency)]) for r in rs]
+        wall = time.perf_counter() - start
+    ttft = [r["ttft"] for r in results if r["ttft"] is not None]
+    itl = [x for r in results for x in r["itl"]]
+    tokens = sum(r["tokens"] for r in results)
+    pct = lambda xs, q: round(float(np.percentile(xs, q)) * 1000, 1) if xs else None  # noqa: E731
+    return {"concurrency": concurrency, "requests": len(results), "output_tokens": tokens,
+            "wall_s": round(wall, 2), "output_tokens_per_s": round(tokens / wall, 1),
+            "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p95": pct(ttft, 95),
+            "itl_ms_p50": pct(itl, 50), "itl_ms_p95": pct(itl, 95)}
+
+
+def generate_ceiling(concurrencies: list[int], max_tokens: int, cache_dir: Path | None) -> list[dict]:
+    """Plain model.generate on a padded batch, no hooks: what the model itself can do in-process."""
+    import torch
+
+    from axiscap.server.model_loading import load_model
+
+    loaded = load_model(MODEL, device="cpu", cache_dir=cache_dir)
+    tok = loaded.tokenizer
+    out = []
+    for c in concurrencies:
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                         add_generation_prompt=True) for p in prompts(c)]
+        tok.padding_side = "left"
+        batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            loaded.model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+            start = time.perf_counter()
+            loaded.model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                                  pad_token_id=tok.pad_token_id)
+            wall = time.perf_counter() - start
+        out.append({"concurrency": c, "output_tokens": c * max_tokens, "wall_s": round(wall, 2),
+                    "output_tokens_per_s": round(c * max_tokens / wall, 1)})
+    return out
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests-per-worker", type=int, default=2)
+    parser.add_argument("--min-requests", type=int, default=8, help="requests per measurement at least")
+    parser.add_argument("--rounds", type=int, default=2, help="axiscap measurements per setting (best kept)")
+    parser.add_argument("--peers", nargs="+", default=["generate", "transformers-serve", "transformers-serve-cb"],
+                        choices=["generate", "transformers-serve", "transformers-serve-cb", "none"])
+    parser.add_argument("--cache-dir", type=Path, default=None, help="axiscap model cache (default ~/.cache/axiscap)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    cache_dir = args.cache_dir or Path.home() / ".cache" / "axiscap"
+
+    def per_worker(c: int) -> int:  # at least --min-requests requests per measurement
+        return max(args.requests_per_worker, -(-args.min_requests // c))
+
+    report: dict = {"machine": machine(), "model": MODEL, "max_tokens": args.max_tokens,
+                    "requests_per_worker": {c: per_worker(c) for c in args.concurrency}, "rounds": args.rounds}
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "axiscap.cli", "serve", "--port", str(port), "--device", args.device,
+           "--max-batch-size", str(max(args.concurrency)), "--cache-dir", str(cache_dir), "--log-level", "warning"]
+    with server(cmd, f"http://127.0.0.1:{port}/health"):
+        # Off and on alternate at each concurrency, best of --rounds each, so that drift in the
+        # machine's speed lands on both sides of the ratio.
+        report["axiscap_capping_off"], report["axiscap_capping_on"] = [], []
+        for c in args.concurrency:
+            for label, capping in [("axiscap_capping_off", False), ("axiscap_capping_on", True)]:
+                runs = [asyncio.run(load(f"http://127.0.0.1:{port}", MODEL, c, per_worker(c), args.max_tokens,
+                                         {"capping": capping})) for _ in range(args.rounds)]
+                report[label].append(max(runs, key=lambda r: r["output_tokens_per_s"]))
+                print(f"{label} c={c}: {[r['output_tokens_per_s'] for r in runs]} tok/s", file=sys.stderr)
+
+    if "generate" in args.peers:
+        report["generate_no_hooks"] = generate_ceiling(args.concurrency, args.max_tokens, cache_dir)
+    for peer, flags in [("transformers-serve", []), ("transformers-serve-cb", ["--continuous-batching"])]:
+        if peer not in args.peers:
+            continue
+        port = free_port()
+        weights = str(cache_dir / "models" / MODEL)
+        cmd = ["transformers", "serve", weights, "--host", "127.0.0.1", "--port", str(port), "--device",
+               args.device, *flags]
+        with server(cmd, f"http://127.0.0.1:{port}/health"):  # its /v1/models needs the hub cache
+            report[peer.replace("-", "_")] = [asyncio.run(load(f"http://127.0.0.1:{port}", weights, c,
+                                                               per_worker(c), args.max_tokens, {}))
+                                              for c in args.concurrency]
+
+    off, on = report["axiscap_capping_off"], report["axiscap_capping_on"]
+    by_c = lambda rows: {r["concurrency"]: r["output_tokens_per_s"] for r in rows}  # noqa: E731
+    summary = {
+        "capping_on_over_off": {c: ratio(by_c(on)[c], by_c(off)[c]) for c in args.concurrency},
+    }
+    if 1 in args.concurrency and 8 in args.concurrency:
+        summary["c8_over_c1_capping_off"] = ratio(by_c(off)[8], by_c(off)[1])
+        summary["c8_over_c1_capping_on"] = ratio(by_c(on)[8], by_c(on)[1])
+    for peer in ("transformers_serve", "transformers_serve_cb"):
+        if peer in report:
+            theirs = by_c(report[peer])
+            summary[f"capping_on_over_{peer}"] = {c: ratio(by_c(on)[c], theirs[c]) for c in args.concurrency}
+    if "generate_no_hooks" in report:
+        gen = by_c(report["generate_no_hooks"])
+        summary["capping_on_over_generate"] = {c: ratio(by_c(on)[c], gen[c]) for c in args.concurrency}
+    report["summary"] = summary
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

