@@ -268,4 +268,6 @@ def test_metrics_move_after_requests(live_server, client):
     assert sample(after, "axiscap_requests_total", finish_reason="length") >= 2
     assert ("axiscap_requests_running", (("model", MODEL),)) in after
     assert ("axiscap_requests_waiting", (("model", MODEL),)) in after
-    assert sample(after, "axiscap_rejected_requests_total", status="400") >= 1  # from the bad-input tests
+    assert httpx.post(live_server.base_url + "/v1/completions", json={"model": MODEL}).status_code == 400
+    rejected = sample(scrape(live_server.base_url), "axiscap_rejected_requests_total", status="400")
+    assert rejected == sample(after, "axiscap_rejected_requests_total", status="400") + 1
