@@ -1,23 +1,22 @@
 """The generation engine: one thread that owns the model and runs an iteration-level batch.
 
-Between two decode steps the engine drops cancelled requests, admits waiting ones (prefilling
-them as a group and merging their KV cache into the running batch) and then decodes one token for
-every running request. Each request keeps its own capping switch and sampling parameters.
+Between two decode steps the engine drops cancelled requests, admits waiting ones as a group,
+prefills the next slice of that group's prompts (merging its KV cache into the running batch once
+the prompts are in) and then decodes one token for every running request. Each request keeps its
+own capping switch and sampling parameters.
 
 Why our own scheduler rather than transformers' ``ContinuousBatchingManager``: that manager packs
 all requests into one row (hooks see ``(1, total_tokens, hidden)``) and measured 4x slower than a
 padded batch on this CPU; a padded batch gives the capping hooks a plain ``[batch, 1]`` row mask.
 
-Layout: rows are left-padded so that every row's newest token sits in the last KV column; row i
-holds ``lengths[i]`` real tokens at the right end, and the attention mask hides the rest.
+Layout: rows are left-padded so that every row's newest token sits in the last KV column; a row
+holds ``_Row.length`` real tokens at the right end, and the attention mask hides the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -27,7 +26,7 @@ import torch
 
 from axiscap.steering import AssistantAxis, AxisHooks
 
-from .kv_cache import BatchCache, _pad_left
+from .kv_cache import BatchCache, left_pad
 from .metrics import ServingMetrics
 from .model_loading import LoadedModel
 from .sampling import BatchSampler, SamplingParams
@@ -50,14 +49,10 @@ class Delta:
     finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
 
 
-_ids = itertools.count()
-
-
 class Request:
     """A submitted generation. Iterate ``deltas()`` from the event loop; ``cancel()`` from anywhere."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop):
-        self.id = next(_ids)
         self.prompt_ids = prompt_ids
         self.params = params
         self.arrival = time.monotonic()
@@ -352,7 +347,7 @@ class Engine:
             self._cache.pad_left(new - old)
             cache.pad_left(old - new)
             self._cache.extend_rows(cache)
-            self._mask = torch.cat([_pad_left(self._mask, new - old, dim=-1), _pad_left(mask, old - new, dim=-1)])
+            self._mask = torch.cat([left_pad(self._mask, new - old, dim=-1), left_pad(mask, old - new, dim=-1)])
             self._cap_rows = torch.cat([self._cap_rows, cap_rows])
             self._next_input = torch.cat([self._next_input, new_rows])
         self._rows.extend(rows)

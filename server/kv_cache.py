@@ -58,7 +58,7 @@ class BatchCache(Cache):
         if n <= 0:
             return
         for layer in self.layers:
-            layer._set(_pad_left(layer.keys, n), _pad_left(layer.values, n))
+            layer._set(left_pad(layer.keys, n), left_pad(layer.values, n))
 
     def extend_rows(self, other: BatchCache) -> None:
         """Append ``other``'s rows; both must have the same width (pad the narrower one first)."""
@@ -74,7 +74,7 @@ class BatchCache(Cache):
             layer._set(layer.keys[index, :, drop_left:], layer.values[index, :, drop_left:])
 
 
-def _pad_left(t: torch.Tensor, n: int, dim: int = -2) -> torch.Tensor:
+def left_pad(t: torch.Tensor, n: int, dim: int = -2) -> torch.Tensor:
     if n <= 0:
         return t
     shape = list(t.shape)

@@ -91,10 +91,11 @@ class AxisHooks:
     def _make_hook(self, layer: int):
         v = self._units[layer]
         tau = self._taus.get(layer)
-        slot = self._slot.get(layer)
+        hits = self.cap_hits[self._slot[layer]] if layer in self._slot else None  # a view: add_ lands in cap_hits
         is_monitor = layer == self.monitor_layer
 
         def hook(module, args, output):
+            # Few, fused ops: this runs at every capped layer on every decode step.
             h = _hidden(output)
             proj = h @ v
             if is_monitor:
@@ -102,13 +103,11 @@ class AxisHooks:
             mask = self._cap_mask
             if tau is None or mask is None:
                 return None
-            if mask.device != h.device:
-                mask = mask.to(h.device, non_blocking=True)
-            shortfall = (proj - tau).clamp(max=0)
-            hit = (shortfall < 0) & mask
-            self.cap_hits[slot] += hit.sum().to(self.device, non_blocking=True)
-            capped = h - shortfall.unsqueeze(-1) * v
-            return _replace_hidden(output, torch.where(hit.unsqueeze(-1), capped, h))
+            # shortfall = min(<h,v> - tau, 0) where capping is on, and 0 elsewhere: h - 0*v keeps
+            # the rows with capping off exactly as the model computed them.
+            shortfall = (proj - tau).clamp_(max=0).mul_(mask.to(h.device, non_blocking=True))
+            hits.add_((shortfall < 0).sum().to(hits.device, non_blocking=True))
+            return _replace_hidden(output, torch.addcmul(h, shortfall.unsqueeze(-1), v, value=-1))
 
         return hook
 

@@ -58,6 +58,17 @@ def capped_reference_forward(model, axis: AssistantAxis, ids: torch.Tensor) -> t
             h.remove()
 
 
+def hooked_forward(model, axis: AssistantAxis, ids: torch.Tensor, mask: torch.Tensor | None):
+    """Logits with AxisHooks attached and the given cap mask, and the hooks (removed again)."""
+    hooks = AxisHooks(model, axis)
+    try:
+        hooks.set_cap_mask(mask)
+        with torch.no_grad():
+            return model(input_ids=ids).logits, hooks
+    finally:
+        hooks.remove()
+
+
 def test_cap_formula_matches_reference():
     g = torch.Generator().manual_seed(0)
     h, raw = torch.randn(4, 7, 16, generator=g), torch.randn(16, generator=g)
@@ -89,13 +100,7 @@ def test_hooks_match_reference_when_all_rows_capped(family):
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
     expected = capped_reference_forward(model, axis, ids)
     plain = model(input_ids=ids).logits.detach()
-    hooks = AxisHooks(model, axis)
-    try:
-        hooks.set_cap_mask(torch.ones(2, 1, dtype=torch.bool))
-        with torch.no_grad():
-            got = model(input_ids=ids).logits
-    finally:
-        hooks.remove()
+    got, hooks = hooked_forward(model, axis, ids, torch.ones(2, 1, dtype=torch.bool))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(got, plain, atol=1e-3), "the cap never bit: the test would prove nothing"
     assert hooks.cap_hits.sum() > 0
@@ -108,14 +113,7 @@ def test_mixed_batch_rows_off_are_bit_identical_and_rows_on_are_capped(family):
     ids = torch.randint(0, model.config.vocab_size, (4, 8), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         plain = model(input_ids=ids).logits
-    enabled = torch.tensor([[True], [False], [True], [False]])
-    hooks = AxisHooks(model, axis)
-    try:
-        hooks.set_cap_mask(enabled)
-        with torch.no_grad():
-            mixed = model(input_ids=ids).logits
-    finally:
-        hooks.remove()
+    mixed, _ = hooked_forward(model, axis, ids, torch.tensor([[True], [False], [True], [False]]))
     assert torch.equal(mixed[1], plain[1]) and torch.equal(mixed[3], plain[3])
     capped = capped_reference_forward(model, axis, ids)
     torch.testing.assert_close(mixed[0], capped[0], rtol=1e-4, atol=1e-4)
@@ -152,14 +150,7 @@ def test_per_position_mask_caps_only_masked_positions():
     ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         plain = model(input_ids=ids).logits
-    mask = torch.tensor([[False, False, False, True, True, True]])
-    hooks = AxisHooks(model, axis)
-    try:
-        hooks.set_cap_mask(mask)
-        with torch.no_grad():
-            partial = model(input_ids=ids).logits
-    finally:
-        hooks.remove()
+    partial, _ = hooked_forward(model, axis, ids, torch.tensor([[False, False, False, True, True, True]]))
     # Causal attention: positions before the first capped one cannot see any change.
     assert torch.equal(partial[0, :3], plain[0, :3])
     assert not torch.allclose(partial[0, 3:], plain[0, 3:], atol=1e-4)
@@ -171,12 +162,7 @@ def test_no_mask_means_no_capping_but_still_monitors():
     ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         plain = model(input_ids=ids).logits
-    hooks = AxisHooks(model, axis)
-    try:
-        with torch.no_grad():
-            out = model(input_ids=ids).logits
-    finally:
-        hooks.remove()
+    out, hooks = hooked_forward(model, axis, ids, None)
     assert torch.equal(out, plain)
     assert hooks.monitor_projection.shape == (2, 5)
     assert hooks.cap_hits.sum() == 0
