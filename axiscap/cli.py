@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (AxisFileError, RuntimeError, ValueError) as exc:
+    except (AxisFileError, RuntimeError, ValueError, OSError) as exc:  # bad input, missing model or file
         print(f"axiscap: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 

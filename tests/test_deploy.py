@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import httpx
@@ -24,7 +25,8 @@ METRIC = re.compile(r"\baxiscap_[a-z0-9_]+")
 
 def tool(name: str) -> str:
     """Path of a command-line checker; CI installs them all, so there a missing one fails."""
-    path = shutil.which(name)
+    # Python-packaged checkers live beside the interpreter, in a venv that need not be activated.
+    path = shutil.which(name, path=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     if path is None:
         if os.environ.get("CI"):
             pytest.fail(f"{name} is not installed; .ci/run installs it")
