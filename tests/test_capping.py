@@ -34,7 +34,7 @@ def make_axis(model, seed=1) -> AssistantAxis:
     ids = torch.randint(0, model.config.vocab_size, (3, 10), generator=g)
     with torch.no_grad(), record_layer_outputs(model, CAP_LAYERS) as seen:
         model(input_ids=ids)
-    taus = [float((seen[l][0] @ (raw[l] / raw[l].norm())).median()) for l in CAP_LAYERS]
+    taus = [float((seen[l][0].float() @ (raw[l] / raw[l].norm())).median()) for l in CAP_LAYERS]
     return AssistantAxis(raw, CAP_LAYERS, taus, MONITOR, "tiny", 25.0, 30)
 
 
@@ -166,3 +166,21 @@ def test_no_mask_means_no_capping_but_still_monitors():
     assert torch.equal(out, plain)
     assert hooks.monitor_projection.shape == (2, 5)
     assert hooks.cap_hits.sum() == 0
+
+
+def test_capping_runs_in_the_activation_dtype():
+    model = tiny_model("llama").to(torch.bfloat16)
+    axis = make_axis(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(6))
+    hooks = AxisHooks(model, axis)
+    hooks.set_cap_mask(torch.ones(2, 1, dtype=torch.bool))
+    with record_layer_outputs(model, CAP_LAYERS) as seen:  # registered after the caps: sees their output
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+    hooks.remove()
+    assert logits.dtype == torch.bfloat16 and hooks.monitor_projection.dtype == torch.bfloat16
+    assert hooks.cap_hits.sum() > 0
+    for l in CAP_LAYERS:
+        post = seen[l][0].float() @ axis.unit(l)
+        assert seen[l][0].dtype == torch.bfloat16
+        assert (post >= axis.threshold(l) - 0.05 * max(1.0, abs(axis.threshold(l)))).all()  # bf16 rounding
