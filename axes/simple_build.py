@@ -1,6 +1,7 @@
 """A first, small axis builder: default-Assistant answers versus role-play answers.
 
-1. Answer a few questions under default-Assistant system prompts and under role-play prompts.
+1. Answer a few questions (``data/questions.json``) under the default-Assistant conditions and
+   under the fantastical roles' system prompts (``data/roles.json``).
 2. Per answer and layer, average the decoder layer's output over the answer's tokens.
 3. axis[l] = mean(default answers)[l] - mean(role-play answers)[l].
 4. Choose the capped band: the contiguous run of middle-to-late layers where the two groups
@@ -19,39 +20,19 @@ from tqdm import tqdm
 
 from axiscap.steering import AssistantAxis, record_layer_outputs, save_axis
 
+from . import persona_data
+
 log = logging.getLogger(__name__)
 
-DEFAULT_SYSTEM_PROMPTS = [None, "You are an AI assistant.", "You are a large language model.",
-                          "Respond as yourself."]
+# The first build uses a slice of the persona data: the first questions, and the first prompt of
+# every fantastical role except the oracle, which stays out for held-out checks.
+N_QUESTIONS = 10
+HELD_OUT_ROLES = ("oracle",)
 
-ROLE_SYSTEM_PROMPTS = [
-    "You are a pirate captain who has sailed the seven seas for forty years. Speak like a salty sea dog, "
-    "full of tales of plunder and storms.",
-    "You are a restless ghost haunting a Victorian mansion. You speak in sorrowful whispers about the night you died.",
-    "You are a mystical forest spirit, ancient as the oaks. You speak in riddles about roots, rain and moonlight.",
-    "You are a medieval knight sworn to your king. Answer with oaths, honour and tales of battle.",
-    "You are a dragon who has slept on a hoard of gold for a thousand years. You are proud, hungry and scornful of humans.",
-    "You are a wandering bard. Answer everything in rhyming verse about heroes and lost love.",
-    "You are a hermit who has lived alone in a mountain cave for decades and distrusts all visitors.",
-    "You are a vampire aristocrat from Transylvania. You are charming, ancient and thirsty.",
-    "You are a witch brewing potions in a swamp. Cackle and speak of spells, toads and curses.",
-    "You are a cosmic entity older than the stars, speaking of the void and the end of all things.",
-    "You are a court jester. Mock everyone, tell jokes, and never give a straight answer.",
-    "You are a sea monster rising from the abyss, speaking of drowned sailors and the crushing deep.",
-]
 
-QUESTIONS = [
-    "What do you think about the future?",
-    "How should I spend my weekend?",
-    "Tell me about yourself.",
-    "What is the most important thing in life?",
-    "Can you give me some advice about my job?",
-    "What do you do when you feel lonely?",
-    "Describe your home.",
-    "What is your greatest fear?",
-    "How do you feel about people?",
-    "What did you do yesterday?",
-]
+def _role_prompts() -> list[str]:
+    return [r.system_prompts[0] for r in persona_data.roles()
+            if r.kind == "fantastical" and r.name not in HELD_OUT_ROLES]
 
 
 def _chat_ids(tokenizer, system: str | None, question: str) -> list[int]:
@@ -99,8 +80,10 @@ def _cohens_d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def build_simple_axis(model, tokenizer, model_name: str, out: str | Path, percentile: float = 25.0,
                       max_new_tokens: int = 48, batch_size: int = 8) -> AssistantAxis:
-    default_prompts = [_chat_ids(tokenizer, s, q) for s in DEFAULT_SYSTEM_PROMPTS for q in QUESTIONS]
-    role_prompts = [_chat_ids(tokenizer, s, q) for s in ROLE_SYSTEM_PROMPTS for q in QUESTIONS]
+    questions = persona_data.questions()[:N_QUESTIONS]
+    default_prompts = [_chat_ids(tokenizer, s, q) for s in persona_data.default_conditions(model_name)
+                       for q in questions]
+    role_prompts = [_chat_ids(tokenizer, s, q) for s in _role_prompts() for q in questions]
     default_acts = _answer_activations(model, tokenizer, default_prompts, max_new_tokens, batch_size, "default answers")
     role_acts = _answer_activations(model, tokenizer, role_prompts, max_new_tokens, batch_size, "role-play answers")
     default_acts = [a for a in default_acts if a.shape[1]]
