@@ -51,7 +51,7 @@ class AxisHooks:
 
     The caller sets, before each forward, which positions may be capped (``set_cap_mask``): a bool
     tensor broadcastable to ``[batch, seq]``, so requests with capping on and off share one pass.
-    Positions outside the mask are returned bit-for-bit as the model computed them.
+    Positions outside the mask keep exactly the values the model computed (h - 0·v).
     """
 
     def __init__(self, model: nn.Module, axis: AssistantAxis):

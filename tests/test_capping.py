@@ -144,12 +144,17 @@ def test_projection_after_cap_is_at_least_tau_at_every_capped_layer(family):
     assert hooks.cap_hits.tolist() == expected_hits
 
 
-def test_per_position_mask_caps_only_masked_positions():
+def llama_case(shape: tuple[int, int], seed: int):
+    """A tiny Llama, its axis, random ids of ``shape`` and the unhooked logits."""
     model = tiny_model("llama")
     axis = make_axis(model)
-    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        plain = model(input_ids=ids).logits
+        return model, axis, ids, model(input_ids=ids).logits
+
+
+def test_per_position_mask_caps_only_masked_positions():
+    model, axis, ids, plain = llama_case((1, 6), seed=2)
     partial, _ = hooked_forward(model, axis, ids, torch.tensor([[False, False, False, True, True, True]]))
     # Causal attention: positions before the first capped one cannot see any change.
     assert torch.equal(partial[0, :3], plain[0, :3])
@@ -157,11 +162,7 @@ def test_per_position_mask_caps_only_masked_positions():
 
 
 def test_no_mask_means_no_capping_but_still_monitors():
-    model = tiny_model("llama")
-    axis = make_axis(model)
-    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        plain = model(input_ids=ids).logits
+    model, axis, ids, plain = llama_case((2, 5), seed=4)
     out, hooks = hooked_forward(model, axis, ids, None)
     assert torch.equal(out, plain)
     assert hooks.monitor_projection.shape == (2, 5)
