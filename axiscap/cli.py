@@ -31,7 +31,7 @@ def _serve(args: argparse.Namespace) -> None:
     if axis_path is None:
         raise SystemExit(
             f"axiscap: error: no axis for model {settings.model!r}: pass --axis FILE "
-            "(make one with 'axiscap axes build-simple' or 'axiscap axes import-paper')"
+            "(make one with 'axiscap axes build' or 'axiscap axes import-paper')"
         )
     if not Path(axis_path).is_file():  # fail before the slow model load
         raise AxisFileError(axis_path, "no such file")
@@ -53,15 +53,55 @@ def _import_paper(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: capped layers {axis.cap_layers}, monitor layer {axis.monitor_layer}")
 
 
-def _build_simple(args: argparse.Namespace) -> None:
-    from axiscap.axes.simple_build import build_simple_axis
+def engine_generate(loaded, max_batch_size: int = 16):
+    """The server's engine, without an axis, as the builder's batched generate function."""
+    import asyncio
+    import itertools
+
+    from axiscap.server.chat_template import chat_prompt_ids
+    from axiscap.server.engine import Engine
+    from axiscap.server.metrics import ServingMetrics
+    from axiscap.server.sampling import SamplingParams
+
+    engine = Engine(loaded, None, ServingMetrics(loaded.name, [], [0.0]), max_batch_size=max_batch_size,
+                    max_waiting=1 << 20)
+    seeds = itertools.count()
+
+    def generate(conversations, temperature, top_p, max_tokens):
+        async def one(messages):
+            ids = chat_prompt_ids(loaded.tokenizer, messages)
+            request = engine.submit(ids, SamplingParams(max_tokens, temperature, top_p, seed=next(seeds)))
+            answer = []
+            async for delta in request.deltas():
+                answer += delta.token_ids
+            return ids, [t for t in answer if t not in engine.eos_ids]
+
+        async def run_all():
+            return await asyncio.gather(*[one(m) for m in conversations])
+
+        return asyncio.run(run_all())
+
+    return engine, generate
+
+
+def _build(args: argparse.Namespace) -> None:
+    from axiscap.axes.pipeline import BuildConfig, build
+    from axiscap.axes.role_scoring import EmbeddingScorer
     from axiscap.server.model_loading import load_model
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    loaded = load_model(args.model, cache_dir=args.cache_dir)
-    axis = build_simple_axis(loaded.model, loaded.tokenizer, loaded.name, args.out,
-                             percentile=args.percentile, max_new_tokens=args.max_new_tokens)
-    print(f"wrote {args.out}: capped layers {axis.cap_layers}, monitor layer {axis.monitor_layer}")
+    loaded = load_model(args.model, device=args.device, cache_dir=args.cache_dir)
+    band = tuple(int(x) for x in args.band.split(":")) if args.band else None
+    cfg = BuildConfig(model_name=loaded.name, out=args.out, quick=args.quick, percentile=args.percentile,
+                      band=band, monitor_layer=args.monitor_layer, max_new_tokens=args.max_new_tokens,
+                      questions=args.questions, prompts_per_role=args.prompts_per_role, min_in_role=args.min_in_role)
+    engine, generate = engine_generate(loaded)
+    engine.start()
+    try:
+        path = build(cfg, loaded.model, loaded.tokenizer, generate, EmbeddingScorer().score)
+    finally:
+        engine.stop()
+    print(f"wrote {path} (stages in {cfg.work})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,17 +153,25 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, type=Path, help="output .safetensors")
     imp.set_defaults(run=_import_paper)
 
-    simple = axes.add_parser(
-        "build-simple", help="contrast default-Assistant runs with role-play runs (first axis)",
-        description="Generate answers with and without role-play system prompts, take mean response "
-                    "activations per layer, axis = default - role-play, tau at a percentile of "
-                    "default-Assistant projections.")
-    simple.add_argument("--model", default="smollm2-135m-instruct", help="model id or path")
-    simple.add_argument("--out", required=True, type=Path, help="output .safetensors")
-    simple.add_argument("--percentile", type=float, default=25.0, help="tau percentile (default 25)")
-    simple.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer (default 48)")
-    simple.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/axiscap)")
-    simple.set_defaults(run=_build_simple)
+    build = axes.add_parser(
+        "build", help="build and calibrate an axis for a model, stage by stage (resumable)",
+        description="Generate answers under default-Assistant and role-play prompts (axes/data) on the "
+                    "server's engine, average each answer's decoder-layer outputs, score role expression "
+                    "0-3, take axis = default - mean of fully-in-role role vectors, choose the capped band "
+                    "and calibrate tau. Stages whose output exists in OUT's .build folder are skipped.")
+    build.add_argument("--model", default="smollm2-135m-instruct", help="model id or path")
+    build.add_argument("--out", required=True, type=Path, help="output axis file (.safetensors)")
+    build.add_argument("--quick", action="store_true", help="a tiny slice of every stage (tests, smoke runs)")
+    build.add_argument("--percentile", type=float, default=25.0, help="tau percentile (default 25)")
+    build.add_argument("--band", help="capped layers FIRST:LAST (default: the documented rule)")
+    build.add_argument("--monitor-layer", type=int, help="monitor layer (default: the band's last)")
+    build.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default 64)")
+    build.add_argument("--questions", type=int, default=10, help="questions per prompt (default 10)")
+    build.add_argument("--prompts-per-role", type=int, default=2, help="system prompts per role (default 2)")
+    build.add_argument("--min-in-role", type=int, default=3, help="fully-in-role answers a role needs (default 3)")
+    build.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    build.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/axiscap)")
+    build.set_defaults(run=_build)
     return parser
 
 

@@ -110,13 +110,15 @@ class _PrefillGroup:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, axis: AssistantAxis, metrics: ServingMetrics,
+    def __init__(self, loaded: LoadedModel, axis: AssistantAxis | None, metrics: ServingMetrics,
                  max_batch_size: int = 16, max_waiting: int = 64, prefill_chunk_tokens: int = 512):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
-        self.hooks = AxisHooks(self.model, axis)
+        # Without an axis (while one is being built) the engine generates with no hooks at all.
+        self.hooks = AxisHooks(self.model, axis) if axis is not None else None
+        self._no_hits = torch.zeros(0, device=self.device)
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
@@ -155,7 +157,8 @@ class Engine:
             self._wakeup.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self.hooks.remove()
+        if self.hooks is not None:
+            self.hooks.remove()
 
     # --- called from the event loop ---------------------------------------------------------
 
@@ -251,7 +254,7 @@ class Engine:
         end = min(width, start + max(1, self.prefill_chunk_tokens // n))
         mask = group.mask[:, :end]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
-        self.hooks.set_cap_mask(group.cap_rows & mask[:, start:].bool() if group.any_capping else None)
+        self._set_cap_mask(group.cap_rows & mask[:, start:].bool() if group.any_capping else None)
         out = self.model(input_ids=group.ids[:, start:end], attention_mask=mask, position_ids=positions,
                          past_key_values=group.cache, use_cache=True, logits_to_keep=1)
         group.done = end
@@ -272,13 +275,13 @@ class Engine:
         sampler.set_rows([r.params for r in requests], [row.generator for row in rows])
         tokens = sampler.sample(out.logits[:, -1, :])
         self._next_input[len(self._rows) - n:] = tokens
-        self._publish(rows, tokens, self.hooks.monitor_projection[:, -1])
+        self._publish(rows, tokens)
 
     def _decode_step(self) -> None:
         ones = torch.ones((len(self._rows), 1), dtype=self._mask.dtype, device=self.device)
         self._mask = torch.cat([self._mask, ones], dim=1)
         positions = torch.tensor([[row.length] for row in self._rows], device=self.device)
-        self.hooks.set_cap_mask(self._cap_rows if self._any_capping else None)
+        self._set_cap_mask(self._cap_rows if self._any_capping else None)
         out = self.model(input_ids=self._next_input.unsqueeze(-1), attention_mask=self._mask,
                          position_ids=positions, past_key_values=self._cache, use_cache=True,
                          logits_to_keep=1)
@@ -286,15 +289,23 @@ class Engine:
             row.length += 1
         tokens = self.sampler.sample(out.logits[:, -1, :])
         self._next_input = tokens
-        self._publish(self._rows, tokens, self.hooks.monitor_projection[:, -1])
+        self._publish(self._rows, tokens)
 
-    def _publish(self, rows: list[_Row], tokens: torch.Tensor, projections: torch.Tensor) -> None:
+    def _set_cap_mask(self, mask: torch.Tensor | None) -> None:
+        if self.hooks is not None:
+            self.hooks.set_cap_mask(mask)
+
+    def _publish(self, rows: list[_Row], tokens: torch.Tensor) -> None:
         """Move this step's tokens, projections and cap counts to the host in one transfer."""
         n = len(rows)
         here = tokens.device  # a model split across GPUs leaves these on different devices
-        host = torch.cat([tokens.double(), projections.to(here).double(), self.hooks.cap_hits.to(here).double()])
-        host = host.tolist()
-        self.hooks.cap_hits.zero_()
+        if self.hooks is not None:
+            projections, hits = self.hooks.monitor_projection[:, -1].to(here), self.hooks.cap_hits.to(here)
+        else:
+            projections, hits = torch.zeros(n, device=here), self._no_hits
+        host = torch.cat([tokens.double(), projections.double(), hits.double()]).tolist()
+        if self.hooks is not None:
+            self.hooks.cap_hits.zero_()
         self.metrics.add_cap_hits(host[2 * n:])
         now = time.monotonic()
         finished: set[int] = set()

@@ -10,9 +10,9 @@ from typing import Any
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse
-from jinja2 import TemplateError
 from sse_starlette import EventSourceResponse
 
+from .chat_template import ChatTemplateError, chat_prompt_ids
 from .config import Settings
 from .engine import Engine, QueueFull, Request
 from .model_loading import LoadedModel
@@ -61,26 +61,10 @@ class OpenAIServing:
     def chat_prompt_ids(self, body: ChatCompletionRequest) -> list[int]:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
-        if self.tokenizer.chat_template is None:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        else:
-            text = self._apply_template(messages)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _apply_template(self, messages: list[dict[str, str]]) -> str:
-        render = lambda ms: self.tokenizer.apply_chat_template(  # noqa: E731
-            ms, tokenize=False, add_generation_prompt=True)
         try:
-            return render(messages)
-        except TemplateError as exc:
-            if messages[0]["role"] != "system" or len(messages) < 2:
-                raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
-        # Families without a system role (Gemma 2): the instruction leads the first user turn.
-        system, first, *rest = messages
-        try:
-            return render([{"role": first["role"], "content": f"{system['content']}\n\n{first['content']}"}, *rest])
-        except TemplateError as exc:
-            raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
+            return chat_prompt_ids(self.tokenizer, messages)
+        except ChatTemplateError as exc:
+            raise APIError(400, str(exc), param="messages") from None
 
     def completion_prompt_ids(self, body: CompletionRequest) -> list[int]:
         if isinstance(body.prompt, list):

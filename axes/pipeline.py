@@ -1,0 +1,222 @@
+"""Build and calibrate an Assistant Axis for any model, stage by stage, resumable.
+
+Stages (each writes one file in the work folder; a stage whose file exists is skipped, so an
+interrupted build continues where it stopped):
+  generate     responses.jsonl        answers under default-Assistant conditions and role prompts
+  activations  activations.safetensors mean decoder-layer output over each answer's own tokens
+  score        scores.json            role expression 0-3 for every role-play answer
+  axis         vectors.safetensors    role vectors (fully-in-role answers), default vector, axis
+  calibrate    the axis file           tau per capped layer, capped band and monitor layer
+
+Rule for the band and the monitor layer (overridable): the contiguous run of ``n_layers // 5``
+layers in the second half of the model (the last two excluded) where default and in-role answers
+separate most (mean Cohen's d of their projections onto the axis); the monitor layer is the band's
+last layer, whose pre-cap projection already reflects the caps before it. tau at each capped layer
+is the ``percentile`` of per-token projections of the default-Assistant answers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from axiscap.steering import AssistantAxis, record_layer_outputs, save_axis
+
+from . import persona_data
+
+log = logging.getLogger(__name__)
+
+# messages per answer -> (prompt token ids, answer token ids) per answer
+GenerateFn = Callable[[list[list[dict[str, str]]], float, float, int], list[tuple[list[int], list[int]]]]
+# answers and their roles -> role-expression scores 0..3
+ScoreFn = Callable[[list[str], list[persona_data.Role]], list[int]]
+
+
+@dataclass
+class BuildConfig:
+    model_name: str
+    out: Path
+    quick: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 64
+    questions: int = 10  # per role prompt
+    prompts_per_role: int = 2
+    min_in_role: int = 3  # fully-in-role answers a role needs to get a vector
+    percentile: float = 25.0
+    band: tuple[int, int] | None = None  # first and last capped layer
+    monitor_layer: int | None = None
+    held_out_roles: tuple[str, ...] = ("oracle",)
+    seed: int = 0
+    skipped_roles: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.quick:  # a tiny slice of every stage
+            self.max_new_tokens, self.questions, self.prompts_per_role, self.min_in_role = 8, 2, 1, 1
+
+    @property
+    def work(self) -> Path:
+        return self.out.parent / f"{self.out.stem}.build"
+
+
+def _stage(name: str, path: Path, run: Callable[[Path], None]) -> None:
+    if path.exists():
+        log.info("stage %s: %s exists, skipped", name, path.name)
+        return
+    log.info("stage %s", name)
+    partial = path.with_name(path.name + ".partial")
+    run(partial)
+    partial.rename(path)
+
+
+def _conditions(cfg: BuildConfig) -> list[dict]:
+    questions = persona_data.questions()[: cfg.questions]
+    roles = [r for r in persona_data.roles() if r.name not in cfg.held_out_roles]
+    if cfg.quick:
+        roles = [next(r for r in roles if r.kind == kind) for kind in ("assistant-like", "in-between", "fantastical")]
+    rows = [{"role": None, "system": s, "question": q} for s in persona_data.default_conditions(cfg.model_name)
+            for q in questions]
+    rows += [{"role": r.name, "system": s, "question": q} for r in roles for s in r.system_prompts[: cfg.prompts_per_role]
+             for q in questions]
+    return rows
+
+
+def _generate(cfg: BuildConfig, generate: GenerateFn, path: Path) -> None:
+    rows = _conditions(cfg)
+    messages = [([{"role": "system", "content": r["system"]}] if r["system"] else []) +
+                [{"role": "user", "content": r["question"]}] for r in rows]
+    outputs = []
+    chunk = 64
+    for start in tqdm(range(0, len(rows), chunk), desc="generate", unit="chunk"):
+        outputs += generate(messages[start:start + chunk], cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    with path.open("w") as f:
+        for row, (prompt_ids, answer_ids) in zip(rows, outputs):
+            f.write(json.dumps({**row, "prompt_ids": prompt_ids, "answer_ids": answer_ids}) + "\n")
+
+
+def _responses(cfg: BuildConfig) -> list[dict]:
+    return [json.loads(line) for line in (cfg.work / "responses.jsonl").read_text().splitlines()]
+
+
+@torch.inference_mode()
+def _answer_activations(model, rows: list[dict], desc: str, per_token: bool = False, batch_size: int = 8):
+    """Per answer: decoder-layer outputs over the answer's own tokens, [layers, tokens, hidden] or
+    their mean [layers, hidden]; template and prompt tokens are excluded."""
+    device = next(model.parameters()).device
+    out = []
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
+        batch = rows[start:start + batch_size]
+        seqs = [r["prompt_ids"] + r["answer_ids"] for r in batch]
+        width = max(map(len, seqs))
+        ids = torch.tensor([[0] * (width - len(s)) + s for s in seqs], device=device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+        with record_layer_outputs(model) as store:
+            model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        layers = torch.stack([store[l][0] for l in sorted(store)], dim=1).float()  # [batch, L, T, H]
+        for row, r in enumerate(batch):
+            n = len(r["answer_ids"])
+            acts = layers[row, :, width - n:] if n else layers[row, :, width - 1:]
+            out.append(acts.cpu() if per_token else acts.mean(1).cpu())
+    return out
+
+
+def _activations(cfg: BuildConfig, model, path: Path) -> None:
+    means = _answer_activations(model, _responses(cfg), "activations")
+    save_file({"means": torch.stack(means).to(torch.float16)}, str(path))
+
+
+def _score(cfg: BuildConfig, tokenizer, score: ScoreFn, path: Path) -> None:
+    rows = _responses(cfg)
+    roles = {r.name: r for r in persona_data.roles()}
+    played = [i for i, r in enumerate(rows) if r["role"] is not None]
+    texts = [tokenizer.decode(rows[i]["answer_ids"], skip_special_tokens=True) for i in played]
+    scores: list[int | None] = [None] * len(rows)
+    for i, s in zip(played, score(texts, [roles[rows[i]["role"]] for i in played])):
+        scores[i] = s
+    path.write_text(json.dumps(scores))
+
+
+def _vectors(cfg: BuildConfig, path: Path) -> None:
+    rows, scores = _responses(cfg), json.loads((cfg.work / "scores.json").read_text())
+    means = load_file(str(cfg.work / "activations.safetensors"))["means"].float()
+    default = means[[i for i, r in enumerate(rows) if r["role"] is None]].mean(0)
+    role_vectors, names = [], []
+    for name in dict.fromkeys(r["role"] for r in rows if r["role"] is not None):
+        in_role = [i for i, r in enumerate(rows) if r["role"] == name and scores[i] == 3]
+        if len(in_role) < cfg.min_in_role:
+            continue
+        role_vectors.append(means[in_role].mean(0))
+        names.append(name)
+    if not role_vectors:
+        raise RuntimeError(f"no role had {cfg.min_in_role} fully-in-role answers; lower --min-in-role "
+                           "or generate more (--questions, --prompts-per-role)")
+    roles = torch.stack(role_vectors)
+    save_file({"default": default, "roles": roles, "axis": default - roles.mean(0)}, str(path),
+              metadata={"roles": json.dumps(names)})
+
+
+def cohens_d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    pooled = ((a.var(0, correction=0) + b.var(0, correction=0)) / 2).sqrt().clamp(min=1e-6)
+    return (a.mean(0) - b.mean(0)) / pooled
+
+
+def choose_band(separation: torch.Tensor) -> list[int]:
+    """The documented rule: the best-separating contiguous run of n_layers // 5 later layers."""
+    n_layers = separation.shape[0]
+    width = max(2, n_layers // 5)
+    lo, hi = n_layers // 2, max(n_layers // 2 + width, n_layers - 2)
+    start = max(range(lo, hi - width + 1), key=lambda s: separation[s:s + width].mean().item())
+    return list(range(start, start + width))
+
+
+def _calibrate(cfg: BuildConfig, model, path: Path) -> AssistantAxis:
+    rows, scores = _responses(cfg), json.loads((cfg.work / "scores.json").read_text())
+    vectors = load_file(str(cfg.work / "vectors.safetensors"))
+    with safe_open(str(cfg.work / "vectors.safetensors"), framework="pt") as f:
+        role_names = json.loads(f.metadata()["roles"])
+    axis = vectors["axis"]
+    unit = axis / axis.norm(dim=-1, keepdim=True)
+    means = load_file(str(cfg.work / "activations.safetensors"))["means"].float()
+    default_idx = [i for i, r in enumerate(rows) if r["role"] is None]
+    in_role_idx = [i for i, s in enumerate(scores) if s == 3]
+    separation = cohens_d((means[default_idx] * unit).sum(-1), (means[in_role_idx] * unit).sum(-1))
+    band = list(range(cfg.band[0], cfg.band[1] + 1)) if cfg.band else choose_band(separation)
+    monitor = cfg.monitor_layer if cfg.monitor_layer is not None else band[-1]
+
+    tokens = _answer_activations(model, [rows[i] for i in default_idx], "calibrate", per_token=True)
+    projections = torch.cat([(t * unit.unsqueeze(1)).sum(-1) for t in tokens], dim=1)  # [L, tokens]
+    q = cfg.percentile / 100
+    result = AssistantAxis(
+        axis=axis, cap_layers=band, cap_thresholds=[torch.quantile(projections[l], q).item() for l in band],
+        monitor_layer=monitor, model=cfg.model_name, percentile=cfg.percentile, n_samples=projections.shape[1],
+        extra={
+            "source": f"axiscap axes build: {len(default_idx)} default answers, {len(role_names)} role vectors",
+            "monitor_mean": repr(projections[monitor].mean().item()),
+            "monitor_std": repr(projections[monitor].std().item()),
+            "separation_d": ",".join(f"{x:.3f}" for x in separation.tolist()),
+        },
+    )
+    save_axis(result, path)
+    return result
+
+
+def build(cfg: BuildConfig, model, tokenizer, generate: GenerateFn, score: ScoreFn) -> Path:
+    """Run every stage that has not run yet; returns the axis file."""
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    cfg.work.mkdir(parents=True, exist_ok=True)
+    _stage("generate", cfg.work / "responses.jsonl", lambda p: _generate(cfg, generate, p))
+    _stage("activations", cfg.work / "activations.safetensors", lambda p: _activations(cfg, model, p))
+    _stage("score", cfg.work / "scores.json", lambda p: _score(cfg, tokenizer, score, p))
+    _stage("axis", cfg.work / "vectors.safetensors", lambda p: _vectors(cfg, p))
+    _stage("calibrate", cfg.out, lambda p: _calibrate(cfg, model, p))
+    return cfg.out
