@@ -7,6 +7,7 @@ interrupted build continues where it stopped):
   score        scores.json            role expression 0-3 for every role-play answer
   axis         vectors.safetensors    role vectors (fully-in-role answers), default vector, axis
   calibrate    the axis file           tau per capped layer, capped band and monitor layer
+  report       NAME.report/            persona-space PCA, held-out checks, report.md and PNG plots
 
 Rule for the band and the monitor layer (overridable): the contiguous run of ``n_layers // 5``
 layers in the second half of the model (the last two excluded) where default and in-role answers
@@ -66,6 +67,10 @@ class BuildConfig:
     @property
     def work(self) -> Path:
         return self.out.parent / f"{self.out.stem}.build"
+
+    @property
+    def report(self) -> Path:
+        return self.out.parent / f"{self.out.stem}.report"
 
 
 def _stage(name: str, path: Path, run: Callable[[Path], None]) -> None:
@@ -209,6 +214,30 @@ def _calibrate(cfg: BuildConfig, model, path: Path) -> AssistantAxis:
     return result
 
 
+def _report(cfg: BuildConfig, model, tokenizer, generate: GenerateFn, folder: Path) -> None:
+    from collections import Counter
+
+    from axiscap.steering import load_axis
+
+    from .report import NEUTRAL_PROMPTS, held_out_checks, held_out_conditions, persona_space, write_report
+
+    axis = load_axis(cfg.out)
+    held = held_out_conditions(cfg.model_name, cfg.held_out_roles, cfg.questions, n=1 if cfg.quick else 6)
+    messages = [([{"role": "system", "content": r["system"]}] if r["system"] else []) +
+                [{"role": "user", "content": r["question"]}] for r in held]
+    answers = generate(messages, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    held = [{**r, "prompt_ids": p, "answer_ids": a} for r, (p, a) in zip(held, answers)]
+    neutral = [p for p, _ in generate([[{"role": "user", "content": q}] for q in NEUTRAL_PROMPTS], 0.0, 1.0, 1)]
+    checks = held_out_checks(model, tokenizer, axis, held, neutral, max_new_tokens=cfg.max_new_tokens // 2)
+    rows, scores = _responses(cfg), json.loads((cfg.work / "scores.json").read_text())
+    space = persona_space(cfg.work / "vectors.safetensors", axis.monitor_layer)
+    played = dict.fromkeys(r["role"] for r in rows if r["role"] is not None)
+    counts = {"default": sum(r["role"] is None for r in rows), "roleplay": sum(r["role"] is not None for r in rows),
+              "scores": dict(sorted(Counter(s for s in scores if s is not None).items())),
+              "skipped": [name for name in played if name not in space["names"]]}
+    write_report(folder, axis, space, checks, counts)
+
+
 def build(cfg: BuildConfig, model, tokenizer, generate: GenerateFn, score: ScoreFn) -> Path:
     """Run every stage that has not run yet; returns the axis file."""
     random.seed(cfg.seed)
@@ -219,4 +248,5 @@ def build(cfg: BuildConfig, model, tokenizer, generate: GenerateFn, score: Score
     _stage("score", cfg.work / "scores.json", lambda p: _score(cfg, tokenizer, score, p))
     _stage("axis", cfg.work / "vectors.safetensors", lambda p: _vectors(cfg, p))
     _stage("calibrate", cfg.out, lambda p: _calibrate(cfg, model, p))
+    _stage("report", cfg.report, lambda p: _report(cfg, model, tokenizer, generate, p))
     return cfg.out
