@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 # messages per answer -> (prompt token ids, answer token ids) per answer
 GenerateFn = Callable[[list[list[dict[str, str]]], float, float, int], list[tuple[list[int], list[int]]]]
-# answers and their roles -> role-expression scores 0..3
-ScoreFn = Callable[[list[str], list[persona_data.Role]], list[int]]
+# answers, their roles and questions -> role-expression scores 0..3
+ScoreFn = Callable[[list[str], list[persona_data.Role], list[str]], list[int]]
 
 
 @dataclass
@@ -145,7 +145,8 @@ def _score(cfg: BuildConfig, tokenizer, score: ScoreFn, path: Path) -> None:
     played = [i for i, r in enumerate(rows) if r["role"] is not None]
     texts = [tokenizer.decode(rows[i]["answer_ids"], skip_special_tokens=True) for i in played]
     scores: list[int | None] = [None] * len(rows)
-    for i, s in zip(played, score(texts, [roles[rows[i]["role"]] for i in played])):
+    verdicts = score(texts, [roles[rows[i]["role"]] for i in played], [rows[i]["question"] for i in played])
+    for i, s in zip(played, verdicts):
         scores[i] = s
     path.write_text(json.dumps(scores))
 

@@ -80,8 +80,8 @@ class EmbeddingScorer:
         refusal_sim = (r @ self._refusals.T).max(-1).values
         return torch.stack([role_sim - assistant_sim, refusal_sim], dim=-1)
 
-    def score(self, responses: list[str], roles: list[Role]) -> list[int]:
-        return classify(self.features(responses, roles), self.thresholds)
+    def score(self, responses: list[str], roles: list[Role], questions: list[str] | None = None) -> list[int]:
+        return classify(self.features(responses, roles), self.thresholds)  # the answer alone is enough here
 
 
 def classify(features: torch.Tensor, t: Thresholds) -> list[int]:
@@ -138,3 +138,41 @@ def validate(scorer: EmbeddingScorer) -> dict:
         "fully_in_role_precision": round(sum(called_full) / max(1, len(called_full)), 3),
         "thresholds_on_all": _fit(features, labels).__dict__,
     }
+
+
+JUDGE_RUBRIC = """You rate how fully an AI's answer plays a requested role.
+Role: {role} — {description}
+Question: {question}
+Answer: {answer}
+
+Score on this scale:
+0 = refuses or does not answer
+1 = answers, but without the role's traits (generic or assistant-like)
+2 = partly in role, or in role while saying it is an AI
+3 = fully in role, speaking as the character
+Reply with the single digit only."""
+
+
+class JudgeScorer:
+    """The same rubric, asked of any OpenAI-compatible chat endpoint (``--judge-url``, ``--judge-model``)."""
+
+    def __init__(self, url: str, model: str, api_key: str = "unused", timeout: float = 120.0):
+        import httpx
+
+        self.client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout,
+                                   headers={"Authorization": f"Bearer {api_key}"})
+        self.model = model
+
+    def score(self, responses: list[str], roles: list[Role], questions: list[str] | None = None) -> list[int]:
+        questions = questions or ["(not given)"] * len(responses)
+        return [self._one(a, r, q) for a, r, q in zip(responses, roles, questions)]
+
+    def _one(self, answer: str, role: Role, question: str) -> int:
+        prompt = JUDGE_RUBRIC.format(role=role.name, description=role.description, question=question, answer=answer)
+        reply = self.client.post("/chat/completions", json={
+            "model": self.model, "temperature": 0, "max_tokens": 4,
+            "messages": [{"role": "user", "content": prompt}]})
+        reply.raise_for_status()
+        text = reply.json()["choices"][0]["message"]["content"] or ""
+        digits = [c for c in text if c in "0123"]
+        return int(digits[0]) if digits else 1  # an unreadable verdict counts as "not in role"

@@ -86,7 +86,7 @@ def engine_generate(loaded, max_batch_size: int = 16):
 
 def _build(args: argparse.Namespace) -> None:
     from axiscap.axes.pipeline import BuildConfig, build
-    from axiscap.axes.role_scoring import EmbeddingScorer
+    from axiscap.axes.role_scoring import EmbeddingScorer, JudgeScorer
     from axiscap.server.model_loading import load_model
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -98,7 +98,8 @@ def _build(args: argparse.Namespace) -> None:
     engine, generate = engine_generate(loaded)
     engine.start()
     try:
-        path = build(cfg, loaded.model, loaded.tokenizer, generate, EmbeddingScorer().score)
+        scorer = JudgeScorer(args.judge_url, args.judge_model) if args.judge_url else EmbeddingScorer()
+        path = build(cfg, loaded.model, loaded.tokenizer, generate, scorer.score)
     finally:
         engine.stop()
     print(f"wrote {path} (stages in {cfg.work})")
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--questions", type=int, default=10, help="questions per prompt (default 10)")
     build.add_argument("--prompts-per-role", type=int, default=2, help="system prompts per role (default 2)")
     build.add_argument("--min-in-role", type=int, default=3, help="fully-in-role answers a role needs (default 3)")
+    build.add_argument("--judge-url", help="score role expression with an LLM judge at this OpenAI-compatible "
+                                           "base URL (e.g. http://host:8000/v1) instead of the offline scorer")
+    build.add_argument("--judge-model", default="gpt-4o-mini", help="the judge's model name")
     build.add_argument("--device", default="auto", help="cpu, cuda or auto")
     build.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/axiscap)")
     build.set_defaults(run=_build)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from axiscap.axes import persona_data
@@ -39,3 +40,15 @@ def test_clear_cases(scorer):
         "I'm sorry, but I can't help with that.",
     ]
     assert scorer.score(texts, [roles["pirate"]] * 3) == [3, 1, 0]
+
+
+def test_llm_judge_scores_through_a_real_openai_compatible_server(live_server):
+    from axiscap.axes.role_scoring import JudgeScorer
+
+    judge = JudgeScorer(live_server.base_url + "/v1", "smollm2-135m-instruct")
+    roles = {r.name: r for r in persona_data.roles()}
+    scores = judge.score(["Arr, I sail the seven seas!", "I am an AI assistant."], [roles["pirate"]] * 2,
+                         ["Tell me about yourself."] * 2)
+    assert len(scores) == 2 and all(s in (0, 1, 2, 3) for s in scores)
+    with pytest.raises(httpx.HTTPStatusError):
+        JudgeScorer(live_server.base_url + "/v1", "no-such-model").score(["x"], [roles["pirate"]])
