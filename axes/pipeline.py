@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,7 +57,6 @@ class BuildConfig:
     monitor_layer: int | None = None
     held_out_roles: tuple[str, ...] = ("oracle",)
     seed: int = 0
-    skipped_roles: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.quick:  # a tiny slice of every stage
@@ -95,10 +93,14 @@ def _conditions(cfg: BuildConfig) -> list[dict]:
     return rows
 
 
+def chat_messages(rows: list[dict]) -> list[list[dict[str, str]]]:
+    return [([{"role": "system", "content": r["system"]}] if r["system"] else []) +
+            [{"role": "user", "content": r["question"]}] for r in rows]
+
+
 def _generate(cfg: BuildConfig, generate: GenerateFn, path: Path) -> None:
     rows = _conditions(cfg)
-    messages = [([{"role": "system", "content": r["system"]}] if r["system"] else []) +
-                [{"role": "user", "content": r["question"]}] for r in rows]
+    messages = chat_messages(rows)
     outputs = []
     chunk = 64
     for start in tqdm(range(0, len(rows), chunk), desc="generate", unit="chunk"):
@@ -145,7 +147,11 @@ def _score(cfg: BuildConfig, tokenizer, score: ScoreFn, path: Path) -> None:
     played = [i for i, r in enumerate(rows) if r["role"] is not None]
     texts = [tokenizer.decode(rows[i]["answer_ids"], skip_special_tokens=True) for i in played]
     scores: list[int | None] = [None] * len(rows)
-    verdicts = score(texts, [roles[rows[i]["role"]] for i in played], [rows[i]["question"] for i in played])
+    verdicts, chunk = [], 64
+    for start in tqdm(range(0, len(played), chunk), desc="score", unit="chunk"):
+        part = played[start:start + chunk]
+        verdicts += score(texts[start:start + chunk], [roles[rows[i]["role"]] for i in part],
+                          [rows[i]["question"] for i in part])
     for i, s in zip(played, verdicts):
         scores[i] = s
     path.write_text(json.dumps(scores))
@@ -224,9 +230,7 @@ def _report(cfg: BuildConfig, model, tokenizer, generate: GenerateFn, folder: Pa
 
     axis = load_axis(cfg.out)
     held = held_out_conditions(cfg.model_name, cfg.held_out_roles, cfg.questions, n=1 if cfg.quick else 6)
-    messages = [([{"role": "system", "content": r["system"]}] if r["system"] else []) +
-                [{"role": "user", "content": r["question"]}] for r in held]
-    answers = generate(messages, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    answers = generate(chat_messages(held), cfg.temperature, cfg.top_p, cfg.max_new_tokens)
     held = [{**r, "prompt_ids": p, "answer_ids": a} for r, (p, a) in zip(held, answers)]
     neutral = [p for p, _ in generate([[{"role": "user", "content": q}] for q in NEUTRAL_PROMPTS], 0.0, 1.0, 1)]
     checks = held_out_checks(model, tokenizer, axis, held, neutral, max_new_tokens=cfg.max_new_tokens // 2)
@@ -241,7 +245,6 @@ def _report(cfg: BuildConfig, model, tokenizer, generate: GenerateFn, folder: Pa
 
 def build(cfg: BuildConfig, model, tokenizer, generate: GenerateFn, score: ScoreFn) -> Path:
     """Run every stage that has not run yet; returns the axis file."""
-    random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     cfg.work.mkdir(parents=True, exist_ok=True)
     _stage("generate", cfg.work / "responses.jsonl", lambda p: _generate(cfg, generate, p))
