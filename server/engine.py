@@ -112,7 +112,6 @@ class _PrefillGroup:
 class Engine:
     def __init__(self, loaded: LoadedModel, axis: AssistantAxis | None, metrics: ServingMetrics,
                  max_batch_size: int = 16, max_waiting: int = 64, prefill_chunk_tokens: int = 512):
-        self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
