@@ -36,3 +36,12 @@ def questions() -> list[str]:
 def default_conditions(model_name: str) -> list[str | None]:
     return [c if c is None else c.format(model_name=model_name)
             for c in json.loads((DATA / "default_conditions.json").read_text())]
+
+
+def condition_rows(model_name: str, roles: list[Role], questions: list[str],
+                   prompts_per_role: int | None = None) -> list[dict]:
+    """One row per answer to collect: every default condition, then every role prompt, on every question."""
+    rows = [{"role": None, "system": s, "question": q} for s in default_conditions(model_name) for q in questions]
+    rows += [{"role": r.name, "system": s, "question": q}
+             for r in roles for s in r.system_prompts[:prompts_per_role] for q in questions]
+    return rows

@@ -86,11 +86,7 @@ def _conditions(cfg: BuildConfig) -> list[dict]:
     roles = [r for r in persona_data.roles() if r.name not in cfg.held_out_roles]
     if cfg.quick:
         roles = [next(r for r in roles if r.kind == kind) for kind in ("assistant-like", "in-between", "fantastical")]
-    rows = [{"role": None, "system": s, "question": q} for s in persona_data.default_conditions(cfg.model_name)
-            for q in questions]
-    rows += [{"role": r.name, "system": s, "question": q} for r in roles for s in r.system_prompts[: cfg.prompts_per_role]
-             for q in questions]
-    return rows
+    return persona_data.condition_rows(cfg.model_name, roles, questions, cfg.prompts_per_role)
 
 
 def chat_messages(rows: list[dict]) -> list[list[dict[str, str]]]:

@@ -54,6 +54,10 @@ def persona_space(vectors_path: Path, layer: int) -> dict:
             "assistant_end": [names[i] for i in order.flip(0)[:5].tolist()]}
 
 
+def _cap_everything(hooks: AxisHooks, on: bool) -> None:
+    hooks.set_cap_mask(torch.ones(1, 1, dtype=torch.bool, device=hooks.device) if on else None)
+
+
 @torch.inference_mode()
 def _monitor_means(model, hooks: AxisHooks, rows: list[dict], capping: bool) -> list[float]:
     """Mean monitor-layer projection over each answer's tokens, capping on or off."""
@@ -61,7 +65,7 @@ def _monitor_means(model, hooks: AxisHooks, rows: list[dict], capping: bool) -> 
     out = []
     for r in rows:
         ids = torch.tensor([r["prompt_ids"] + r["answer_ids"]], device=device)
-        hooks.set_cap_mask(torch.ones(1, 1, dtype=torch.bool, device=device) if capping else None)
+        _cap_everything(hooks, capping)
         model(input_ids=ids)
         n = max(1, len(r["answer_ids"]))
         out.append(hooks.monitor_projection[0, -n:].float().mean().item())
@@ -77,7 +81,7 @@ def _neutral_effect(model, tokenizer, hooks: AxisHooks, prompt_ids: list[list[in
         x = torch.tensor([ids], device=device)
         runs = []
         for capping in (False, True):
-            hooks.set_cap_mask(torch.ones(1, 1, dtype=torch.bool, device=device) if capping else None)
+            _cap_everything(hooks, capping)
             runs.append(model.generate(x, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist())
         prefix = next((i for i, (a, b) in enumerate(zip(*runs)) if a != b), min(map(len, runs)))
@@ -85,7 +89,7 @@ def _neutral_effect(model, tokenizer, hooks: AxisHooks, prompt_ids: list[list[in
     text = torch.tensor([tokenizer(NEUTRAL_TEXT)["input_ids"]], device=device)
     perplexity = []
     for capping in (False, True):
-        hooks.set_cap_mask(torch.ones(1, 1, dtype=torch.bool, device=device) if capping else None)
+        _cap_everything(hooks, capping)
         perplexity.append(math.exp(model(input_ids=text, labels=text).loss.item()))
     hooks.set_cap_mask(None)
     return {"greedy_tokens_identical": same, "greedy_tokens": total,
@@ -114,10 +118,7 @@ def held_out_conditions(model_name: str, held_out_roles: tuple[str, ...], used_q
     """Default conditions and held-out roles on questions the build never asked."""
     questions = persona_data.questions()[used_questions:used_questions + n]
     roles = [r for r in persona_data.roles() if r.name in held_out_roles]
-    rows = [{"role": None, "system": s, "question": q} for s in persona_data.default_conditions(model_name)
-            for q in questions]
-    rows += [{"role": r.name, "system": s, "question": q} for r in roles for s in r.system_prompts for q in questions]
-    return rows
+    return persona_data.condition_rows(model_name, roles, questions)
 
 
 def write_report(folder: Path, axis: AssistantAxis, space: dict, checks: dict, counts: dict) -> Path:
