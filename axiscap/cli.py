@@ -138,6 +138,37 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-dir", type=Path, help="where the de-quantized default model is kept "
                                                       "(default ~/.cache/axiscap)")
     serve.add_argument("--log-level", help="debug, info, warning (default info)")
+
+    limits = serve.add_argument_group("memory and limits")
+    limits.add_argument("--max-model-len", type=int, help="prompt + completion tokens one request may use "
+                                                         "(default: the model's context window)")
+    limits.add_argument("--kv-cache-tokens", type=int,
+                        help="KV cache tokens for all running requests together; requests wait for room, and one "
+                             "that can never fit gets 400 (default: from free GPU memory, 65536 on CPU)")
+    limits.add_argument("--gpu-memory-utilization", type=float,
+                        help="share of the GPU memory free after loading that the KV cache may take (default 0.9)")
+    limits.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 2 MiB)")
+    limits.add_argument("--request-timeout", type=float,
+                        help="seconds a request may take, queueing included; then it ends with a timeout "
+                             "error (default 600)")
+
+    policy = serve.add_argument_group(
+        "operator policy", "What clients may do. A server in front of untrusted clients should set API keys, "
+                           "--capping-policy always and --no-allow-projections (the deploy/ files do).")
+    policy.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
+                        help="accept this Bearer key; repeat for several (env AXISCAP_API_KEYS, comma-separated). "
+                             "Without any, the API is open")
+    policy.add_argument("--protect-health", action=argparse.BooleanOptionalAction, default=None,
+                        help="require a key for /health too (default off, for probes)")
+    policy.add_argument("--protect-metrics", action=argparse.BooleanOptionalAction, default=None,
+                        help="require a key for /metrics too (default off, for Prometheus)")
+    policy.add_argument("--capping-policy", choices=["client", "always", "never"],
+                        help="client (default): a request's 'capping' field decides, else --capping-default; "
+                             "always / never: the server decides, and a response whose request asked otherwise "
+                             "says 'capping_overridden': true")
+    policy.add_argument("--allow-projections", action=argparse.BooleanOptionalAction, default=None,
+                        help="let clients ask for per-token axis projections with 'return_projections' "
+                             "(default on; off answers such requests 403: projections help tune jailbreaks)")
     serve.set_defaults(run=_serve)
 
     axes = commands.add_parser("axes", help="make axis files").add_subparsers(dest="axes_command", required=True)

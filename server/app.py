@@ -1,16 +1,16 @@
-"""The HTTP application: routes, error objects and the engine's life cycle."""
+"""The HTTP application: routes, operator policy (keys, limits), error objects and the engine's life cycle."""
 
 from __future__ import annotations
 
 import logging
+import secrets
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from axiscap.steering import AssistantAxis
@@ -18,7 +18,7 @@ from axiscap.steering import AssistantAxis
 from .config import Settings
 from .engine import Engine
 from .metrics import ServingMetrics, projection_buckets
-from .model_loading import LoadedModel
+from .model_loading import LoadedModel, kv_cache_budget
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
 from .serving import CHAT, COMPLETION, OpenAIServing
 
@@ -42,29 +42,92 @@ def build_state(settings: Settings, loaded: LoadedModel, axis: AssistantAxis) ->
     tau = axis.threshold(axis.monitor_layer)
     buckets = projection_buckets(stat("monitor_mean"), stat("monitor_std"), tau)
     metrics = ServingMetrics(loaded.name, axis.cap_layers, buckets, tau, settings.max_waiting)
+    kv_tokens = kv_cache_budget(loaded, settings.kv_cache_tokens, settings.gpu_memory_utilization)
+    log.info("KV cache budget: %d tokens (%.1f GiB)", kv_tokens, kv_tokens * loaded.kv_bytes_per_token() / 2**30)
     engine = Engine(loaded, axis, metrics, settings.max_batch_size, settings.max_waiting,
-                    settings.prefill_chunk_tokens)
+                    settings.prefill_chunk_tokens, kv_tokens)
     return ServerState(settings, loaded, axis, metrics, engine, OpenAIServing(engine, loaded, settings))
 
 
+_UNION_TAGS = {"str", "int", "bool", "float", "dict", "list", "none"}
+
+
 def _validation_message(errors) -> tuple[str, str | None]:
+    """The first error as OpenAI puts it: a message and the parameter's dotted path."""
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
+    # pydantic names the union member it tried ("str", "function-after[...]"): not part of the path.
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and str(p) not in _UNION_TAGS and "[" not in str(p)]
     param = ".".join(loc) or None
-    return (f"{param}: {first['msg']}" if param else first["msg"]), param
+    msg = first["msg"].removeprefix("Value error, ")
+    return (f"{param}: {msg}" if param else msg), param
+
+
+class _TooLarge(StarletteHTTPException):
+    """Raised while a streamed body is read; FastAPI passes HTTPExceptions on to the handlers."""
+
+
+class BodySizeLimit:
+    """413 with an OpenAI error object for bodies over the limit, declared or streamed (chunked).
+
+    Starlette's own limiter answers in plain text, which the OpenAI SDK cannot parse.
+    """
+
+    def __init__(self, app, max_bytes: int, metrics: ServingMetrics):
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(scope, receive, send)
+        seen, started = 0, False
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge(413, self._message())
+            return message
+
+        async def watching_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, watching_send)
+        except _TooLarge:
+            if started:
+                raise
+            await self._reject(scope, receive, send)
+
+    def _message(self) -> str:
+        return f"the request body is larger than this server's limit of {self.max_bytes} bytes"
+
+    async def _reject(self, scope, receive, send):
+        self.metrics.reject(413)
+        body = error_body(self._message(), "invalid_request_error")
+        await JSONResponse(body, status_code=413)(scope, receive, send)
 
 
 def create_app(state: ServerState) -> FastAPI:
+    settings = state.settings
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.engine.start()
-        log.info("serving %s (capping by default: %s)", state.loaded.name, state.settings.capping_default)
+        log.info("serving %s (capping policy: %s, default: %s; %d API keys)", state.loaded.name,
+                 settings.capping_policy, settings.capping_default, len(settings.api_keys))
         yield
         state.engine.stop()
 
-    app = FastAPI(title="axiscap", lifespan=lifespan)
+    # redirect_slashes off: "/v1/models/" gets a 404 error object, not a bare 307.
+    app = FastAPI(title="axiscap", lifespan=lifespan, redirect_slashes=False)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, metrics=state.metrics)
     app.state.axiscap = state
     serving, metrics = state.serving, state.metrics
 
@@ -83,50 +146,60 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return reject(exc.status_code, error_body(str(exc.detail), "invalid_request_error"))
+        message = f"{request.method} is not allowed on {request.url.path}" if exc.status_code == 405 \
+            else str(exc.detail)
+        return reject(exc.status_code, error_body(message, "invalid_request_error"), getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path)
         return reject(500, error_body("internal server error", "server_error"))
 
-    async def parse(http: Request, model):
-        try:
-            payload = await http.json()
-        except ValueError:
-            raise APIError(400, "the request body is not valid JSON") from None
-        if not isinstance(payload, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        try:
-            return model.model_validate(payload)
-        except ValidationError as exc:
-            message, param = _validation_message(exc.errors())
-            raise APIError(400, message, param=param) from None
+    keys = [k.encode() for k in settings.api_keys]
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(http: Request):
-        body = await parse(http, ChatCompletionRequest)
+    async def authorized(http: Request) -> None:
+        """Bearer keys, compared in constant time; with no keys configured the server is open."""
+        if not keys:
+            return
+        scheme, _, token = http.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not any(secrets.compare_digest(token.strip().encode(), k) for k in keys):
+            raise APIError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    guarded = [Depends(authorized)]
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat_completions(body: ChatCompletionRequest, http: Request):
         if body.logprobs:
             raise APIError(400, "logprobs are not supported", param="logprobs")
         return await serving.respond(CHAT, body, serving.chat_prompt_ids(body), http)
 
-    @app.post("/v1/completions")
-    async def completions(http: Request):
-        body = await parse(http, CompletionRequest)
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(body: CompletionRequest, http: Request):
         if body.echo or body.logprobs:
             raise APIError(400, "echo and logprobs are not supported", param="echo" if body.echo else "logprobs")
         return await serving.respond(COMPLETION, body, serving.completion_prompt_ids(body), http)
 
-    @app.get("/v1/models")
+    # HEAD answers like GET (without a body) where monitors probe; it stays out of the OpenAPI document.
+    @app.head("/v1/models", dependencies=guarded, include_in_schema=False)
+    @app.get("/v1/models", dependencies=guarded)  # registered first: a 405's Allow header names it
     async def models():
         return serving.models()
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": state.loaded.name, "capping_default": state.settings.capping_default,
-                "cap_layers": state.axis.cap_layers, "monitor_layer": state.axis.monitor_layer}
+    health_guard = guarded if settings.protect_health else []
 
-    @app.get("/metrics")
+    @app.head("/health", dependencies=health_guard, include_in_schema=False)
+    @app.get("/health", dependencies=health_guard)
+    async def health():
+        engine = state.engine
+        body = {"status": "ok" if engine.healthy else "unavailable", "model": state.loaded.name,
+                "capping_policy": settings.capping_policy, "capping_default": settings.capping_default,
+                "cap_layers": state.axis.cap_layers, "monitor_layer": state.axis.monitor_layer}
+        if engine.device_error:
+            body["device_error"] = engine.device_error
+        return JSONResponse(body, status_code=200 if engine.healthy else 503)
+
+    @app.get("/metrics", dependencies=guarded if settings.protect_metrics else [])
     async def prometheus_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
@@ -28,3 +28,28 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(1024, ge=1, description="completion budget when a request sets none")
     cache_dir: Path = Field(Path.home() / ".cache" / "axiscap", description="where converted models are kept")
     log_level: str = "info"
+
+    # Operator policy: what clients may do. The deploy/ files set the safe values.
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Bearer keys clients must send (AXISCAP_API_KEYS: comma-separated); none: open")
+    protect_health: bool = Field(False, description="require a key for /health too (probes then need one)")
+    protect_metrics: bool = Field(False, description="require a key for /metrics too")
+    capping_policy: Literal["client", "always", "never"] = Field(
+        "client", description="client: a request's 'capping' decides; always/never: the server decides")
+    allow_projections: bool = Field(True, description="let clients ask for per-token axis projections")
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="request bodies larger than this get 413")
+    request_timeout: float = Field(600.0, gt=0, description="seconds a request may take, queue included")
+
+    # Memory: how much context one request and all requests together may hold.
+    max_model_len: int | None = Field(None, ge=2, description="prompt + completion tokens per request "
+                                                               "(default: the model's context window)")
+    kv_cache_tokens: int | None = Field(None, ge=2, description="KV cache tokens for all running requests "
+                                                                "(default: from free GPU memory; on CPU 65536)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of free GPU memory the KV cache may use")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v):
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v

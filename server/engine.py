@@ -1,16 +1,25 @@
 """The generation engine: one thread that owns the model and runs an iteration-level batch.
 
-Between two decode steps the engine drops cancelled requests, admits waiting ones as a group,
-prefills the next slice of that group's prompts (merging its KV cache into the running batch once
-the prompts are in) and then decodes one token for every running request. Each request keeps its
-own capping switch and sampling parameters.
+Between two decode steps the engine ends cancelled and timed-out requests, admits waiting ones as
+a group, prefills the next slice of that group's prompts (merging its KV cache into the running
+batch once the prompts are in) and then decodes one token for every running request. Each request
+keeps its own capping switch and sampling parameters.
 
 Why our own scheduler rather than transformers' ``ContinuousBatchingManager``: that manager packs
 all requests into one row (hooks see ``(1, total_tokens, hidden)``) and measured 4x slower than a
 padded batch on this CPU; a padded batch gives the capping hooks a plain ``[batch, 1]`` row mask.
 
 Layout: rows are left-padded so that every row's newest token sits in the last KV column; a row
-holds ``_Row.length`` real tokens at the right end, and the attention mask hides the rest.
+holds ``_Row.length`` real tokens at the right end, and the attention mask hides the rest. (This
+also keeps sliding-window attention right: the distance between columns is the distance between
+tokens in every row.) The KV cache therefore costs rows x the longest row; admission keeps that
+product, counted with each row's whole reservation (prompt + max_tokens), within the KV budget.
+
+Isolation: what can fail for one request alone (its generator, detokenizer, stop strings) is set
+up in ``submit``, before it joins a batch. If a step fails anyway, the engine narrows the failure
+down instead of failing the batch: a prefill group is split and each request retried alone, and a
+failed decode step re-prefills every running request from its prompt and the tokens it already
+has. Only a request that fails alone, or keeps failing, gets an error.
 """
 
 from __future__ import annotations
@@ -34,9 +43,15 @@ from .text_output import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
 
+_MAX_STRIKES = 3  # failed steps a request may be part of before it is failed itself
+
 
 class QueueFull(Exception):
     """The waiting queue is at its bound; the caller should answer 429."""
+
+
+class DoesNotFit(ValueError):
+    """A request that needs more KV cache than the engine will ever have; the caller answers 400."""
 
 
 @dataclass
@@ -46,26 +61,42 @@ class Delta:
     text: str
     token_ids: list[int]
     projections: list[float]
-    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "timeout" or "error"
 
 
 class Request:
     """A submitted generation. Iterate ``deltas()`` from the event loop; ``cancel()`` from anywhere."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop,
+                 timeout: float | None = None):
         self.prompt_ids = prompt_ids
         self.params = params
         self.arrival = time.monotonic()
+        self.deadline = self.arrival + timeout if timeout is not None else None
         self._loop = loop
         self._out: asyncio.Queue[Delta] = asyncio.Queue()
         self._cancelled = threading.Event()
+        self._row: _Row | None = None  # the engine's state for it, made in submit()
+        self._alone = False  # prefill it in a group of its own (its group failed once)
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    @property
+    def reserved_tokens(self) -> int:
+        """KV cache columns this request may come to hold: its prompt and its whole completion."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
     def cancel(self) -> None:
         self._cancelled.set()
+
+    def _ended(self, now: float) -> str | None:
+        if self.cancelled:
+            return "cancelled"
+        if self.deadline is not None and now >= self.deadline:
+            return "timeout"
+        return None
 
     def _emit(self, delta: Delta) -> None:  # engine thread
         self._loop.call_soon_threadsafe(self._out.put_nowait, delta)
@@ -80,29 +111,39 @@ class Request:
 
 @dataclass
 class _Row:
-    """Host-side state of one running request."""
+    """Host-side state of one request, from submission to its end."""
 
     request: Request
     detok: IncrementalDetokenizer
     stops: StopMatcher
     generator: torch.Generator | None
-    length: int  # tokens in the KV cache
-    generated: int = 0
+    length: int = 0  # tokens in the KV cache
+    generated_ids: list[int] = field(default_factory=list)
+    prefilled: bool = False  # its prompt tokens were counted
+    strikes: int = 0  # failed steps it was part of
     last_token_at: float = 0.0
     pending_ids: list[int] = field(default_factory=list)
     pending_projections: list[float] = field(default_factory=list)
+
+    @property
+    def generated(self) -> int:
+        return len(self.generated_ids)
+
+    def context_ids(self) -> list[int]:
+        """What a (re-)prefill feeds the model: the prompt and every token generated so far."""
+        return self.request.prompt_ids + self.generated_ids
 
 
 class _PrefillGroup:
     """Requests admitted together, left-padded into one block and prefilled slice by slice."""
 
     def __init__(self, requests: list[Request], pad_id: int, device: torch.device):
-        width = max(len(r.prompt_ids) for r in requests)
+        contexts = [r._row.context_ids() for r in requests]
+        width = max(len(c) for c in contexts)
         self.requests = requests
-        self.ids = torch.tensor([[pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests],
-                                device=device)
-        self.mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests],
-                                 device=device)
+        self.lengths = [len(c) for c in contexts]
+        self.ids = torch.tensor([[pad_id] * (width - len(c)) + c for c in contexts], device=device)
+        self.mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=device)
         self.cap_rows = torch.tensor([[r.params.capping] for r in requests], device=device)
         self.any_capping = any(r.params.capping for r in requests)
         self.cache = BatchCache()
@@ -111,7 +152,8 @@ class _PrefillGroup:
 
 class Engine:
     def __init__(self, loaded: LoadedModel, axis: AssistantAxis | None, metrics: ServingMetrics,
-                 max_batch_size: int = 16, max_waiting: int = 64, prefill_chunk_tokens: int = 512):
+                 max_batch_size: int = 16, max_waiting: int = 64, prefill_chunk_tokens: int = 512,
+                 kv_cache_tokens: int | None = None):
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
@@ -120,10 +162,13 @@ class Engine:
         self._no_hits = torch.zeros(0, device=self.device)
         self.metrics = metrics
         self.max_batch_size = max_batch_size
+        self._batch_limit = max_batch_size  # lowered after an out-of-memory step
         self.max_waiting = max_waiting
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.kv_cache_tokens = kv_cache_tokens  # None: unbounded
         self.eos_ids = self._eos_ids()
         self.sampler = BatchSampler(self.device)
+        self.device_error: str | None = None  # set once the device itself has failed
 
         self._waiting: deque[Request] = deque()
         self._wakeup = threading.Condition()
@@ -159,10 +204,22 @@ class Engine:
         if self.hooks is not None:
             self.hooks.remove()
 
+    @property
+    def healthy(self) -> bool:
+        """The engine thread runs and the device has not failed."""
+        alive = self._thread is not None and self._thread.is_alive() and not self._stopping
+        return alive and self.device_error is None
+
     # --- called from the event loop ---------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
-        request = Request(prompt_ids, params, asyncio.get_running_loop())
+    def submit(self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None) -> Request:
+        """Queue a request; raises ValueError for bad parameters, DoesNotFit, or QueueFull."""
+        request = Request(prompt_ids, params, asyncio.get_running_loop(), timeout)
+        if self.kv_cache_tokens is not None and request.reserved_tokens > self.kv_cache_tokens:
+            raise DoesNotFit(f"the prompt ({len(prompt_ids)} tokens) and max_tokens ({params.max_tokens}) need "
+                             f"{request.reserved_tokens} KV cache tokens; this server has {self.kv_cache_tokens}")
+        request._row = _Row(request, IncrementalDetokenizer(self.tokenizer, prompt_ids), StopMatcher(params.stop),
+                            BatchSampler.generator_for(params, self.device))
         with self._wakeup:
             if len(self._waiting) >= self.max_waiting + max(0, self.max_batch_size - self._busy_slots()):
                 raise QueueFull()
@@ -188,7 +245,7 @@ class Engine:
                     break
             try:
                 with torch.inference_mode():
-                    self._drop_cancelled()
+                    self._drop_ended()
                     if self._prefilling is None:
                         with self._wakeup:  # taken and grouped under the lock: submit() sees them busy
                             admitted = self._take_waiting()
@@ -196,16 +253,13 @@ class Engine:
                                 self._prefilling = _PrefillGroup(admitted, self.tokenizer.pad_token_id,
                                                                  self.device)
                     if self._prefilling is not None:
-                        self._prefill_chunk()
+                        self._guarded(self._prefill_chunk, self._prefill_failed)
                     if self._rows:
-                        self._decode_step()
-            except Exception:  # keep serving: fail this batch's requests, not the process
-                failed = [row.request for row in self._rows]
-                failed += self._prefilling.requests if self._prefilling is not None else []
-                log.exception("engine step failed; failing %d requests", len(failed))
-                for request in failed:
-                    self.metrics.finished("error")
-                    request._emit(Delta("", [], [], "error"))
+                        self._guarded(self._decode_step, self._decode_failed)
+            except Exception:  # the bookkeeping itself broke: nothing can be trusted, fail what runs
+                log.exception("engine bookkeeping failed")
+                self._fail([row.request for row in self._rows] +
+                           (self._prefilling.requests if self._prefilling is not None else []))
                 self._prefilling = None
                 self._reset_batch()
             self.metrics.running.set(len(self._rows))
@@ -216,30 +270,94 @@ class Engine:
         for request in leftover:
             request._emit(Delta("", [], [], "cancelled"))
 
+    def _guarded(self, step, on_failure) -> None:
+        try:
+            step()
+        except Exception as exc:
+            if _is_device_failure(exc):  # the device can run nothing any more: /health says so
+                self.device_error = f"{type(exc).__name__}: {exc}"
+            on_failure(exc)
+
+    def _fail(self, requests: list[Request]) -> None:
+        for request in requests:
+            self.metrics.finished("error")
+            request._emit(Delta("", [], [], "error"))
+
+    def _prefill_failed(self, exc: Exception) -> None:
+        """Only the group is involved: the running batch has its own cache and goes on."""
+        group, self._prefilling = self._prefilling, None
+        if len(group.requests) == 1:
+            log.error("prefill failed; failing its one request: %s: %s", type(exc).__name__, exc)
+            self._fail(group.requests)
+        else:
+            log.warning("prefill of %d requests failed (%s: %s); retrying each alone", len(group.requests),
+                        type(exc).__name__, exc)
+            self._requeue(group.requests)
+
+    def _decode_failed(self, exc: Exception) -> None:
+        """A decode step runs every row at once, so the culprit is unknown and the cache may be half
+        written: every row is re-prefilled from its own tokens, alone, and rejoins the batch."""
+        if isinstance(exc, torch.OutOfMemoryError):
+            self._batch_limit = max(1, len(self._rows) // 2)
+            log.warning("out of memory at batch %d: running at most %d requests from now on",
+                        len(self._rows), self._batch_limit)
+        rows = self._rows
+        self._reset_batch()
+        for row in rows:
+            row.strikes += 1
+        failed = [row.request for row in rows if row.strikes >= _MAX_STRIKES]
+        log.warning("decode step failed (%s: %s); re-prefilling %d requests, failing %d that kept failing",
+                    type(exc).__name__, exc, len(rows) - len(failed), len(failed), exc_info=exc)
+        self._fail(failed)
+        self._requeue([row.request for row in rows if row.strikes < _MAX_STRIKES])
+
+    def _requeue(self, requests: list[Request]) -> None:
+        """Put requests back at the head of the queue, each to be prefilled in a group of its own."""
+        with self._wakeup:
+            for request in reversed(requests):
+                request._alone = True
+                self._waiting.appendleft(request)
+            self.metrics.waiting.set(len(self._waiting))
+
     def _take_waiting(self) -> list[Request]:
+        """The next prefill group: as many waiting requests as the batch and the KV budget admit."""
         taken: list[Request] = []
-        while self._waiting and self._busy_slots() + len(taken) < self.max_batch_size:
-            request = self._waiting.popleft()
-            if request.cancelled:
-                self.metrics.finished("cancelled")
-                request._emit(Delta("", [], [], "cancelled"))
-            else:
-                taken.append(request)
+        widest = max((row.request.reserved_tokens for row in self._rows), default=0)
+        while self._waiting and self._busy_slots() + len(taken) < self._batch_limit:
+            request = self._waiting[0]
+            if taken and (request._alone or taken[0]._alone):
+                break
+            rows_after = len(self._rows) + len(taken) + 1
+            widest_after = max(widest, request.reserved_tokens)
+            if self.kv_cache_tokens is not None and rows_after > 1 and \
+                    rows_after * widest_after > self.kv_cache_tokens:
+                break  # waits until running requests finish and free their share
+            taken.append(self._waiting.popleft())
+            widest = widest_after
         self.metrics.waiting.set(len(self._waiting))
         return taken
 
-    def _drop_cancelled(self) -> None:
-        """Free the rows of cancelled requests (a group in prefill goes once all of it is cancelled)."""
-        requests = []
-        if self._prefilling is not None and all(r.cancelled for r in self._prefilling.requests):
-            requests, self._prefilling = self._prefilling.requests, None
-        gone = [i for i, row in enumerate(self._rows) if row.request.cancelled]
-        requests += [self._rows[i].request for i in gone]
+    def _drop_ended(self) -> None:
+        """End cancelled and timed-out requests wherever they are, and free their rows
+        (a group in prefill goes once all of it has ended)."""
+        now = time.monotonic()
+        ended: list[tuple[Request, str]] = []
+        with self._wakeup:
+            for request in [r for r in self._waiting if r._ended(now)]:
+                self._waiting.remove(request)
+                ended.append((request, request._ended(now)))
+            self.metrics.waiting.set(len(self._waiting))
+        group = self._prefilling
+        if group is not None and all(r._ended(now) for r in group.requests):
+            ended += [(r, r._ended(now)) for r in group.requests]
+            self._prefilling = None
+        gone = {i for i, row in enumerate(self._rows) if row.request._ended(now)}
+        ended += [(self._rows[i].request, self._rows[i].request._ended(now)) for i in sorted(gone)]
         if gone:
-            self._remove_rows(set(gone))
-        for request in requests:
-            self.metrics.finished("cancelled")
-            request._emit(Delta("", [], [], "cancelled"))
+            self._remove_rows(gone)
+        for request, reason in ended:
+            self.metrics.finished(reason)
+            request._emit(Delta("", [], [], reason))
 
     def _prefill_chunk(self) -> None:
         """Prefill the next slice of the waiting group's prompts; merge the group once it is done.
@@ -259,20 +377,18 @@ class Engine:
         group.done = end
         if end < width:  # its cap hits are read back with the next published step
             return
-        requests = group.requests
-        rows = [
-            _Row(r, IncrementalDetokenizer(self.tokenizer), StopMatcher(r.params.stop),
-                 BatchSampler.generator_for(r.params, self.device), length=len(r.prompt_ids))
-            for r in requests
-        ]
-        for r in requests:
-            self.metrics.prompt_tokens.inc(len(r.prompt_ids))
-        self._merge(rows, group.cache, group.mask, group.cap_rows)
-        self._prefilling = None
+        rows = [r._row for r in group.requests]
+        for row, length in zip(rows, group.lengths):
+            row.length = length
+            if not row.prefilled:  # a re-prefill after a failed step is not new prompt work
+                row.prefilled = True
+                self.metrics.prompt_tokens.inc(len(row.request.prompt_ids))
         # Sample only the new rows, with their own parameters.
         sampler = BatchSampler(self.device)
-        sampler.set_rows([r.params for r in requests], [row.generator for row in rows])
+        sampler.set_rows([row.request.params for row in rows], [row.generator for row in rows])
         tokens = sampler.sample(out.logits[:, -1, :])
+        self._merge(rows, group.cache, group.mask, group.cap_rows)
+        self._prefilling = None
         self._next_input[len(self._rows) - n:] = tokens
         self._publish(rows, tokens)
 
@@ -310,7 +426,12 @@ class Engine:
         finished: set[int] = set()
         offset = len(self._rows) - n
         for i, row in enumerate(rows):
-            if self._on_token(row, int(host[i]), host[n + i], now):
+            try:
+                if self._on_token(row, int(host[i]), host[n + i], now):
+                    finished.add(offset + i)
+            except Exception:  # this row's text handling broke: it alone ends
+                log.exception("could not emit a generated token; failing that request")
+                self._fail([row.request])
                 finished.add(offset + i)
         if finished:
             self._remove_rows(finished)
@@ -323,7 +444,7 @@ class Engine:
         else:
             self.metrics.inter_token_latency.observe(now - row.last_token_at)
         row.last_token_at = now
-        row.generated += 1
+        row.generated_ids.append(token)
         self.metrics.observe_token(projection, params.capping)
         row.pending_ids.append(token)
         row.pending_projections.append(projection)
@@ -385,3 +506,9 @@ class Engine:
     def _reset_batch(self) -> None:
         self._rows, self._cache, self._mask, self._next_input, self._cap_rows = [], None, None, None, None
         self._rows_changed()
+
+
+def _is_device_failure(exc: Exception) -> bool:
+    """A CUDA error (illegal access, ECC, lost device) leaves the context unusable for every request."""
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(exc, accelerator_error) or (isinstance(exc, RuntimeError) and "CUDA error" in str(exc))

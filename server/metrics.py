@@ -73,7 +73,7 @@ class ServingMetrics:
         # Known label values start at zero, so rates and alerts work before the first occurrence.
         for reason in ("stop", "length", "cancelled", "error"):
             self.requests.labels(m, reason)
-        for status in ("400", "404", "429", "500"):
+        for status in ("400", "401", "403", "404", "413", "429", "500", "504"):
             self.rejected.labels(m, status)
         self.running = Gauge(f"{PREFIX}_requests_running", "Requests in the running batch.",
                              ["model"], registry=r).labels(m)

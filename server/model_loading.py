@@ -35,8 +35,34 @@ class LoadedModel:
         return self.model.config.get_text_config().num_hidden_layers
 
     @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: the token ids this model can take."""
+        return self.model.get_input_embeddings().num_embeddings
+
+    def kv_bytes_per_token(self) -> int:
+        config = self.model.config.get_text_config()
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return 2 * config.num_hidden_layers * heads * head_dim * self.model.dtype.itemsize
+
+    @property
     def context_length(self) -> int:
         return int(getattr(self.model.config.get_text_config(), "max_position_embeddings", 2048))
+
+
+CPU_KV_CACHE_TOKENS = 65536
+
+
+def kv_cache_budget(loaded: LoadedModel, tokens: int | None, gpu_memory_utilization: float) -> int:
+    """KV cache tokens the engine may hold at once: the flag, else a share of free GPU memory
+    (measured after the weights are loaded), else a fixed figure on CPU."""
+    if tokens is not None:
+        return tokens
+    if loaded.device.type != "cuda":
+        return CPU_KV_CACHE_TOKENS
+    free, _ = torch.cuda.mem_get_info(loaded.device)
+    # Keep a tenth back for activations and the allocator's slack.
+    return max(1, int(free * gpu_memory_utilization * 0.9) // loaded.kv_bytes_per_token())
 
 
 def resolve_device(device: str) -> torch.device:

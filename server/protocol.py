@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+
+# A seed is handed to torch.Generator.manual_seed, which takes a 64-bit value: bound it as vLLM does.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_MESSAGES = 512  # a chat longer than this is refused before its template is rendered
 
 
 class APIError(Exception):
@@ -32,6 +36,18 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def _encodable(text: str) -> str:
+    # JSON can carry a lone UTF-16 surrogate ("\\ud800"); no tokenizer can encode one.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone UTF-16 surrogate, which is not valid Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
 class _Body(BaseModel):
     # The SDK sends fields we do not use (user, metadata, ...): accept and ignore them.
     model_config = ConfigDict(extra="ignore")
@@ -43,12 +59,19 @@ class StreamOptions(_Body):
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    # Only an assistant turn (one that made tool calls) may come without content, as in OpenAI's API.
+    content: Text | list[TextPart] | None = None
+
+    @model_validator(mode="after")
+    def _content_required(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs 'content'")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -57,15 +80,15 @@ class ChatMessage(_Body):
 
 
 class _GenerationBody(_Body):
-    model: str
+    model: Text
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: StrictInt = Field(1, ge=1, le=1, description="only one choice per request is supported")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: StrictInt | None = None
+    stop: Text | list[Text] | None = None
+    seed: StrictInt | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     capping: StrictBool | None = None
     return_projections: StrictBool = False
 
@@ -82,7 +105,7 @@ class _GenerationBody(_Body):
 
 
 class ChatCompletionRequest(_GenerationBody):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool = False
 
@@ -91,7 +114,7 @@ class ChatCompletionRequest(_GenerationBody):
 
 
 class CompletionRequest(_GenerationBody):
-    prompt: str | list[str] | list[int]
+    prompt: Text | list[Text] | list[StrictInt]
     echo: StrictBool = False
     logprobs: StrictInt | None = None
 

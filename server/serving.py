@@ -14,7 +14,7 @@ from sse_starlette import EventSourceResponse
 
 from .chat_template import ChatTemplateError, chat_prompt_ids
 from .config import Settings
-from .engine import Engine, QueueFull, Request
+from .engine import DoesNotFit, Engine, QueueFull, Request
 from .model_loading import LoadedModel
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, _GenerationBody, error_body,
                        model_card, new_id, now, usage)
@@ -47,11 +47,18 @@ CHAT = _Shape("chatcmpl", "chat.completion.chunk", "chat.completion", chat=True)
 COMPLETION = _Shape("cmpl", "text_completion", "text_completion", chat=False)
 
 
+_END_ERRORS = {
+    "error": ("generation failed on the server", "server_error", 500),
+    "timeout": ("the request took longer than this server allows", "timeout_error", 504),
+}
+
+
 class OpenAIServing:
     def __init__(self, engine: Engine, loaded: LoadedModel, settings: Settings):
         self.engine, self.loaded, self.settings = engine, loaded, settings
         self.tokenizer = loaded.tokenizer
         self.created = now()
+        self.max_model_len = min(settings.max_model_len or loaded.context_length, loaded.context_length)
 
     def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [model_card(self.loaded.name, self.created)]}
@@ -68,7 +75,7 @@ class OpenAIServing:
 
     def completion_prompt_ids(self, body: CompletionRequest) -> list[int]:
         if isinstance(body.prompt, list):
-            vocab = len(self.tokenizer)
+            vocab = self.loaded.vocab_size  # the embedding's rows: any other id cannot be looked up
             if any(not 0 <= t < vocab for t in body.prompt):
                 raise APIError(400, f"prompt token ids must lie in 0..{vocab - 1}", param="prompt")
             return list(body.prompt)
@@ -76,31 +83,46 @@ class OpenAIServing:
 
     # --- submission ---------------------------------------------------------------------------
 
+    def capping_for(self, body: _GenerationBody) -> bool:
+        """The operator's policy decides; under ``client`` the request's field, then the default."""
+        policy = self.settings.capping_policy
+        if policy != "client":
+            return policy == "always"
+        return self.settings.capping_default if body.capping is None else body.capping
+
     def submit(self, body: _GenerationBody, prompt_ids: list[int]) -> Request:
         if body.model != self.loaded.name:
             raise APIError(404, f"The model '{body.model}' does not exist; this server serves "
                                 f"'{self.loaded.name}'", param="model", code="model_not_found")
+        if body.return_projections and not self.settings.allow_projections:
+            raise APIError(403, "this server does not return axis projections", type="permission_error",
+                           param="return_projections", code="projections_disabled")
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param="prompt")
-        room = self.loaded.context_length - len(prompt_ids)
+        limit = self.max_model_len
+        room = limit - len(prompt_ids)
         if room < 1:
-            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this model's context window is "
-                                f"{self.loaded.context_length}", param="messages", code="context_length_exceeded")
+            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server's context window is "
+                                f"{limit}", param="messages", code="context_length_exceeded")
         requested = body.requested_max_tokens()
         if requested is not None and requested > room:
             raise APIError(400, f"max_tokens is {requested}, but the prompt ({len(prompt_ids)} tokens) leaves "
-                                f"room for {room} in the {self.loaded.context_length}-token context window",
+                                f"room for {room} in the {limit}-token context window",
                            param="max_tokens", code="context_length_exceeded")
         params = SamplingParams(
             max_tokens=requested if requested is not None else min(room, self.settings.default_max_tokens),
             temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=tuple(body.stop or ()),
-            capping=self.settings.capping_default if body.capping is None else body.capping,
+            capping=self.capping_for(body),
         )
         try:
-            return self.engine.submit(prompt_ids, params)
+            return self.engine.submit(prompt_ids, params, timeout=self.settings.request_timeout)
         except QueueFull:
             raise APIError(429, "the server is at capacity; retry shortly", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
+        except DoesNotFit as exc:
+            raise APIError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
+        except ValueError as exc:  # per-request setup refused it (e.g. a seed torch cannot take)
+            raise APIError(400, f"invalid request: {exc}") from None
 
     # --- responses ----------------------------------------------------------------------------
 
@@ -110,9 +132,13 @@ class OpenAIServing:
             return EventSourceResponse(self._stream(shape, body, request, len(prompt_ids)), ping=15)
         return await self._full(shape, body, request, len(prompt_ids), http)
 
-    def _envelope(self, shape: _Shape, rid: str, created: int, capping: bool, streaming: bool) -> dict[str, Any]:
-        return {"id": rid, "object": shape.chunk_object if streaming else shape.full_object,
-                "created": created, "model": self.loaded.name, "capping": capping}
+    def _envelope(self, shape: _Shape, body: _GenerationBody, rid: str, created: int, capping: bool,
+                  streaming: bool) -> dict[str, Any]:
+        envelope = {"id": rid, "object": shape.chunk_object if streaming else shape.full_object,
+                    "created": created, "model": self.loaded.name, "capping": capping}
+        if body.capping is not None and body.capping != capping:  # the operator's policy overrode it
+            envelope["capping_overridden"] = True
+        return envelope
 
     async def _stream(self, shape: _Shape, body: _GenerationBody, request: Request,
                       n_prompt: int) -> AsyncIterator[str]:
@@ -121,11 +147,12 @@ class OpenAIServing:
         n_generated, first = 0, True
         try:
             async for delta in request.deltas():
-                if delta.finish_reason == "error":
-                    yield json.dumps(error_body("generation failed on the server", "server_error"))
-                    return
+                if delta.finish_reason in _END_ERRORS:
+                    message, kind, _ = _END_ERRORS[delta.finish_reason]
+                    yield json.dumps(error_body(message, kind))
+                    break  # still ends with [DONE], so clients waiting for it stop reading
                 n_generated += len(delta.token_ids)
-                chunk = self._envelope(shape, rid, created, request.params.capping, streaming=True)
+                chunk = self._envelope(shape, body, rid, created, request.params.capping, streaming=True)
                 choice = shape.stream_choice(delta.text, first)
                 if delta.finish_reason is not None:
                     choice["finish_reason"] = delta.finish_reason
@@ -136,10 +163,11 @@ class OpenAIServing:
                     chunk["usage"] = None
                 first = False
                 yield json.dumps(chunk)
-            if include_usage:
-                chunk = self._envelope(shape, rid, created, request.params.capping, streaming=True)
-                chunk.update(choices=[], usage=usage(n_prompt, n_generated))
-                yield json.dumps(chunk)
+            else:  # the stream ended normally, not at an error
+                if include_usage:
+                    chunk = self._envelope(shape, body, rid, created, request.params.capping, streaming=True)
+                    chunk.update(choices=[], usage=usage(n_prompt, n_generated))
+                    yield json.dumps(chunk)
             yield "[DONE]"
         finally:
             # Runs when the client goes away mid-stream too: the engine frees the slot next step.
@@ -159,9 +187,11 @@ class OpenAIServing:
         if not collected.done() or collected.cancelled():
             return JSONResponse(error_body("client closed the request", "invalid_request_error"), status_code=499)
         text, token_ids, projections, finish = collected.result()
-        if finish == "error":
-            raise APIError(500, "generation failed on the server", type="server_error")
-        result = self._envelope(shape, new_id(shape.id_prefix), now(), request.params.capping, streaming=False)
+        if finish in _END_ERRORS:
+            message, kind, status = _END_ERRORS[finish]
+            raise APIError(status, message, type=kind)
+        result = self._envelope(shape, body, new_id(shape.id_prefix), now(), request.params.capping,
+                                streaming=False)
         choice = shape.full_choice(text)
         choice["finish_reason"] = finish
         if body.return_projections:

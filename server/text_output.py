@@ -2,34 +2,28 @@
 
 from __future__ import annotations
 
+from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
 
 
 class IncrementalDetokenizer:
-    """Decodes one token at a time without re-decoding the whole sequence.
+    """Decodes one generated token at a time, with the prompt as context.
 
-    Decoding a token alone loses the spaces and multi-byte characters that depend on its
-    neighbours, so each step decodes a short window of recent ids and emits the part of the
-    window's text that is new; text ending in an incomplete character (U+FFFD) waits for more ids.
+    Decoding the generated ids on their own loses what depends on the tokens before them: a
+    SentencePiece tokenizer drops the leading space of a sequence's first word ("▁Hello" ->
+    "Hello"), so the first streamed token would lose its space. ``tokenizers``' DecodeStream, primed
+    with the prompt's last ids, decodes each new id in context and holds back an incomplete
+    UTF-8 character until the ids that finish it arrive.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
-        self._tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._prefix = 0  # window start
-        self._read = 0  # ids whose text has been emitted
+    _CONTEXT = 8  # prompt ids kept as context: enough for any merge or byte sequence across the boundary
 
-    def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int] = ()):
+        self._backend = tokenizer.backend_tokenizer
+        self._stream = DecodeStream(ids=list(prompt_ids[-self._CONTEXT:]), skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
-        self._ids.append(token_id)
-        seen = self._decode(self._ids[self._prefix : self._read])
-        window = self._decode(self._ids[self._prefix :])
-        if len(window) > len(seen) and not window.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self._ids)
-            return window[len(seen) :]
-        return ""
+        return self._stream.step(self._backend, token_id) or ""
 
 
 class StopMatcher:

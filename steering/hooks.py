@@ -66,15 +66,19 @@ class AxisHooks:
         # A model split across GPUs (device_map) has layers on several devices: keep each layer's
         # vector where that layer runs.
         where = {l: next(layers[l].parameters(), param).device for l in watched}
+        # Projections and their comparison with tau run in float32 whatever the model's dtype: in
+        # bfloat16 a projection of ~50 is only resolved to ~0.25, coarser than many taus' margins.
+        # The correction itself is applied in the model's dtype, with the unit vector in that dtype.
+        self._units32 = {l: axis.unit(l).to(where[l], torch.float32) for l in watched}
         self._units = {l: axis.unit(l).to(where[l], self.dtype) for l in watched}
         self._taus = {
-            l: torch.tensor(t, device=where[l], dtype=self.dtype)
+            l: torch.tensor(t, device=where[l], dtype=torch.float32)
             for l, t in zip(axis.cap_layers, axis.cap_thresholds)
         }
         self._slot = {l: i for i, l in enumerate(self.cap_layers)}
         # Per capped layer, how many token positions the cap changed since the last reset.
         self.cap_hits = torch.zeros(len(self.cap_layers), dtype=torch.int64, device=self.device)
-        # Projection onto the unit axis at the monitor layer, before that layer's cap: [batch, seq].
+        # Projection onto the unit axis at the monitor layer, before that layer's cap: [batch, seq], float32.
         self.monitor_projection: torch.Tensor | None = None
         self._cap_mask: torch.Tensor | None = None
         self._handles = [layers[l].register_forward_hook(self._make_hook(l)) for l in watched]
@@ -89,7 +93,7 @@ class AxisHooks:
         self._handles = []
 
     def _make_hook(self, layer: int):
-        v = self._units[layer]
+        v, v32 = self._units[layer], self._units32[layer]
         tau = self._taus.get(layer)
         hits = self.cap_hits[self._slot[layer]] if layer in self._slot else None  # a view: add_ lands in cap_hits
         is_monitor = layer == self.monitor_layer
@@ -97,7 +101,7 @@ class AxisHooks:
         def hook(module, args, output):
             # Few, fused ops: this runs at every capped layer on every decode step.
             h = _hidden(output)
-            proj = h @ v
+            proj = h.float() @ v32
             if is_monitor:
                 self.monitor_projection = proj
             mask = self._cap_mask
@@ -107,7 +111,7 @@ class AxisHooks:
             # the rows with capping off exactly as the model computed them.
             shortfall = (proj - tau).clamp_(max=0).mul_(mask.to(h.device, non_blocking=True))
             hits.add_((shortfall < 0).sum().to(hits.device, non_blocking=True))
-            return _replace_hidden(output, torch.addcmul(h, shortfall.unsqueeze(-1), v, value=-1))
+            return _replace_hidden(output, torch.addcmul(h, shortfall.unsqueeze(-1).to(h.dtype), v, value=-1))
 
         return hook
 

@@ -169,17 +169,20 @@ def test_no_mask_means_no_capping_but_still_monitors():
     assert hooks.cap_hits.sum() == 0
 
 
-def test_capping_runs_in_the_activation_dtype():
+def test_capping_runs_in_the_activation_dtype_and_projects_in_float32():
     model = tiny_model("llama").to(torch.bfloat16)
     axis = make_axis(model)
     ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(6))
-    hooks = AxisHooks(model, axis)
-    hooks.set_cap_mask(torch.ones(2, 1, dtype=torch.bool))
-    with record_layer_outputs(model, CAP_LAYERS) as seen:  # registered after the caps: sees their output
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits
-    hooks.remove()
-    assert logits.dtype == torch.bfloat16 and hooks.monitor_projection.dtype == torch.bfloat16
+    with record_layer_outputs(model, [axis.monitor_layer]) as before_cap:  # registered first: sees the input
+        hooks = AxisHooks(model, axis)
+        hooks.set_cap_mask(torch.ones(2, 1, dtype=torch.bool))
+        with record_layer_outputs(model, CAP_LAYERS) as seen:  # registered after the caps: sees their output
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits
+        hooks.remove()
+    assert logits.dtype == torch.bfloat16 and hooks.monitor_projection.dtype == torch.float32
+    exact = before_cap[axis.monitor_layer][0].float() @ axis.unit(axis.monitor_layer)
+    assert torch.allclose(hooks.monitor_projection, exact, rtol=1e-5, atol=1e-5)
     assert hooks.cap_hits.sum() > 0
     for l in CAP_LAYERS:
         post = seen[l][0].float() @ axis.unit(l)

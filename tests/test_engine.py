@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from axiscap.server.engine import Engine, QueueFull
+from axiscap.server.engine import DoesNotFit, Engine, QueueFull
 from axiscap.server.metrics import ServingMetrics
 from axiscap.server.sampling import SamplingParams
 
@@ -168,3 +168,136 @@ def test_chunked_prefill_gives_the_same_tokens_and_interleaves_with_decoding(smo
     assert_same_generation(chunked, reference)
     # The running request kept decoding while the long prompt went in slices of 16 tokens.
     assert decoded_during_prefill >= len(long_prompt) // 16 - 2
+
+
+# --- isolation: one request's failure is its own ---------------------------------------------
+
+SIX = ["What is the capital of France?", "hi", "Name a colour.", "What is 2+2?", "Say yes.", "Name a fruit."]
+
+
+def six_jobs(tok):
+    return [(chat_ids(tok, p), SamplingParams(20, temperature=0, capping=i % 2 == 0)) for i, p in enumerate(SIX)]
+
+
+async def wait_for(predicate, timeout=60.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def errors(engine):
+    return engine.metrics.requests.labels(engine.metrics.model, "error")._value.get()
+
+
+def test_a_request_that_breaks_its_prefill_fails_alone_while_six_streams_finish(smollm2, smollm2_axis):
+    tok = smollm2.tokenizer
+    jobs = six_jobs(tok)
+    poison = chat_ids(tok, "hello") + [smollm2.vocab_size + 5]  # no embedding row: the forward raises
+    with running_engine(smollm2, smollm2_axis) as engine:
+        async def scenario():
+            alone = [await collect(engine, ids, p) for ids, p in jobs]
+            running = [asyncio.create_task(collect(engine, ids, p)) for ids, p in jobs]
+            await wait_for(lambda: len(engine._rows) == 6)
+            poisoned = await collect(engine, poison, SamplingParams(8, temperature=0))
+            return alone, await asyncio.gather(*running), poisoned
+        alone, together, poisoned = asyncio.run(scenario())
+        assert poisoned[3] == "error" and poisoned[1] == []
+        assert errors(engine) == 1
+    for t, a in zip(together, alone):
+        assert t[3] in ("stop", "length")
+        assert_same_generation(t, a)
+
+
+def test_a_poisoned_member_of_a_prefill_group_is_found_and_the_others_are_served(smollm2, smollm2_axis):
+    tok = smollm2.tokenizer
+    jobs = six_jobs(tok)[:3]
+    poison = (chat_ids(tok, "hello") + [smollm2.vocab_size], SamplingParams(8, temperature=0))
+    with running_engine(smollm2, smollm2_axis) as engine:
+        async def scenario():
+            alone = [await collect(engine, ids, p) for ids, p in jobs]
+            # Submitted in one go to an idle engine, the four are admitted as one prefill group.
+            together = await asyncio.gather(*[collect(engine, ids, p) for ids, p in [jobs[0], poison, *jobs[1:]]])
+            return alone, together
+        alone, together = asyncio.run(scenario())
+        assert errors(engine) == 1
+    assert together[1][3] == "error"
+    for t, a in zip([together[0], *together[2:]], alone):
+        assert_same_generation(t, a)
+
+
+def test_a_failed_decode_step_is_recovered_by_re_prefilling_every_row(smollm2, smollm2_axis):
+    """A decode step fails once (as an out-of-memory would): nobody fails, nobody's tokens change."""
+    from axiscap.steering.hooks import decoder_layers
+
+    tok = smollm2.tokenizer
+    jobs = six_jobs(tok)[:4]
+    failures = []
+
+    def fail_once_in_a_batched_decode(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        if not failures and h.shape[0] >= 3 and h.shape[1] == 1:
+            failures.append(h.shape)
+            raise RuntimeError("injected failure in a decode step")
+
+    with running_engine(smollm2, smollm2_axis) as engine:
+        async def scenario():
+            alone = [await collect(engine, ids, p) for ids, p in jobs]
+            handle = decoder_layers(smollm2.model)[3].register_forward_hook(fail_once_in_a_batched_decode)
+            try:
+                together = await asyncio.gather(*[collect(engine, ids, p) for ids, p in jobs])
+            finally:
+                handle.remove()
+            return alone, together
+        alone, together = asyncio.run(scenario())
+        assert failures and errors(engine) == 0
+    for t, a in zip(together, alone):
+        assert_same_generation(t, a)
+
+
+def test_a_request_past_its_deadline_ends_with_timeout(smollm2, smollm2_axis):
+    tok = smollm2.tokenizer
+    with running_engine(smollm2, smollm2_axis) as engine:
+        async def late():
+            request = engine.submit(chat_ids(tok, "Tell me a very long story."), SamplingParams(2000, temperature=0),
+                                    timeout=0.5)
+            tokens, last = 0, None
+            async for d in request.deltas():
+                tokens += len(d.token_ids)
+                last = d.finish_reason
+            return tokens, last
+        tokens, last = asyncio.run(late())
+        assert last == "timeout" and 0 < tokens < 2000
+        assert engine._rows == []
+
+
+def test_admission_keeps_the_padded_kv_cache_within_its_budget(smollm2, smollm2_axis):
+    tok = smollm2.tokenizer
+    jobs = six_jobs(tok)
+    widest = max(len(ids) + p.max_tokens for ids, p in jobs)
+    budget = 3 * widest  # room for three of them at a time
+    with running_engine(smollm2, smollm2_axis, kv_cache_tokens=budget) as engine:
+        async def scenario():
+            alone = [await collect(engine, ids, p) for ids, p in jobs]
+            peak = 0
+
+            async def watch():
+                nonlocal peak
+                while True:
+                    peak = max(peak, engine._busy_slots())
+                    await asyncio.sleep(0.002)
+
+            watcher = asyncio.create_task(watch())
+            together = await asyncio.gather(*[collect(engine, ids, p) for ids, p in jobs])
+            watcher.cancel()
+            return alone, together, peak
+        alone, together, peak = asyncio.run(scenario())
+        too_big = SamplingParams(budget, temperature=0)
+
+        async def refuse():
+            with pytest.raises(DoesNotFit):
+                engine.submit(chat_ids(tok, "hi"), too_big)
+        asyncio.run(refuse())
+    assert peak == 3
+    for t, a in zip(together, alone):
+        assert_same_generation(t, a)

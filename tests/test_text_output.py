@@ -39,3 +39,18 @@ def test_earliest_stop_wins():
 def test_no_stops_passes_everything():
     m = StopMatcher([])
     assert m.feed("abc") == "abc" and m.feed("") == "" and m.flush() == ""
+
+
+def test_first_generated_token_keeps_its_leading_space_with_the_prompt_as_context():
+    """A SentencePiece-style tokenizer marks a word's leading space ("▁Hello") and drops it at the
+    start of a decode; decoded after the prompt, the first streamed token keeps it (as vLLM streams)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "▁Hi": 1, "▁Hello": 2, "▁world": 3, "!": 4}, unk_token="<unk>"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    assert tok.decode([2, 3]) == "Hello world"  # on their own, the generated ids lose the space
+    detok = IncrementalDetokenizer(tok, prompt_ids=[1])
+    assert [detok.push(i) for i in (2, 3, 4)] == [" Hello", " world", "!"]
+    assert tok.decode([1, 2, 3, 4]) == "Hi" + " Hello world!"
