@@ -37,7 +37,7 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 
 def _encodable(text: str) -> str:
-    # JSON can carry a lone UTF-16 surrogate ("\\ud800"); no tokenizer can encode one.
+    # JSON can carry a lone UTF-16 surrogate ("\ud800"); no tokenizer can encode one.
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
