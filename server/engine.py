@@ -341,20 +341,23 @@ class Engine:
         """End cancelled and timed-out requests wherever they are, and free their rows
         (a group in prefill goes once all of it has ended)."""
         now = time.monotonic()
-        ended: list[tuple[Request, str]] = []
+
+        def ended_among(requests) -> list[tuple[Request, str]]:
+            return [(r, reason) for r in requests if (reason := r._ended(now))]
+
         with self._wakeup:
-            for request in [r for r in self._waiting if r._ended(now)]:
+            ended = ended_among(self._waiting)
+            for request, _ in ended:
                 self._waiting.remove(request)
-                ended.append((request, request._ended(now)))
             self.metrics.waiting.set(len(self._waiting))
         group = self._prefilling
-        if group is not None and all(r._ended(now) for r in group.requests):
-            ended += [(r, r._ended(now)) for r in group.requests]
+        if group is not None and len(in_group := ended_among(group.requests)) == len(group.requests):
+            ended += in_group
             self._prefilling = None
-        gone = {i for i, row in enumerate(self._rows) if row.request._ended(now)}
-        ended += [(self._rows[i].request, self._rows[i].request._ended(now)) for i in sorted(gone)]
+        gone = {i: reason for i, row in enumerate(self._rows) if (reason := row.request._ended(now))}
+        ended += [(self._rows[i].request, reason) for i, reason in gone.items()]
         if gone:
-            self._remove_rows(gone)
+            self._remove_rows(set(gone))
         for request, reason in ended:
             self.metrics.finished(reason)
             request._emit(Delta("", [], [], reason))

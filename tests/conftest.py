@@ -42,6 +42,16 @@ def chat_ids(tokenizer, user: str, system: str | None = None) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def assert_openai_error(response, status: int, param=...) -> dict:
+    """The response is an OpenAI error object with this status (and this param, when given)."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not ...:
+        assert error["param"] == param, error
+    return error
+
+
 class LiveServer:
     """A real uvicorn server on loopback in a background thread."""
 

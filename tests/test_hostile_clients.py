@@ -8,6 +8,8 @@ import json
 import httpx
 import pytest
 
+from .conftest import assert_openai_error
+
 MODEL = "smollm2-135m-instruct"
 HI = [{"role": "user", "content": "hi"}]
 
@@ -49,14 +51,6 @@ def post(base_url: str, path: str, body) -> httpx.Response:
     if isinstance(body, bytes):
         return httpx.post(base_url + path, content=body, headers={"content-type": "application/json"}, timeout=60)
     return httpx.post(base_url + path, json=body, timeout=60)
-
-
-def assert_openai_error(r: httpx.Response, status: int, param=...):
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if param is not ...:
-        assert error["param"] == param, error
 
 
 @pytest.mark.parametrize("name, path, body, status, param", HOSTILE, ids=[h[0] for h in HOSTILE])

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import LiveServer
+from .conftest import LiveServer, assert_openai_error
 
 MODEL = "smollm2-135m-instruct"
 ORACLE = [{"role": "system", "content": "You are an ancient oracle who speaks in cryptic prophecies."},
@@ -26,13 +26,6 @@ def server(smollm2, smollm2_axis, **overrides):
     with LiveServer(create_app(state)) as live:
         live.state = state
         yield live
-
-
-def assert_openai_error(r: httpx.Response, status: int) -> dict:
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    return error
 
 
 def test_locked_down_server(smollm2, smollm2_axis):
