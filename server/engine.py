@@ -9,11 +9,13 @@ Why our own scheduler rather than transformers' ``ContinuousBatchingManager``: t
 all requests into one row (hooks see ``(1, total_tokens, hidden)``) and measured 4x slower than a
 padded batch on this CPU; a padded batch gives the capping hooks a plain ``[batch, 1]`` row mask.
 
-Layout: rows are left-padded so that every row's newest token sits in the last KV column; a row
-holds ``_Row.length`` real tokens at the right end, and the attention mask hides the rest. (This
-also keeps sliding-window attention right: the distance between columns is the distance between
-tokens in every row.) The KV cache therefore costs rows x the longest row; admission keeps that
-product, counted with each row's whole reservation (prompt + max_tokens), within the KV budget.
+Layout: each running request keeps its KV in a slot of its own, in a size class chosen from its
+reservation (prompt + max_tokens; see ``kv_slots``). A request joins by copying its own prefilled
+KV into a slot and leaves by moving one other request into its hole: the cache is never re-copied
+as a whole, and a short request never holds a long one's width. The batch is ordered by (class,
+slot). A group of prompts is prefilled together (right-padded, in slices), each row's logits
+kept at its own last prompt token, and joins the batch with its first tokens sampled.
+Admission keeps the slots' memory, with the group's prefill buffer, within the KV budget.
 
 Isolation: what can fail for one request alone (its generator, detokenizer, stop strings) is set
 up in ``submit``, before it joins a batch. If a step fails anyway, the engine narrows the failure
@@ -35,7 +37,7 @@ import torch
 
 from axiscap.steering import AssistantAxis, AxisHooks
 
-from .kv_cache import BatchCache, left_pad
+from .kv_slots import PrefillStore, SlotStore, slot_attention_for, slot_capacity
 from .metrics import ServingMetrics
 from .model_loading import LoadedModel
 from .sampling import BatchSampler, SamplingParams
@@ -117,7 +119,9 @@ class _Row:
     detok: IncrementalDetokenizer
     stops: StopMatcher
     generator: torch.Generator | None
-    length: int = 0  # tokens in the KV cache
+    capacity: int  # KV columns of its slot (see kv_slots)
+    slot: int = -1
+    length: int = 0  # tokens in its KV cache
     generated_ids: list[int] = field(default_factory=list)
     prefilled: bool = False  # its prompt tokens were counted
     strikes: int = 0  # failed steps it was part of
@@ -135,18 +139,21 @@ class _Row:
 
 
 class _PrefillGroup:
-    """Requests admitted together, left-padded into one block and prefilled slice by slice."""
+    """Requests admitted together, right-padded into one block and prefilled slice by slice."""
 
     def __init__(self, requests: list[Request], pad_id: int, device: torch.device):
         contexts = [r._row.context_ids() for r in requests]
-        width = max(len(c) for c in contexts)
+        self.width = max(len(c) for c in contexts)
         self.requests = requests
         self.lengths = [len(c) for c in contexts]
-        self.ids = torch.tensor([[pad_id] * (width - len(c)) + c for c in contexts], device=device)
-        self.mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=device)
-        self.cap_rows = torch.tensor([[r.params.capping] for r in requests], device=device)
-        self.any_capping = any(r.params.capping for r in requests)
-        self.cache = BatchCache()
+        self.ids = torch.tensor([c + [pad_id] * (self.width - len(c)) for c in contexts], device=device)
+        real = torch.tensor([[True] * len(c) + [False] * (self.width - len(c)) for c in contexts], device=device)
+        capping = torch.tensor([[r.params.capping] for r in requests], device=device)
+        self.cap_mask = capping & real if any(r.params.capping for r in requests) else None
+        self.store = PrefillStore(len(requests), self.width)
+        # Each row's logits [rows, vocab] and monitor projection [rows] at its last prompt token.
+        self.last_logits: torch.Tensor | None = None
+        self.last_projections: torch.Tensor | None = None
         self.done = 0  # columns prefilled so far
 
 
@@ -175,11 +182,11 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
 
-        self._rows: list[_Row] = []
+        self._rows: list[_Row] = []  # the running batch, in the store's (class, slot) order
         self._prefilling: _PrefillGroup | None = None
-        self._cache: BatchCache | None = None
-        self._mask: torch.Tensor | None = None  # [batch, kv_len] long
-        self._next_input: torch.Tensor | None = None  # [batch] long, last sampled tokens
+        self._store = SlotStore(self.device)
+        self._next_input: torch.Tensor | None = None  # [batch] long, the tokens the next step feeds
+        self._positions: torch.Tensor | None = None  # [batch] long, their positions (= row lengths)
         self._cap_rows: torch.Tensor | None = None  # [batch, 1] bool
         self._any_capping = False
 
@@ -215,11 +222,13 @@ class Engine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None) -> Request:
         """Queue a request; raises ValueError for bad parameters, DoesNotFit, or QueueFull."""
         request = Request(prompt_ids, params, asyncio.get_running_loop(), timeout)
-        if self.kv_cache_tokens is not None and request.reserved_tokens > self.kv_cache_tokens:
+        reserved, budget = request.reserved_tokens, self.kv_cache_tokens
+        if budget is not None and reserved > budget:
             raise DoesNotFit(f"the prompt ({len(prompt_ids)} tokens) and max_tokens ({params.max_tokens}) need "
-                             f"{request.reserved_tokens} KV cache tokens; this server has {self.kv_cache_tokens}")
+                             f"{reserved} KV cache tokens; this server has {budget}")
+        capacity = slot_capacity(reserved) if budget is None else min(slot_capacity(reserved), budget)
         request._row = _Row(request, IncrementalDetokenizer(self.tokenizer, prompt_ids), StopMatcher(params.stop),
-                            BatchSampler.generator_for(params, self.device))
+                            BatchSampler.generator_for(params, self.device), capacity)
         with self._wakeup:
             if len(self._waiting) >= self.max_waiting + max(0, self.max_batch_size - self._busy_slots()):
                 raise QueueFull()
@@ -322,20 +331,22 @@ class Engine:
     def _take_waiting(self) -> list[Request]:
         """The next prefill group: as many waiting requests as the batch and the KV budget admit."""
         taken: list[Request] = []
-        widest = max((row.request.reserved_tokens for row in self._rows), default=0)
         while self._waiting and self._busy_slots() + len(taken) < self._batch_limit:
             request = self._waiting[0]
             if taken and (request._alone or taken[0]._alone):
                 break
-            rows_after = len(self._rows) + len(taken) + 1
-            widest_after = max(widest, request.reserved_tokens)
-            if self.kv_cache_tokens is not None and rows_after > 1 and \
-                    rows_after * widest_after > self.kv_cache_tokens:
-                break  # waits until running requests finish and free their share
+            if self.kv_cache_tokens is not None and (self._rows or taken) and not self._fits(taken + [request]):
+                break  # waits until running requests finish and free their slots
             taken.append(self._waiting.popleft())
-            widest = widest_after
         self.metrics.waiting.set(len(self._waiting))
         return taken
+
+    def _fits(self, group: list[Request]) -> bool:
+        """Whether the slots after ``group`` joins, and its prefill buffer meanwhile, fit the KV budget."""
+        def needed() -> int:
+            prefill = len(group) * max(len(r._row.context_ids()) for r in group)
+            return self._store.tokens_after_adding([r._row.capacity for r in group]) + prefill
+        return needed() <= self.kv_cache_tokens or (self._store.compact() and needed() <= self.kv_cache_tokens)
 
     def _drop_ended(self) -> None:
         """End cancelled and timed-out requests wherever they are, and free their rows
@@ -354,10 +365,10 @@ class Engine:
         if group is not None and len(in_group := ended_among(group.requests)) == len(group.requests):
             ended += in_group
             self._prefilling = None
-        gone = {i: reason for i, row in enumerate(self._rows) if (reason := row.request._ended(now))}
-        ended += [(self._rows[i].request, reason) for i, reason in gone.items()]
+        gone = [(row, reason) for row in self._rows if (reason := row.request._ended(now))]
+        ended += [(row.request, reason) for row, reason in gone]
         if gone:
-            self._remove_rows(set(gone))
+            self._remove_rows([row for row, _ in gone])
         for request, reason in ended:
             self.metrics.finished(reason)
             request._emit(Delta("", [], [], reason))
@@ -366,45 +377,58 @@ class Engine:
         """Prefill the next slice of the waiting group's prompts; merge the group once it is done.
 
         Slicing bounds how long running streams wait for a long prompt: one decode step runs
-        between two slices of at most ``prefill_chunk_tokens`` tokens.
+        between two slices of at most ``prefill_chunk_tokens`` tokens. Cap hits of the slices are
+        read back with the next decode step.
         """
         group = self._prefilling
-        n, width = group.ids.shape
-        start = group.done
-        end = min(width, start + max(1, self.prefill_chunk_tokens // n))
-        mask = group.mask[:, :end]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
-        self._set_cap_mask(group.cap_rows & mask[:, start:].bool() if group.any_capping else None)
-        out = self.model(input_ids=group.ids[:, start:end], attention_mask=mask, position_ids=positions,
-                         past_key_values=group.cache, use_cache=True, logits_to_keep=1)
+        n, start = len(group.requests), group.done
+        end = min(group.width, start + max(1, self.prefill_chunk_tokens // n))
+        # Logits only where a row's prompt ends inside this slice (each row at its own column).
+        ending = [i for i, length in enumerate(group.lengths) if start < length <= end]
+        last = torch.tensor([[min(max(length - 1 - start, 0), end - start - 1)] for length in group.lengths],
+                            device=self.device)
+        self._set_cap_mask(group.cap_mask[:, start:end] if group.cap_mask is not None else None)
+        group.store.begin(start, end, self.device)
+        positions = torch.arange(start, end, device=self.device).expand(n, -1)
+        with slot_attention_for(self.model):
+            out = self.model(input_ids=group.ids[:, start:end], position_ids=positions, past_key_values=group.store,
+                             kv_store=group.store, use_cache=True, logits_to_keep=last if ending else 1)
+        if ending:
+            if group.last_logits is None:
+                group.last_logits = out.logits.new_empty((n, out.logits.shape[-1]))
+                group.last_projections = torch.zeros(n, device=self.device)
+            index = torch.tensor(ending, device=self.device)
+            group.last_logits[index] = out.logits[index, -1]
+            if self.hooks is not None:
+                projections = self.hooks.monitor_projection.gather(1, last.to(self.hooks.monitor_projection.device))
+                group.last_projections[index] = projections[:, 0].to(self.device)[index]
         group.done = end
-        if end < width:  # its cap hits are read back with the next published step
+        if end < group.width:
             return
         rows = [r._row for r in group.requests]
-        for row, length in zip(rows, group.lengths):
+        for i, (row, length) in enumerate(zip(rows, group.lengths)):
             row.length = length
+            self._store.add(row, group.store, i)
             if not row.prefilled:  # a re-prefill after a failed step is not new prompt work
                 row.prefilled = True
                 self.metrics.prompt_tokens.inc(len(row.request.prompt_ids))
+        self._prefilling = None
         # Sample only the new rows, with their own parameters.
         sampler = BatchSampler(self.device)
         sampler.set_rows([row.request.params for row in rows], [row.generator for row in rows])
-        tokens = sampler.sample(out.logits[:, -1, :])
-        self._merge(rows, group.cache, group.mask, group.cap_rows)
-        self._prefilling = None
-        self._next_input[len(self._rows) - n:] = tokens
-        self._publish(rows, tokens)
+        tokens = sampler.sample(group.last_logits)
+        self._reorder(rows, tokens)
+        self._publish(rows, tokens, group.last_projections)
 
     def _decode_step(self) -> None:
-        ones = torch.ones((len(self._rows), 1), dtype=self._mask.dtype, device=self.device)
-        self._mask = torch.cat([self._mask, ones], dim=1)
-        positions = torch.tensor([[row.length] for row in self._rows], device=self.device)
+        self._store.begin_decode(self._positions)
         self._set_cap_mask(self._cap_rows if self._any_capping else None)
-        out = self.model(input_ids=self._next_input.unsqueeze(-1), attention_mask=self._mask,
-                         position_ids=positions, past_key_values=self._cache, use_cache=True,
-                         logits_to_keep=1)
+        with slot_attention_for(self.model):
+            out = self.model(input_ids=self._next_input[:, None], position_ids=self._positions[:, None],
+                             past_key_values=self._store, kv_store=self._store, use_cache=True, logits_to_keep=1)
         for row in self._rows:
             row.length += 1
+        self._positions = self._positions + 1
         tokens = self.sampler.sample(out.logits[:, -1, :])
         self._next_input = tokens
         self._publish(self._rows, tokens)
@@ -413,12 +437,14 @@ class Engine:
         if self.hooks is not None:
             self.hooks.set_cap_mask(mask)
 
-    def _publish(self, rows: list[_Row], tokens: torch.Tensor) -> None:
-        """Move this step's tokens, projections and cap counts to the host in one transfer."""
+    def _publish(self, rows: list[_Row], tokens: torch.Tensor, projections: torch.Tensor | None = None) -> None:
+        """Move this step's tokens, projections (default: the monitor layer's at each row's last
+        position) and cap counts to the host in one transfer."""
         n = len(rows)
         here = tokens.device  # a model split across GPUs leaves these on different devices
         if self.hooks is not None:
-            projections, hits = self.hooks.monitor_projection[:, -1].to(here), self.hooks.cap_hits.to(here)
+            hits = self.hooks.cap_hits.to(here)
+            projections = (projections if projections is not None else self.hooks.monitor_projection[:, -1]).to(here)
         else:
             projections, hits = torch.zeros(n, device=here), self._no_hits
         host = torch.cat([tokens.double(), projections.double(), hits.double()]).tolist()
@@ -426,16 +452,15 @@ class Engine:
             self.hooks.cap_hits.zero_()
         self.metrics.add_cap_hits(host[2 * n:])
         now = time.monotonic()
-        finished: set[int] = set()
-        offset = len(self._rows) - n
+        finished: list[_Row] = []
         for i, row in enumerate(rows):
             try:
                 if self._on_token(row, int(host[i]), host[n + i], now):
-                    finished.add(offset + i)
+                    finished.append(row)
             except Exception:  # this row's text handling broke: it alone ends
                 log.exception("could not emit a generated token; failing that request")
                 self._fail([row.request])
-                finished.add(offset + i)
+                finished.append(row)
         if finished:
             self._remove_rows(finished)
 
@@ -471,43 +496,35 @@ class Engine:
 
     # --- batch bookkeeping ------------------------------------------------------------------
 
-    def _merge(self, rows: list[_Row], cache: BatchCache, mask: torch.Tensor, cap_rows: torch.Tensor) -> None:
-        """Append freshly prefilled rows to the running batch, left-padding the narrower side."""
-        new_rows = torch.zeros(len(rows), dtype=torch.long, device=self.device)
-        if not self._rows:
-            self._cache, self._mask, self._cap_rows, self._next_input = cache, mask, cap_rows, new_rows
-        else:
-            old, new = self._mask.shape[1], mask.shape[1]
-            self._cache.pad_left(new - old)
-            cache.pad_left(old - new)
-            self._cache.extend_rows(cache)
-            self._mask = torch.cat([left_pad(self._mask, new - old, dim=-1), left_pad(mask, old - new, dim=-1)])
-            self._cap_rows = torch.cat([self._cap_rows, cap_rows])
-            self._next_input = torch.cat([self._next_input, new_rows])
-        self._rows.extend(rows)
-        self._rows_changed()
-
-    def _remove_rows(self, gone: set[int]) -> None:
-        keep = [i for i in range(len(self._rows)) if i not in gone]
-        self._rows = [self._rows[i] for i in keep]
+    def _reorder(self, new_rows: list[_Row] = (), new_tokens: torch.Tensor | None = None) -> None:
+        """Take the batch order from the store after rows joined (with the tokens they feed next)
+        or left; the per-row device tensors follow it without leaving the device."""
+        old = {id(row): i for i, row in enumerate(self._rows)}
+        new = {id(row): len(old) + i for i, row in enumerate(new_rows)}
+        self._rows = self._store.rows_in_order()
         if not self._rows:
             self._reset_batch()
             return
-        index = torch.tensor(keep, device=self.device)
-        # Columns that are padding in every remaining row can go.
-        trim = self._mask.shape[1] - max(row.length for row in self._rows)
-        self._cache.keep_rows(index, trim)
-        self._mask = self._mask[index, trim:]
-        self._cap_rows = self._cap_rows[index]
-        self._next_input = self._next_input[index]
+        feeding = [t for t in (self._next_input, new_tokens) if t is not None]
+        feeding = torch.cat(feeding) if len(feeding) > 1 else feeding[0]
+        where = [old[id(row)] if id(row) in old else new[id(row)] for row in self._rows]
+        self._next_input = feeding[torch.tensor(where, device=self.device)]
+        self._positions = torch.tensor([row.length for row in self._rows], device=self.device)
+        self._cap_rows = torch.tensor([[row.request.params.capping] for row in self._rows], device=self.device)
         self._rows_changed()
+
+    def _remove_rows(self, gone: list[_Row]) -> None:
+        for row in gone:
+            self._store.remove(row)
+        self._reorder()
 
     def _rows_changed(self) -> None:
         self._any_capping = any(row.request.params.capping for row in self._rows)
         self.sampler.set_rows([row.request.params for row in self._rows], [row.generator for row in self._rows])
 
     def _reset_batch(self) -> None:
-        self._rows, self._cache, self._mask, self._next_input, self._cap_rows = [], None, None, None, None
+        self._rows, self._store = [], SlotStore(self.device)
+        self._next_input = self._positions = self._cap_rows = None
         self._rows_changed()
 
 

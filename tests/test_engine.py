@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import pytest
 
 from axiscap.server.engine import DoesNotFit, Engine, QueueFull
+from axiscap.server.kv_slots import slot_capacity
 from axiscap.server.metrics import ServingMetrics
 from axiscap.server.sampling import SamplingParams
 
@@ -271,33 +272,39 @@ def test_a_request_past_its_deadline_ends_with_timeout(smollm2, smollm2_axis):
         assert engine._rows == []
 
 
-def test_admission_keeps_the_padded_kv_cache_within_its_budget(smollm2, smollm2_axis):
+def test_admission_keeps_the_kv_slots_within_their_budget(smollm2, smollm2_axis):
     tok = smollm2.tokenizer
     jobs = six_jobs(tok)
-    widest = max(len(ids) + p.max_tokens for ids, p in jobs)
-    budget = 3 * widest  # room for three of them at a time
+    capacity = slot_capacity(max(len(ids) + p.max_tokens for ids, p in jobs))
+    assert {slot_capacity(len(ids) + p.max_tokens) for ids, p in jobs} == {capacity}
+    widest_prompt = max(len(ids) for ids, _ in jobs)
+    # Slots double (1, 2, 4, 8): four slots and one prompt's prefill buffer fit, eight slots do not.
+    budget = 4 * capacity + widest_prompt
     with running_engine(smollm2, smollm2_axis, kv_cache_tokens=budget) as engine:
         async def scenario():
             alone = [await collect(engine, ids, p) for ids, p in jobs]
-            peak = 0
+            peak, most_allocated = 0, 0
 
-            async def watch():  # rows in the batch (busy_slots may count a merging group twice)
-                nonlocal peak
+            async def watch():
+                nonlocal peak, most_allocated
                 while True:
                     peak = max(peak, len(engine._rows))
+                    most_allocated = max(most_allocated, engine._store.allocated_tokens())
                     await asyncio.sleep(0.002)
 
             watcher = asyncio.create_task(watch())
             together = await asyncio.gather(*[collect(engine, ids, p) for ids, p in jobs])
             watcher.cancel()
-            return alone, together, peak
-        alone, together, peak = asyncio.run(scenario())
+            return alone, together, peak, most_allocated
+        alone, together, peak, most_allocated = asyncio.run(scenario())
         too_big = SamplingParams(budget, temperature=0)
 
-        async def refuse():
+        async def refuse_then_idle():
             with pytest.raises(DoesNotFit):
                 engine.submit(chat_ids(tok, "hi"), too_big)
-        asyncio.run(refuse())
-    assert peak == 3
+            await wait_for(lambda: engine._store.allocated_tokens() == 0)  # every class gave its memory back
+        asyncio.run(refuse_then_idle())
+    assert peak == 4
+    assert most_allocated == 4 * capacity
     for t, a in zip(together, alone):
         assert_same_generation(t, a)
