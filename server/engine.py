@@ -101,7 +101,10 @@ class Request:
         return None
 
     def _emit(self, delta: Delta) -> None:  # engine thread
-        self._loop.call_soon_threadsafe(self._out.put_nowait, delta)
+        try:
+            self._loop.call_soon_threadsafe(self._out.put_nowait, delta)
+        except RuntimeError:  # its event loop is closed: nobody is left to read it
+            pass
 
     async def deltas(self):
         while True:
@@ -406,9 +409,8 @@ class Engine:
         if end < group.width:
             return
         rows = [r._row for r in group.requests]
-        for i, (row, length) in enumerate(zip(rows, group.lengths)):
-            row.length = length
-            self._store.add(row, group.store, i)
+        self._add_to_store(rows, group)
+        for row in rows:
             if not row.prefilled:  # a re-prefill after a failed step is not new prompt work
                 row.prefilled = True
                 self.metrics.prompt_tokens.inc(len(row.request.prompt_ids))
@@ -512,6 +514,19 @@ class Engine:
         self._positions = torch.tensor([row.length for row in self._rows], device=self.device)
         self._cap_rows = torch.tensor([[row.request.params.capping] for row in self._rows], device=self.device)
         self._rows_changed()
+
+    def _add_to_store(self, rows: list[_Row], group: _PrefillGroup) -> None:
+        """Give the group's rows their slots, all or none (a failed copy leaves no half-joined rows)."""
+        added = []
+        try:
+            for i, (row, length) in enumerate(zip(rows, group.lengths)):
+                row.length = length
+                self._store.add(row, group.store, i)
+                added.append(row)
+        except BaseException:
+            for row in added:
+                self._store.remove(row)
+            raise
 
     def _remove_rows(self, gone: list[_Row]) -> None:
         for row in gone:

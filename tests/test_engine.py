@@ -308,3 +308,38 @@ def test_admission_keeps_the_kv_slots_within_their_budget(smollm2, smollm2_axis)
     assert most_allocated == 4 * capacity
     for t, a in zip(together, alone):
         assert_same_generation(t, a)
+
+
+def test_a_long_request_does_not_widen_the_short_ones_kv(smollm2, smollm2_axis):
+    """Each request holds its own size class: one long reservation and six short ones share a
+    budget that a batch padded to the longest row (7 x 1,000 tokens) would need 3.9 times over."""
+    tok = smollm2.tokenizer
+    jobs = six_jobs(tok)
+    long_ids = chat_ids(tok, "Tell me a very long story.")
+    long_params = SamplingParams(1000 - len(long_ids), temperature=0)
+    short = slot_capacity(max(len(ids) + p.max_tokens for ids, p in jobs))
+    budget = slot_capacity(1000) + 8 * short + 6 * max(len(ids) for ids, _ in jobs)
+    assert budget < 7 * 1000 / 3.9
+    with running_engine(smollm2, smollm2_axis, kv_cache_tokens=budget) as engine:
+        async def scenario():
+            long_request = engine.submit(long_ids, long_params)
+            await wait_for(lambda: len(engine._rows) == 1)
+            peak = 0
+
+            async def watch():
+                nonlocal peak
+                while True:
+                    peak = max(peak, len(engine._rows))
+                    await asyncio.sleep(0.002)
+
+            watcher = asyncio.create_task(watch())
+            together = await asyncio.gather(*[collect(engine, ids, p) for ids, p in jobs])
+            watcher.cancel()
+            long_request.cancel()
+            async for d in long_request.deltas():
+                last = d.finish_reason
+            return together, peak, last
+
+        together, peak, long_end = asyncio.run(scenario())
+    assert peak == 7 and long_end == "cancelled"
+    assert all(t[3] in ("stop", "length") and t[1] for t in together)
