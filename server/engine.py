@@ -37,7 +37,7 @@ import torch
 
 from axiscap.steering import AssistantAxis, AxisHooks
 
-from .kv_slots import PrefillStore, SlotStore, slot_attention_for, slot_capacity
+from .kv_slots import PrefillStore, SlotStore, check_supported, slot_attention_for, slot_capacity
 from .metrics import ServingMetrics
 from .model_loading import LoadedModel
 from .sampling import BatchSampler, SamplingParams
@@ -164,6 +164,7 @@ class Engine:
     def __init__(self, loaded: LoadedModel, axis: AssistantAxis | None, metrics: ServingMetrics,
                  max_batch_size: int = 16, max_waiting: int = 64, prefill_chunk_tokens: int = 512,
                  kv_cache_tokens: int | None = None):
+        check_supported(loaded.model)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device

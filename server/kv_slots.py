@@ -46,6 +46,14 @@ def slot_capacity(tokens: int) -> int:
         capacity *= 2
 
 
+def check_supported(model: torch.nn.Module) -> None:
+    """Slot attention needs a model that dispatches attention through transformers' AttentionInterface
+    (Llama, Qwen2/3, Gemma 2, Mistral, ... do); any other would attend to the newest token alone."""
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(f"{type(model).__name__} does not route its attention through transformers' "
+                         "AttentionInterface, which axiscap's engine needs for its per-request KV slots")
+
+
 @contextmanager
 def slot_attention_for(model: torch.nn.Module):
     """Route the model's attention through ``slot_attention`` for the forwards inside the block.

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from axiscap.server.kv_slots import PrefillStore, SlotStore, slot_attention_for, slot_capacity
+from axiscap.server.kv_slots import PrefillStore, SlotStore, check_supported, slot_attention_for, slot_capacity
 
 from .conftest import tiny_model
 
@@ -93,3 +93,15 @@ def test_admission_arithmetic_and_compaction():
     assert [r.slot for r in store.rows_in_order()] == [0, 1]
     assert store.compact() and store.allocated_tokens() == 64 * 2
     assert not store.compact()
+
+
+def test_a_model_without_the_attention_interface_is_refused_with_its_name():
+    model = tiny_model("llama")
+    check_supported(model)
+    type(model)._supports_attention_backend = False
+    try:
+        with pytest.raises(ValueError, match="LlamaForCausalLM does not route its attention"):
+            check_supported(model)
+    finally:
+        del type(model)._supports_attention_backend
+    check_supported(model)
