@@ -153,7 +153,7 @@ class _PrefillGroup:
         real = torch.tensor([[True] * len(c) + [False] * (self.width - len(c)) for c in contexts], device=device)
         capping = torch.tensor([[r.params.capping] for r in requests], device=device)
         self.cap_mask = capping & real if any(r.params.capping for r in requests) else None
-        self.store = PrefillStore(len(requests), self.width)
+        self.store = PrefillStore(self.width)
         # Each row's logits [rows, vocab] and monitor projection [rows] at its last prompt token.
         self.last_logits: torch.Tensor | None = None
         self.last_projections: torch.Tensor | None = None

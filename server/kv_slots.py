@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -136,8 +137,8 @@ class PrefillStore:
     only each row's real columns are copied into its slot when the group joins the batch.
     """
 
-    def __init__(self, rows: int, width: int):
-        self.rows, self.width = rows, width
+    def __init__(self, width: int):
+        self.width = width
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self._start = self._end = 0
@@ -175,13 +176,12 @@ class _Segment:
     masks: _MaskCache
 
 
-@dataclass(eq=False)
-class SlotRow:
-    """Where one request's KV lives; the engine's rows carry one."""
+class SlotRow(Protocol):
+    """What the store needs of a request's row (the engine's rows have these fields)."""
 
-    capacity: int
-    slot: int = -1
-    length: int = 0  # columns filled: tokens of this request already in its KV
+    capacity: int  # KV columns of its size class
+    slot: int  # set by the store
+    length: int  # columns filled: tokens of this request already in its KV
 
 
 class _SizeClass:

@@ -42,7 +42,7 @@ def test_prefill_then_decode_in_slots_gives_the_models_own_logits(family):
 
     width = max(prefilled)
     ids = torch.tensor([row.tokens[:p] + [0] * (width - p) for row, p in zip(rows, prefilled)])
-    group, store = PrefillStore(len(rows), width), SlotStore(CPU)
+    group, store = PrefillStore(width), SlotStore(CPU)
     worst = 0.0
     with slot_attention_for(model):
         for start in range(0, width, 16):
@@ -79,7 +79,7 @@ def test_admission_arithmetic_and_compaction():
     rows = [Row(64) for _ in range(5)]
     assert store.tokens_after_adding([64] * 5) == 64 * 8
     kv = torch.zeros(1, 2, 4, 8)
-    source = PrefillStore(1, 4)
+    source = PrefillStore(4)
     source.begin(0, 4, CPU)
     source.update(kv, kv, 0)
     for row in rows:
