@@ -242,8 +242,8 @@ class Engine:
         return request
 
     def _busy_slots(self) -> int:
-        # Read from the event loop while the engine thread works: a prefilling group holds its
-        # slots until its rows are merged, so the count never dips between the two.
+        # Call it under ``_wakeup``: the engine thread moves a prefilled group into the batch under
+        # that lock, so the group's slots are counted once, never twice or not at all.
         group = self._prefilling
         return len(self._rows) + (len(group.requests) if group is not None else 0)
 
@@ -415,12 +415,13 @@ class Engine:
             if not row.prefilled:  # a re-prefill after a failed step is not new prompt work
                 row.prefilled = True
                 self.metrics.prompt_tokens.inc(len(row.request.prompt_ids))
-        self._prefilling = None
         # Sample only the new rows, with their own parameters.
         sampler = BatchSampler(self.device)
         sampler.set_rows([row.request.params for row in rows], [row.generator for row in rows])
         tokens = sampler.sample(group.last_logits)
-        self._reorder(rows, tokens)
+        with self._wakeup:  # submit() counts busy slots under this lock: they move from group to batch at once
+            self._prefilling = None
+            self._reorder(rows, tokens)
         self._publish(rows, tokens, group.last_projections)
 
     def _decode_step(self) -> None:
