@@ -188,7 +188,7 @@ class Engine:
 
         self._rows: list[_Row] = []  # the running batch, in the store's (class, slot) order
         self._prefilling: _PrefillGroup | None = None
-        self._store = SlotStore(self.device)
+        self._store = SlotStore()
         self._next_input: torch.Tensor | None = None  # [batch] long, the tokens the next step feeds
         self._positions: torch.Tensor | None = None  # [batch] long, their positions (= row lengths)
         self._cap_rows: torch.Tensor | None = None  # [batch, 1] bool
@@ -346,7 +346,8 @@ class Engine:
         return taken
 
     def _fits(self, group: list[Request]) -> bool:
-        """Whether the slots after ``group`` joins, and its prefill buffer meanwhile, fit the KV budget."""
+        """Whether the slots after ``group`` joins, and its prefill buffer meanwhile, fit the KV budget
+        (compacting the store first when that makes the difference)."""
         def needed() -> int:
             prefill = len(group) * max(len(r._row.context_ids()) for r in group)
             return self._store.tokens_after_adding([r._row.capacity for r in group]) + prefill
@@ -389,8 +390,9 @@ class Engine:
         end = min(group.width, start + max(1, self.prefill_chunk_tokens // n))
         # Logits only where a row's prompt ends inside this slice (each row at its own column).
         ending = [i for i, length in enumerate(group.lengths) if start < length <= end]
-        last = torch.tensor([[min(max(length - 1 - start, 0), end - start - 1)] for length in group.lengths],
-                            device=self.device)
+        if ending:  # per row, the slice column of its last token (clamped for rows not ending here)
+            last = torch.tensor([[min(max(length - 1 - start, 0), end - start - 1)] for length in group.lengths],
+                                device=self.device)
         self._set_cap_mask(group.cap_mask[:, start:end] if group.cap_mask is not None else None)
         group.store.begin(start, end, self.device)
         positions = torch.arange(start, end, device=self.device).expand(n, -1)
@@ -540,7 +542,7 @@ class Engine:
         self.sampler.set_rows([row.request.params for row in self._rows], [row.generator for row in self._rows])
 
     def _reset_batch(self) -> None:
-        self._rows, self._store = [], SlotStore(self.device)
+        self._rows, self._store = [], SlotStore()
         self._next_input = self._positions = self._cap_rows = None
         self._rows_changed()
 

@@ -218,15 +218,15 @@ class SlotStore:
     The engine orders its batch by (capacity, slot), so each class is one contiguous run of rows.
     """
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self):
         self.classes: dict[int, _SizeClass] = {}
         self._segments: list[_Segment] = []
 
     # --- membership -------------------------------------------------------------------------
 
-    def add(self, row: SlotRow, source: PrefillStore | None = None, index: int = 0) -> None:
-        """Give ``row`` a slot and copy its ``row.length`` prefilled columns from ``source``."""
+    def add(self, row: SlotRow, source: PrefillStore, index: int) -> None:
+        """Give ``row`` a slot and copy its ``row.length`` prefilled columns from row ``index`` of
+        ``source``; a prefill runs every layer, so this allocates every layer of a new class."""
         cls = self.classes.get(row.capacity)
         if cls is None:
             cls = self.classes[row.capacity] = _SizeClass(row.capacity)
@@ -234,8 +234,6 @@ class SlotStore:
             cls.resize(max(1, 2 * cls.slots))
         row.slot = len(cls.owners)
         cls.owners.append(row)
-        if source is None or row.length == 0:
-            return
         for layer, keys in source.keys.items():
             if layer not in cls.keys:
                 cls.allocate(layer, keys, source.values[layer])
@@ -298,8 +296,6 @@ class SlotStore:
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer: int, *args, **kwargs):
         for seg in self._segments:
-            if layer not in seg.cls.keys:
-                seg.cls.allocate(layer, key, value)
             rows = slice(seg.start, seg.start + seg.n)
             seg.cls.keys[layer][seg.slots, :, seg.positions] = key[rows, :, 0]
             seg.cls.values[layer][seg.slots, :, seg.positions] = value[rows, :, 0]

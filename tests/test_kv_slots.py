@@ -42,7 +42,7 @@ def test_prefill_then_decode_in_slots_gives_the_models_own_logits(family):
 
     width = max(prefilled)
     ids = torch.tensor([row.tokens[:p] + [0] * (width - p) for row, p in zip(rows, prefilled)])
-    group, store = PrefillStore(width), SlotStore(CPU)
+    group, store = PrefillStore(width), SlotStore()
     worst = 0.0
     with slot_attention_for(model):
         for start in range(0, width, 16):
@@ -75,7 +75,7 @@ def test_prefill_then_decode_in_slots_gives_the_models_own_logits(family):
 
 
 def test_admission_arithmetic_and_compaction():
-    store = SlotStore(CPU)
+    store = SlotStore()
     rows = [Row(64) for _ in range(5)]
     assert store.tokens_after_adding([64] * 5) == 64 * 8
     kv = torch.zeros(1, 2, 4, 8)
@@ -84,7 +84,7 @@ def test_admission_arithmetic_and_compaction():
     source.update(kv, kv, 0)
     for row in rows:
         row.length = 4
-        store.add(row, source)
+        store.add(row, source, 0)
     assert store.allocated_tokens() == 64 * 8
     assert store.tokens_after_adding([64, 64, 64, 96]) == 64 * 8 + 96
     assert store.tokens_after_adding([64] * 4) == 64 * 16
