@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompt tokens prefilled between two decode steps, so long prompts do not "
                             "stall running streams (default 512)")
     serve.add_argument("--default-max-tokens", type=int, help="budget when a request sets none (default 1024)")
+    serve.add_argument("--max-n", type=int, help="choices one request may ask for with 'n' (default 8)")
     serve.add_argument("--cache-dir", type=Path, help="where the de-quantized default model is kept "
                                                       "(default ~/.cache/axiscap)")
     serve.add_argument("--log-level", help="debug, info, warning (default info)")

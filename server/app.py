@@ -19,8 +19,10 @@ from .config import Settings
 from .engine import Engine
 from .metrics import ServingMetrics, projection_buckets
 from .model_loading import LoadedModel, kv_cache_budget
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
-from .serving import CHAT, COMPLETION, OpenAIServing
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
+                       ModelList, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse, VersionResponse,
+                       error_body)
+from .serving import ChatShape, CompletionShape, OpenAIServing
 
 log = logging.getLogger(__name__)
 
@@ -170,21 +172,30 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatCompletionRequest, http: Request):
-        if body.logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
-        return await serving.respond(CHAT, body, serving.chat_prompt_ids(body), http)
+        return await serving.respond(ChatShape(serving, body, serving.chat_prompt_ids(body.messages)), http)
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest, http: Request):
-        if body.echo or body.logprobs:
-            raise APIError(400, "echo and logprobs are not supported", param="echo" if body.echo else "logprobs")
-        return await serving.respond(COMPLETION, body, serving.completion_prompt_ids(body), http)
+        return await serving.respond(CompletionShape(serving, body, serving.completion_prompt_ids(body)), http)
 
     # HEAD answers like GET (without a body) where monitors probe; it stays out of the OpenAPI document.
     @app.head("/v1/models", dependencies=guarded, include_in_schema=False)
     @app.get("/v1/models", dependencies=guarded)  # registered first: a 405's Allow header names it
-    async def models():
+    async def models() -> ModelList:
         return serving.models()
+
+    # vLLM's tokenizer endpoints, at the root as vLLM serves them.
+    @app.post("/tokenize", dependencies=guarded)
+    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        return serving.tokenize(body)
+
+    @app.post("/detokenize", dependencies=guarded)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        return serving.detokenize(body)
+
+    @app.get("/version")
+    async def version() -> VersionResponse:
+        return serving.version()
 
     health_guard = guarded if settings.protect_health else []
 

@@ -10,16 +10,19 @@ class ChatTemplateError(ValueError):
     """The model's chat template refuses these messages."""
 
 
-def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
-    """Render ``messages`` with the model's chat template, ready for the assistant's turn.
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
+                    add_generation_prompt: bool = True) -> list[int]:
+    """Render ``messages`` with the model's chat template, ready for the assistant's turn (unless
+    ``add_generation_prompt`` is off).
 
     Families whose template has no system role (Gemma 2) get the system instruction prepended to the
     first user turn; a model without a template gets plain ``role: content`` lines.
     """
     if tokenizer.chat_template is None:
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant:" if add_generation_prompt else "")
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    render = lambda ms: tokenizer.apply_chat_template(ms, tokenize=False, add_generation_prompt=True)  # noqa: E731
+    render = lambda ms: tokenizer.apply_chat_template(  # noqa: E731
+        ms, tokenize=False, add_generation_prompt=add_generation_prompt)
     try:
         text = render(messages)
     except TemplateError as exc:

@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     max_waiting: int = Field(64, ge=0, description="queued requests beyond the batch before 429")
     prefill_chunk_tokens: int = Field(512, ge=1, description="prompt tokens prefilled between two decode steps")
     default_max_tokens: int = Field(1024, ge=1, description="completion budget when a request sets none")
+    max_n: int = Field(8, ge=1, description="choices one request may ask for with 'n'")
     cache_dir: Path = Field(Path.home() / ".cache" / "axiscap", description="where converted models are kept")
     log_level: str = "info"
 

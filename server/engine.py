@@ -32,6 +32,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -40,7 +41,8 @@ from axiscap.steering import AssistantAxis, AxisHooks
 from .kv_slots import PrefillStore, SlotStore, check_supported, slot_attention_for, slot_capacity
 from .metrics import ServingMetrics
 from .model_loading import LoadedModel
-from .sampling import BatchSampler, SamplingParams
+from .sampling import LOGPROB_FLOOR, BatchSampler, SamplingParams
+from .structured_output import new_matcher
 from .text_output import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,15 @@ class DoesNotFit(ValueError):
 
 
 @dataclass
+class Logprob:
+    """A token's logprob and the top alternatives at its position, as (token id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Delta:
     """What one engine step produced for one request."""
 
@@ -64,6 +75,9 @@ class Delta:
     token_ids: list[int]
     projections: list[float]
     finish_reason: str | None = None  # "stop", "length", "cancelled", "timeout" or "error"
+    logprobs: list[Logprob] | None = None  # one per token id, when the request asked for them
+    # In the first delta of a request that asked: one per prompt token (None for the first).
+    prompt_logprobs: list[Logprob | None] | None = None
 
 
 class Request:
@@ -122,6 +136,7 @@ class _Row:
     detok: IncrementalDetokenizer
     stops: StopMatcher
     generator: torch.Generator | None
+    matcher: Any  # its grammar's matcher (response_format), or None
     capacity: int  # KV columns of its slot (see kv_slots)
     slot: int = -1
     length: int = 0  # tokens in its KV cache
@@ -131,6 +146,16 @@ class _Row:
     last_token_at: float = 0.0
     pending_ids: list[int] = field(default_factory=list)
     pending_projections: list[float] = field(default_factory=list)
+    pending_logprobs: list[Logprob] = field(default_factory=list)
+    prompt_logprobs: list[Logprob | None] | None = None  # filled by the prefill when asked for
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.request.prompt_ids
 
     @property
     def generated(self) -> int:
@@ -158,6 +183,11 @@ class _PrefillGroup:
         self.last_logits: torch.Tensor | None = None
         self.last_projections: torch.Tensor | None = None
         self.done = 0  # columns prefilled so far
+        # Rows that asked for their prompt's logprobs and have not had them yet (not a re-prefill).
+        self.prompt_logprob_rows = [i for i, r in enumerate(requests)
+                                    if r.params.prompt_logprobs is not None and r._row.generated == 0]
+        for i in self.prompt_logprob_rows:
+            requests[i]._row.prompt_logprobs = [None]
 
 
 class Engine:
@@ -178,7 +208,8 @@ class Engine:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.kv_cache_tokens = kv_cache_tokens  # None: unbounded
         self.eos_ids = self._eos_ids()
-        self.sampler = BatchSampler(self.device)
+        self.vocab_size = self.model.config.get_text_config().vocab_size  # the logits' width
+        self.sampler = self._new_sampler()
         self.device_error: str | None = None  # set once the device itself has failed
 
         self._waiting: deque[Request] = deque()
@@ -193,6 +224,9 @@ class Engine:
         self._positions: torch.Tensor | None = None  # [batch] long, their positions (= row lengths)
         self._cap_rows: torch.Tensor | None = None  # [batch, 1] bool
         self._any_capping = False
+
+    def _new_sampler(self) -> BatchSampler:
+        return BatchSampler(self.device, self.vocab_size, self.eos_ids)
 
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -225,20 +259,32 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None) -> Request:
         """Queue a request; raises ValueError for bad parameters, DoesNotFit, or QueueFull."""
-        request = Request(prompt_ids, params, asyncio.get_running_loop(), timeout)
+        return self.submit_all(prompt_ids, [params], timeout)[0]
+
+    def submit_all(self, prompt_ids: list[int], params: list[SamplingParams],
+                   timeout: float | None = None) -> list[Request]:
+        """Queue requests on one prompt (the choices of an ``n > 1`` request), all or none."""
+        loop = asyncio.get_running_loop()
+        requests = [self._new_request(prompt_ids, p, loop, timeout) for p in params]
+        with self._wakeup:
+            room = self.max_waiting + max(0, self.max_batch_size - self._busy_slots()) - len(self._waiting)
+            if len(requests) > room:
+                raise QueueFull()
+            self._waiting.extend(requests)
+            self.metrics.waiting.set(len(self._waiting))
+            self._wakeup.notify()
+        return requests
+
+    def _new_request(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop,
+                     timeout: float | None) -> Request:
+        request = Request(prompt_ids, params, loop, timeout)
         reserved, budget = request.reserved_tokens, self.kv_cache_tokens
         if budget is not None and reserved > budget:
             raise DoesNotFit(f"the prompt ({len(prompt_ids)} tokens) and max_tokens ({params.max_tokens}) need "
                              f"{reserved} KV cache tokens; this server has {budget}")
         capacity = slot_capacity(reserved) if budget is None else min(slot_capacity(reserved), budget)
         request._row = _Row(request, IncrementalDetokenizer(self.tokenizer, prompt_ids), StopMatcher(params.stop),
-                            BatchSampler.generator_for(params, self.device), capacity)
-        with self._wakeup:
-            if len(self._waiting) >= self.max_waiting + max(0, self.max_batch_size - self._busy_slots()):
-                raise QueueFull()
-            self._waiting.append(request)
-            self.metrics.waiting.set(len(self._waiting))
-            self._wakeup.notify()
+                            BatchSampler.generator_for(params, self.device), new_matcher(params.grammar), capacity)
         return request
 
     def _busy_slots(self) -> int:
@@ -396,15 +442,22 @@ class Engine:
         self._set_cap_mask(group.cap_mask[:, start:end] if group.cap_mask is not None else None)
         group.store.begin(start, end, self.device)
         positions = torch.arange(start, end, device=self.device).expand(n, -1)
+        every_column = bool(group.prompt_logprob_rows)  # logits at every prompt position (0: keep all)
         with slot_attention_for(self.model):
             out = self.model(input_ids=group.ids[:, start:end], position_ids=positions, past_key_values=group.store,
-                             kv_store=group.store, use_cache=True, logits_to_keep=last if ending else 1)
+                             kv_store=group.store, use_cache=True,
+                             logits_to_keep=0 if every_column else (last if ending else 1))
+        logits = out.logits
+        if every_column:
+            self._prompt_logprobs(group, logits, start, end)
+            if ending:
+                logits = logits.gather(1, last.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         if ending:
             if group.last_logits is None:
-                group.last_logits = out.logits.new_empty((n, out.logits.shape[-1]))
+                group.last_logits = logits.new_empty((n, logits.shape[-1]))
                 group.last_projections = torch.zeros(n, device=self.device)
             index = torch.tensor(ending, device=self.device)
-            group.last_logits[index] = out.logits[index, -1]
+            group.last_logits[index] = logits[index, -1]
             if self.hooks is not None:
                 projections = self.hooks.monitor_projection.gather(1, last.to(self.hooks.monitor_projection.device))
                 group.last_projections[index] = projections[:, 0].to(self.device)[index]
@@ -418,13 +471,41 @@ class Engine:
                 row.prefilled = True
                 self.metrics.prompt_tokens.inc(len(row.request.prompt_ids))
         # Sample only the new rows, with their own parameters.
-        sampler = BatchSampler(self.device)
-        sampler.set_rows([row.request.params for row in rows], [row.generator for row in rows])
+        sampler = self._new_sampler()
+        sampler.set_rows(rows)
         tokens = sampler.sample(group.last_logits)
+        # Published before the rows join, so the batch's sampler sees their first tokens on the host.
+        finished = self._publish(rows, tokens, sampler, group.last_projections)
         with self._wakeup:  # submit() counts busy slots under this lock: they move from group to batch at once
             self._prefilling = None
             self._reorder(rows, tokens)
-        self._publish(rows, tokens, group.last_projections)
+        if finished:
+            self._remove_rows(finished)
+
+    def _prompt_logprobs(self, group: _PrefillGroup, logits: torch.Tensor, start: int, end: int) -> None:
+        """Logprobs of the prompt tokens whose predicting position lies in this slice, for the rows
+        that asked (one host transfer per slice: prefill work, not the decode loop)."""
+        want = group.prompt_logprob_rows
+        rows = [group.requests[i]._row for i in want]
+        k = max(row.params.prompt_logprobs for row in rows)
+        temperature = torch.tensor([row.params.temperature or 1.0 for row in rows], device=logits.device)
+        # Column c predicts the token at c + 1: the last column of the whole block predicts nothing.
+        stop = min(end, group.width - 1)
+        if stop <= start:
+            return
+        index = torch.tensor(want, device=logits.device)
+        logprobs = (logits[index, : stop - start].float() / temperature[:, None, None]).log_softmax(-1)
+        targets = group.ids[index, start + 1 : stop + 1].to(logits.device)
+        chosen = logprobs.gather(-1, targets.unsqueeze(-1))[..., 0]
+        top = logprobs.topk(k, -1)
+        host_targets, host_chosen, host_ids, host_values = (
+            targets.tolist(), chosen.clamp(min=LOGPROB_FLOOR).tolist(), top.indices.tolist(),
+            top.values.clamp(min=LOGPROB_FLOOR).tolist())
+        for j, (i, row) in enumerate(zip(want, rows)):
+            kept = row.params.prompt_logprobs
+            for c in range(min(stop, group.lengths[i] - 1) - start):
+                row.prompt_logprobs.append(Logprob(host_targets[j][c], host_chosen[j][c],
+                                                   list(zip(host_ids[j][c][:kept], host_values[j][c][:kept]))))
 
     def _decode_step(self) -> None:
         self._store.begin_decode(self._positions)
@@ -437,15 +518,18 @@ class Engine:
         self._positions = self._positions + 1
         tokens = self.sampler.sample(out.logits[:, -1, :])
         self._next_input = tokens
-        self._publish(self._rows, tokens)
+        finished = self._publish(self._rows, tokens, self.sampler)
+        if finished:
+            self._remove_rows(finished)
 
     def _set_cap_mask(self, mask: torch.Tensor | None) -> None:
         if self.hooks is not None:
             self.hooks.set_cap_mask(mask)
 
-    def _publish(self, rows: list[_Row], tokens: torch.Tensor, projections: torch.Tensor | None = None) -> None:
+    def _publish(self, rows: list[_Row], tokens: torch.Tensor, sampler: BatchSampler,
+                 projections: torch.Tensor | None = None) -> list[_Row]:
         """Move this step's tokens, projections (default: the monitor layer's at each row's last
-        position) and cap counts to the host in one transfer."""
+        position), logprobs and cap counts to the host in one transfer; returns the rows that finished."""
         n = len(rows)
         here = tokens.device  # a model split across GPUs leaves these on different devices
         if self.hooks is not None:
@@ -453,24 +537,34 @@ class Engine:
             projections = (projections if projections is not None else self.hooks.monitor_projection[:, -1]).to(here)
         else:
             projections, hits = torch.zeros(n, device=here), self._no_hits
-        host = torch.cat([tokens.double(), projections.double(), hits.double()]).tolist()
+        parts = [tokens.double(), projections.double(), hits.double()]
+        logprobs = sampler.logprobs
+        if logprobs is not None:
+            parts += [logprobs.chosen.double(), logprobs.top_ids.double().flatten(),
+                      logprobs.top_values.double().flatten()]
+        host = torch.cat(parts).tolist()
         if self.hooks is not None:
             self.hooks.cap_hits.zero_()
-        self.metrics.add_cap_hits(host[2 * n:])
+        self.metrics.add_cap_hits(host[2 * n: 2 * n + len(hits)])
+        k, at = (logprobs.top_ids.shape[1], 2 * n + len(hits)) if logprobs is not None else (0, 0)
         now = time.monotonic()
         finished: list[_Row] = []
         for i, row in enumerate(rows):
+            token = int(host[i])
+            logprob = None
+            if logprobs is not None and row.params.logprobs is not None:
+                top = range(at + n + i * k, at + n + i * k + row.params.logprobs)
+                logprob = Logprob(token, host[at + i], [(int(host[j]), host[j + n * k]) for j in top])
             try:
-                if self._on_token(row, int(host[i]), host[n + i], now):
+                if self._on_token(row, token, host[n + i], logprob, now):
                     finished.append(row)
             except Exception:  # this row's text handling broke: it alone ends
                 log.exception("could not emit a generated token; failing that request")
                 self._fail([row.request])
                 finished.append(row)
-        if finished:
-            self._remove_rows(finished)
+        return finished
 
-    def _on_token(self, row: _Row, token: int, projection: float, now: float) -> bool:
+    def _on_token(self, row: _Row, token: int, projection: float, logprob: Logprob | None, now: float) -> bool:
         """Record one token for a row and emit what the client may see; True when it finished."""
         request, params = row.request, row.request.params
         if row.generated == 0:
@@ -479,15 +573,20 @@ class Engine:
             self.metrics.inter_token_latency.observe(now - row.last_token_at)
         row.last_token_at = now
         row.generated_ids.append(token)
+        if row.matcher is not None and not row.matcher.is_terminated() and not row.matcher.accept_token(token):
+            raise ValueError(f"token {token} breaks the request's grammar")
         self.metrics.observe_token(projection, params.capping)
         row.pending_ids.append(token)
         row.pending_projections.append(projection)
+        if logprob is not None:
+            row.pending_logprobs.append(logprob)
 
         finish = None
-        if token in self.eos_ids:
+        if token in self.eos_ids and not params.ignore_eos:
             text, finish = row.stops.flush(), "stop"
         else:
-            text = row.stops.feed(row.detok.push(token))
+            # Stop strings count only once min_tokens are out, as end-of-sequence does.
+            text = row.stops.feed(row.detok.push(token), check=row.generated > params.min_tokens)
             if row.stops.stopped:
                 finish = "stop"
             elif row.generated >= params.max_tokens:
@@ -496,8 +595,11 @@ class Engine:
             self.metrics.finished(finish)
             self.metrics.request_duration.observe(now - request.arrival)
         if text or finish:
-            request._emit(Delta(text, row.pending_ids, row.pending_projections, finish))
-            row.pending_ids, row.pending_projections = [], []
+            request._emit(Delta(text, row.pending_ids, row.pending_projections, finish,
+                                row.pending_logprobs if params.logprobs is not None else None,
+                                row.prompt_logprobs))
+            row.pending_ids, row.pending_projections, row.pending_logprobs = [], [], []
+            row.prompt_logprobs = None
         return finish is not None
 
     # --- batch bookkeeping ------------------------------------------------------------------
@@ -539,7 +641,7 @@ class Engine:
 
     def _rows_changed(self) -> None:
         self._any_capping = any(row.request.params.capping for row in self._rows)
-        self.sampler.set_rows([row.request.params for row in self._rows], [row.generator for row in self._rows])
+        self.sampler.set_rows(self._rows)
 
     def _reset_batch(self) -> None:
         self._rows, self._store = [], SlotStore()

@@ -3,16 +3,21 @@
 Vendor extensions (sent by the OpenAI SDK through ``extra_body``):
   ``capping``             bool, request body: cap along the Assistant Axis (default: the server's)
   ``return_projections``  bool, request body: add ``axis_projections`` to each choice
-Responses add ``capping`` (whether it was applied) at the top level.
+  ``repetition_penalty``, ``min_tokens``, ``ignore_eos``: vLLM's sampling extensions
+Responses add ``capping`` (whether it was applied) at the top level. The tokenizer endpoints
+(``/tokenize``, ``/detokenize``, ``/version``) take and give what vLLM's do.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator,
+                      model_serializer, model_validator)
+
+from .sampling import MAX_LOGPROBS
 
 # A seed is handed to torch.Generator.manual_seed, which takes a 64-bit value: bound it as vLLM does.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -33,7 +38,7 @@ class APIError(Exception):
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code)).model_dump()
 
 
 def _encodable(text: str) -> str:
@@ -79,16 +84,41 @@ class ChatMessage(_Body):
         return self.content or ""
 
 
+class JSONSchemaFormat(_Body):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object")
+        return self
+
+
 class _GenerationBody(_Body):
     model: Text
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    n: StrictInt = Field(1, ge=1, le=1, description="only one choice per request is supported")
+    n: StrictInt = Field(1, ge=1, description="choices to generate (the server bounds it: --max-n)")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: Text | list[Text] | None = None
     seed: StrictInt | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=100)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    min_tokens: StrictInt = Field(0, ge=0)
+    ignore_eos: StrictBool = False
+    response_format: ResponseFormat | None = None
     capping: StrictBool | None = None
     return_projections: StrictBool = False
 
@@ -100,23 +130,47 @@ class _GenerationBody(_Body):
             raise ValueError("at most 4 stop sequences")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v):
+        if v is not None and not all(k.lstrip("-").isdigit() for k in v):
+            raise ValueError("keys must be token ids")
+        return v
+
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def generated_logprobs(self) -> int | None:
+        """Top alternatives per generated token, or None when logprobs are not wanted."""
+        raise NotImplementedError
 
 
 class ChatCompletionRequest(_GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def generated_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_GenerationBody):
     prompt: Text | list[Text] | list[StrictInt]
     echo: StrictBool = False
-    logprobs: StrictInt | None = None
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def generated_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -130,6 +184,27 @@ class CompletionRequest(_GenerationBody):
         return v
 
 
+class TokenizeCompletionRequest(_Body):
+    model: Text | None = None
+    prompt: Text
+    add_special_tokens: StrictBool = True
+    return_token_strs: StrictBool = False
+
+
+class TokenizeChatRequest(_Body):
+    model: Text | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    add_generation_prompt: StrictBool = True
+    return_token_strs: StrictBool = False
+
+
+class DetokenizeRequest(_Body):
+    model: Text | None = None
+    tokens: list[StrictInt]
+
+
+# --- responses ---------------------------------------------------------------------------------
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -138,10 +213,144 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+class _Response(BaseModel):
+    """OpenAI's fields are always sent (``null`` included); the fields named in ``_only_if_set``
+    (extensions, and ``usage`` in chunks) appear only when they were given."""
+
+    _only_if_set: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unset(self, handler):
+        data = handler(self)
+        for name in self._only_if_set - self.model_fields_set:
+            data.pop(name, None)
+        return data
 
 
-def model_card(name: str, created: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": "axiscap"}
+class ErrorInfo(_Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Response):
+    error: ErrorInfo
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Response):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(_Response):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class _Choice(_Response):
+    _only_if_set = frozenset({"axis_projections"})
+    index: int
+    finish_reason: str | None = None
+    axis_projections: list[float] | None = None
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class ChatChoice(_Choice):
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatDelta(_Response):
+    _only_if_set = frozenset({"role", "content"})
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Choice):
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+
+
+class CompletionChoice(_Choice):
+    text: str
+    logprobs: CompletionLogprobs | None = None
+
+
+class _Completion(_Response):
+    _only_if_set = frozenset({"capping_overridden", "usage"})
+    id: str
+    created: int
+    model: str
+    capping: bool  # whether capping was applied (extension)
+    capping_overridden: bool | None = None  # the operator's policy overrode the request's 'capping'
+    usage: Usage | None = None
+
+
+class ChatCompletion(_Completion):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+
+
+class ChatCompletionChunk(_Completion):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+
+
+class Completion(_Completion):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "axiscap"
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(_Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
+
+
+class VersionResponse(_Response):
+    version: str

@@ -1,10 +1,25 @@
-"""Per-row sampling for a batch: each row has its own temperature, top_p and seed."""
+"""Per-row sampling for a batch: each row has its own temperature, top_p, seed, penalties, bias,
+min_tokens, grammar and logprobs.
+
+The order is vLLM's: logit_bias, min_tokens (end-of-sequence masked), repetition / frequency /
+presence penalties, the grammar's mask, then temperature and top_p. Logprobs are the log-softmax of
+the logits after every step but top_p, divided by the temperature (by 1 when greedy): what vLLM
+reports with ``--logprobs-mode processed_logprobs``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
+
+from .structured_output import allocate_bitmask, apply_bitmask, fill_bitmask
+
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI bounds top_logprobs
+# JSON has no -inf: a token the grammar or min_tokens rules out reports this, as vLLM does.
+LOGPROB_FLOOR = -9999.0
 
 
 @dataclass(frozen=True)
@@ -15,28 +30,94 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     capping: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's: > 1 divides positive logits of seen tokens, multiplies negative
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False  # end-of-sequence does not end the completion (fixed-length benchmarks)
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob and its top k alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token (completions' echo)
+    grammar: Any = None  # a compiled grammar (see structured_output) the completion must follow
+
+    @property
+    def penalized(self) -> bool:
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+                or self.min_tokens > 0)
+
+
+class SamplingRow(Protocol):
+    """What the sampler reads of a running request."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    matcher: Any  # the grammar matcher that has seen every generated token, or None
+    prompt_ids: list[int]
+    generated_ids: list[int]
+
+
+@dataclass
+class TokenLogprobs:
+    """Per row of one step: the chosen token's logprob and the top alternatives (ids, logprobs)."""
+
+    chosen: torch.Tensor  # [rows]
+    top_ids: torch.Tensor  # [rows, k]
+    top_values: torch.Tensor  # [rows, k]
 
 
 class BatchSampler:
-    """Holds the batch's sampling parameters as device tensors, rebuilt only when rows change.
+    """Holds the batch's sampling state as device tensors, rebuilt from the rows' host-side token
+    lists only when rows join or leave, and advanced on the device at every step.
 
     Sampling uses the exponential race (argmax of p / E, E ~ Exp(1)), which equals drawing from p;
     a seeded request draws its noise from its own generator, so its tokens do not depend on which
     other requests share the batch.
     """
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, vocab_size: int, eos_ids: Sequence[int] = ()):
+        self.device, self.vocab_size = device, vocab_size
+        self._eos_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self._eos_mask[list(eos_ids)] = True
         self._shared = torch.Generator(device=device)
         self._shared.seed()
-        self.set_rows([], [])
+        self.logprobs: TokenLogprobs | None = None  # of the last sample(), for rows that asked
+        self.set_rows([])
 
-    def set_rows(self, params: list[SamplingParams], generators: list[torch.Generator | None]) -> None:
-        self._generators = generators
+    def set_rows(self, rows: Sequence[SamplingRow]) -> None:
+        params = [row.params for row in rows]
+        n, device = len(rows), self.device
+        self._generators = [row.generator for row in rows]
+        self._matchers = [row.matcher for row in rows]
         self._all_greedy = all(p.temperature == 0 for p in params)
         self._any_top_p = any(p.top_p < 1 for p in params)
-        self._temperature = torch.tensor([p.temperature for p in params], device=self.device)
-        self._top_p = torch.tensor([p.top_p for p in params], device=self.device)
+        self._temperature = torch.tensor([p.temperature for p in params], device=device)
+        self._top_p = torch.tensor([p.top_p for p in params], device=device)
+        self._top_k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        self._bias = None
+        if any(p.logit_bias for p in params):
+            self._bias = torch.zeros(n, self.vocab_size, device=device)
+            for i, p in enumerate(params):
+                for token, bias in p.logit_bias:
+                    self._bias[i, token] = bias
+        self._counts = None  # [rows, vocab] generated tokens; with the prompt's tokens for repetition
+        if any(p.penalized for p in params):
+            self._counts = torch.zeros(n, self.vocab_size, device=device)
+            self._in_prompt = torch.zeros(n, self.vocab_size, dtype=torch.bool, device=device)
+            for i, row in enumerate(rows):
+                if row.generated_ids:
+                    self._counts[i].index_add_(0, torch.tensor(row.generated_ids, device=device),
+                                               torch.ones(len(row.generated_ids), device=device))
+                if row.params.repetition_penalty != 1:
+                    self._in_prompt[i, torch.tensor(row.prompt_ids, device=device)] = True
+            self._generated = torch.tensor([len(row.generated_ids) for row in rows], device=device)
+            self._min_tokens = torch.tensor([p.min_tokens for p in params], device=device)
+            self._presence = torch.tensor([p.presence_penalty for p in params], device=device)
+            self._frequency = torch.tensor([p.frequency_penalty for p in params], device=device)
+            self._repetition = torch.tensor([p.repetition_penalty for p in params], device=device)
+        self._grammar_rows = [i for i, m in enumerate(self._matchers) if m is not None]
+        self._bitmask = None
+        if self._grammar_rows:
+            self._bitmask = allocate_bitmask(n, self.vocab_size)
 
     @staticmethod
     def generator_for(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -47,16 +128,56 @@ class BatchSampler:
         return g
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [batch, vocab] -> token ids [batch] on the device, with no host sync."""
+        """logits [batch, vocab] -> token ids [batch] on the device, with no host sync (the grammar's
+        mask is filled on the host from its matchers, which already know every token)."""
+        self.logprobs = None
+        logits = self._processed(logits)
         greedy = logits.argmax(-1)
-        if self._all_greedy:
-            return greedy
-        scaled = logits.float() / self._temperature.clamp(min=1e-5).unsqueeze(-1)
-        if self._any_top_p:
-            scaled = self._top_p_filter(scaled)
-        probs = scaled.softmax(-1)
-        race = probs / self._exponential_noise(probs.shape)
-        return torch.where(self._temperature == 0, greedy, race.argmax(-1))
+        if self._all_greedy and self._top_k is None:
+            tokens = greedy
+        else:
+            scaled = logits.float() / torch.where(self._temperature == 0, 1.0, self._temperature).unsqueeze(-1)
+            if self._top_k is not None:
+                logprobs = scaled.log_softmax(-1)
+            if self._all_greedy:
+                tokens = greedy
+            else:
+                if self._any_top_p:
+                    scaled = self._top_p_filter(scaled)
+                probs = scaled.softmax(-1)
+                race = probs / self._exponential_noise(probs.shape)
+                tokens = torch.where(self._temperature == 0, greedy, race.argmax(-1))
+            if self._top_k is not None:
+                top = logprobs.topk(self._top_k, -1) if self._top_k else None
+                self.logprobs = TokenLogprobs(
+                    logprobs.gather(1, tokens[:, None])[:, 0].clamp(min=LOGPROB_FLOOR),
+                    top.indices if top else tokens.new_zeros(len(tokens), 0),
+                    top.values.clamp(min=LOGPROB_FLOOR) if top else logprobs.new_zeros(len(tokens), 0))
+        if self._counts is not None:
+            rows = torch.arange(len(tokens), device=self.device)
+            self._counts.index_put_((rows, tokens), torch.ones(len(tokens), device=self.device), accumulate=True)
+            self._generated += 1
+        return tokens
+
+    def _processed(self, logits: torch.Tensor) -> torch.Tensor:
+        if self._bias is None and self._counts is None and not self._grammar_rows:
+            return logits
+        logits = logits.to(torch.float32, copy=True)  # the grammar's mask writes in place
+        if self._bias is not None:
+            logits = logits + self._bias
+        if self._counts is not None:
+            early = (self._generated < self._min_tokens).unsqueeze(-1)  # min_tokens: no end of sequence yet
+            logits = logits.masked_fill(early & self._eos_mask, float("-inf"))
+            seen = (self._counts > 0) | self._in_prompt
+            repetition = self._repetition.unsqueeze(-1)
+            penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
+            logits = torch.where(seen, penalized, logits)
+            logits = logits - self._frequency.unsqueeze(-1) * self._counts \
+                - self._presence.unsqueeze(-1) * (self._counts > 0)
+        if self._grammar_rows:
+            fill_bitmask(self._bitmask, self._matchers, self._grammar_rows)
+            apply_bitmask(logits, self._bitmask, self._grammar_rows)
+        return logits
 
     def _top_p_filter(self, scaled: torch.Tensor) -> torch.Tensor:
         sorted_logits, order = scaled.sort(-1, descending=True)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import Request as HTTPRequest
@@ -14,43 +17,133 @@ from sse_starlette import EventSourceResponse
 
 from .chat_template import ChatTemplateError, chat_prompt_ids
 from .config import Settings
-from .engine import DoesNotFit, Engine, QueueFull, Request
+from .engine import Delta, DoesNotFit, Engine, Logprob, QueueFull, Request
 from .model_loading import LoadedModel
-from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, _GenerationBody, error_body,
-                       model_card, new_id, now, usage)
+from .protocol import (APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
+                       ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatMessage, ChatTokenLogprob, Completion,
+                       CompletionChoice, CompletionLogprobs, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
+                       ModelCard, ModelList, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse,
+                       TopLogprob, Usage, VersionResponse, _GenerationBody, error_body, new_id, now)
 from .sampling import SamplingParams
-
-
-@dataclass
-class _Shape:
-    """What differs between /v1/chat/completions and /v1/completions."""
-
-    id_prefix: str
-    chunk_object: str
-    full_object: str
-    chat: bool
-
-    def stream_choice(self, text: str, first: bool) -> dict[str, Any]:
-        if not self.chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
-        delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
-
-    def full_choice(self, text: str) -> dict[str, Any]:
-        if not self.chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": None}
-
-
-CHAT = _Shape("chatcmpl", "chat.completion.chunk", "chat.completion", chat=True)
-COMPLETION = _Shape("cmpl", "text_completion", "text_completion", chat=False)
-
+from .structured_output import GrammarCompiler, GrammarError
 
 _END_ERRORS = {
     "error": ("generation failed on the server", "server_error", 500),
     "timeout": ("the request took longer than this server allows", "timeout_error", 504),
 }
+
+
+@dataclass
+class _ChoiceText:
+    """One choice's output so far: what a non-stream response holds, or one stream chunk's share."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    projections: list[float] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)
+    prompt_logprobs: list[Logprob | None] | None = None
+    finish_reason: str | None = None
+
+    def add(self, delta: Delta) -> None:
+        self.text += delta.text
+        self.token_ids += delta.token_ids
+        self.projections += delta.projections
+        self.logprobs += delta.logprobs or []
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
+        self.finish_reason = delta.finish_reason
+
+
+class _Shape:
+    """What differs between /v1/chat/completions and /v1/completions: the response types."""
+
+    id_prefix = ""
+
+    def __init__(self, serving: OpenAIServing, body: _GenerationBody, prompt_ids: list[int]):
+        self.serving, self.body, self.prompt_ids = serving, body, prompt_ids
+
+    def choice(self, out: _ChoiceText, first: bool, streaming: bool):
+        raise NotImplementedError
+
+    def response(self, streaming: bool, **fields):
+        raise NotImplementedError
+
+    def _extras(self, out: _ChoiceText) -> dict[str, Any]:
+        return {"axis_projections": out.projections} if self.body.return_projections else {}
+
+
+class ChatShape(_Shape):
+    id_prefix = "chatcmpl"
+
+    def choice(self, out: _ChoiceText, first: bool, streaming: bool):
+        logprobs = None
+        if self.body.logprobs:
+            logprobs = ChatLogprobs(content=[self._token_logprob(lp) for lp in out.logprobs])
+        if streaming:
+            delta = ChatDelta(role="assistant", content=out.text) if first else \
+                (ChatDelta(content=out.text) if out.text else ChatDelta())
+            return ChatChunkChoice(index=out.index, delta=delta, logprobs=logprobs, finish_reason=out.finish_reason,
+                                   **self._extras(out))
+        return ChatChoice(index=out.index, message=AssistantMessage(content=out.text), logprobs=logprobs,
+                          finish_reason=out.finish_reason, **self._extras(out))
+
+    def _token_logprob(self, lp: Logprob) -> ChatTokenLogprob:
+        token = self.serving.token_text
+        top = [TopLogprob(token=token(i), logprob=v, bytes=list(token(i).encode())) for i, v in lp.top]
+        return ChatTokenLogprob(token=token(lp.token_id), logprob=lp.logprob, bytes=list(token(lp.token_id).encode()),
+                                top_logprobs=top)
+
+    def response(self, streaming: bool, **fields):
+        return (ChatCompletionChunk if streaming else ChatCompletion)(**fields)
+
+
+class CompletionShape(_Shape):
+    """Legacy completions; ``echo`` puts the prompt (and its logprobs) before the completion."""
+
+    id_prefix = "cmpl"
+
+    def __init__(self, serving: OpenAIServing, body: _GenerationBody, prompt_ids: list[int]):
+        super().__init__(serving, body, prompt_ids)
+        self._offsets: dict[int, int] = {}  # per choice, characters sent so far (logprobs' text_offset)
+
+    def prompt_text(self) -> str:
+        prompt = self.body.prompt
+        return prompt if isinstance(prompt, str) else self.serving.tokenizer.decode(self.prompt_ids)
+
+    def choice(self, out: _ChoiceText, first: bool, streaming: bool):
+        text, logprobs = out.text, None
+        if self.body.echo and first:
+            text = self.prompt_text() + text
+        if self.body.logprobs is not None:
+            entries = list(out.prompt_logprobs or []) if self.body.echo and first else []
+            entries += out.logprobs
+            logprobs = self._logprobs(out.index, entries, first)
+        return CompletionChoice(index=out.index, text=text, logprobs=logprobs, finish_reason=out.finish_reason,
+                                **self._extras(out))
+
+    def _logprobs(self, index: int, entries: list[Logprob | None], first: bool) -> CompletionLogprobs:
+        token = self.serving.token_text
+        ids = self.prompt_ids if self.body.echo and first else []
+        offset = self._offsets.get(index, 0)
+        tokens, values, tops, offsets = [], [], [], []
+        for k, entry in enumerate(entries):
+            text = token(entry.token_id) if entry is not None else token(ids[k])
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+            if entry is None:  # the prompt's first token: nothing predicts it
+                values.append(None)
+                tops.append(None)
+                continue
+            values.append(entry.logprob)
+            # As OpenAI and vLLM: the top alternatives and the chosen token, so up to logprobs + 1.
+            tops.append({token(i): v for i, v in [*entry.top, (entry.token_id, entry.logprob)]})
+        self._offsets[index] = offset
+        return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
+
+    def response(self, streaming: bool, **fields):
+        return Completion(**fields)
 
 
 class OpenAIServing:
@@ -59,27 +152,60 @@ class OpenAIServing:
         self.tokenizer = loaded.tokenizer
         self.created = now()
         self.max_model_len = min(settings.max_model_len or loaded.context_length, loaded.context_length)
+        self.grammars = GrammarCompiler(self.tokenizer, engine.vocab_size)
+        # A token's own text, as logprobs name it (vLLM decodes each id alone too).
+        self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda i: self.tokenizer.decode([i]))
 
-    def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(self.loaded.name, self.created)]}
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.loaded.name, created=self.created)])
 
     # --- prompts ----------------------------------------------------------------------------
 
-    def chat_prompt_ids(self, body: ChatCompletionRequest) -> list[int]:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
+    def chat_prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        rendered = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
         try:
-            return chat_prompt_ids(self.tokenizer, messages)
+            return chat_prompt_ids(self.tokenizer, rendered, add_generation_prompt)
         except ChatTemplateError as exc:
             raise APIError(400, str(exc), param="messages") from None
 
     def completion_prompt_ids(self, body: CompletionRequest) -> list[int]:
         if isinstance(body.prompt, list):
-            vocab = self.loaded.vocab_size  # the embedding's rows: any other id cannot be looked up
-            if any(not 0 <= t < vocab for t in body.prompt):
-                raise APIError(400, f"prompt token ids must lie in 0..{vocab - 1}", param="prompt")
+            self._check_token_ids(body.prompt, "prompt")
             return list(body.prompt)
         return self.tokenizer(body.prompt, add_special_tokens=True)["input_ids"]
+
+    def _check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.loaded.vocab_size  # the embedding's rows: any other id cannot be looked up
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"token ids must lie in 0..{vocab - 1}", param=param)
+
+    # --- tokenizer endpoints (vLLM's) -------------------------------------------------------
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.loaded.name:
+            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.loaded.name}'",
+                           param="model", code="model_not_found")
+
+    def tokenize(self, body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        self._check_model(body.model)
+        if isinstance(body, TokenizeChatRequest):
+            ids = self.chat_prompt_ids(body.messages, body.add_generation_prompt)
+        else:
+            ids = self.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids, token_strs=strs)
+
+    def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        self._check_model(body.model)
+        self._check_token_ids(body.tokens, "tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
+
+    @staticmethod
+    def version() -> VersionResponse:
+        try:
+            return VersionResponse(version=version("axiscap"))
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            return VersionResponse(version="0+unknown")
 
     # --- submission ---------------------------------------------------------------------------
 
@@ -90,13 +216,14 @@ class OpenAIServing:
             return policy == "always"
         return self.settings.capping_default if body.capping is None else body.capping
 
-    def submit(self, body: _GenerationBody, prompt_ids: list[int]) -> Request:
-        if body.model != self.loaded.name:
-            raise APIError(404, f"The model '{body.model}' does not exist; this server serves "
-                                f"'{self.loaded.name}'", param="model", code="model_not_found")
+    async def sampling_params(self, body: _GenerationBody, prompt_ids: list[int]) -> SamplingParams:
+        """Check the request against this server and model; the per-choice parameters."""
+        self._check_model(body.model)
         if body.return_projections and not self.settings.allow_projections:
             raise APIError(403, "this server does not return axis projections", type="permission_error",
                            param="return_projections", code="projections_disabled")
+        if body.n > self.settings.max_n:
+            raise APIError(400, f"n is {body.n}; this server allows at most {self.settings.max_n}", param="n")
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param="prompt")
         limit = self.max_model_len
@@ -109,13 +236,38 @@ class OpenAIServing:
             raise APIError(400, f"max_tokens is {requested}, but the prompt ({len(prompt_ids)} tokens) leaves "
                                 f"room for {room} in the {limit}-token context window",
                            param="max_tokens", code="context_length_exceeded")
-        params = SamplingParams(
-            max_tokens=requested if requested is not None else min(room, self.settings.default_max_tokens),
-            temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=tuple(body.stop or ()),
-            capping=self.capping_for(body),
-        )
+        max_tokens = requested if requested is not None else min(room, self.settings.default_max_tokens)
+        if body.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens ({body.min_tokens}) is above max_tokens ({max_tokens})",
+                           param="min_tokens")
+        bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
+        self._check_token_ids(list(bias), "logit_bias")
+        echo_logprobs = isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+            stop=tuple(body.stop or ()), capping=self.capping_for(body),
+            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty, logit_bias=tuple(bias.items()), min_tokens=body.min_tokens,
+            ignore_eos=body.ignore_eos, logprobs=body.generated_logprobs(),
+            prompt_logprobs=body.logprobs if echo_logprobs else None, grammar=await self._grammar(body))
+
+    async def _grammar(self, body: _GenerationBody):
+        fmt = body.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
+        try:  # off the event loop: a large schema takes a while to compile
+            return await asyncio.to_thread(self.grammars.compile, fmt.type, schema)
+        except GrammarError as exc:
+            raise APIError(400, str(exc), param="response_format") from None
+
+    def submit(self, body: _GenerationBody, prompt_ids: list[int], params: SamplingParams) -> list[Request]:
+        """One engine request per choice; a seeded request's choices take seed, seed + 1, ... (as vLLM)."""
+        per_choice = [params if params.seed is None or i == 0 else
+                      dataclasses.replace(params, seed=(params.seed + i + 2**63) % 2**64 - 2**63)  # stays int64
+                      for i in range(body.n)]
         try:
-            return self.engine.submit(prompt_ids, params, timeout=self.settings.request_timeout)
+            return self.engine.submit_all(prompt_ids, per_choice, timeout=self.settings.request_timeout)
         except QueueFull:
             raise APIError(429, "the server is at capacity; retry shortly", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
@@ -126,92 +278,106 @@ class OpenAIServing:
 
     # --- responses ----------------------------------------------------------------------------
 
-    async def respond(self, shape: _Shape, body: _GenerationBody, prompt_ids: list[int], http: HTTPRequest):
-        request = self.submit(body, prompt_ids)
+    async def respond(self, shape: _Shape, http: HTTPRequest):
+        body, prompt_ids = shape.body, shape.prompt_ids
+        params = await self.sampling_params(body, prompt_ids)
+        requests = self.submit(body, prompt_ids, params)
         if body.stream:
-            return EventSourceResponse(self._stream(shape, body, request, len(prompt_ids)), ping=15)
-        return await self._full(shape, body, request, len(prompt_ids), http)
+            return EventSourceResponse(self._stream(shape, requests), ping=15)
+        return await self._full(shape, requests, http)
 
-    def _envelope(self, shape: _Shape, body: _GenerationBody, rid: str, created: int, capping: bool,
-                  streaming: bool) -> dict[str, Any]:
-        envelope = {"id": rid, "object": shape.chunk_object if streaming else shape.full_object,
-                    "created": created, "model": self.loaded.name, "capping": capping}
-        if body.capping is not None and body.capping != capping:  # the operator's policy overrode it
+    def _envelope(self, shape: _Shape, rid: str, created: int, capping: bool) -> dict[str, Any]:
+        envelope = {"id": rid, "created": created, "model": self.loaded.name, "capping": capping}
+        if shape.body.capping is not None and shape.body.capping != capping:  # the operator's policy overrode it
             envelope["capping_overridden"] = True
         return envelope
 
-    async def _stream(self, shape: _Shape, body: _GenerationBody, request: Request,
-                      n_prompt: int) -> AsyncIterator[str]:
-        rid, created = new_id(shape.id_prefix), now()
+    async def _stream(self, shape: _Shape, requests: list[Request]) -> AsyncIterator[str]:
+        body = shape.body
+        rid, created, capping = new_id(shape.id_prefix), now(), requests[0].params.capping
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        n_generated, first = 0, True
+        n_generated, started = 0, set()
         try:
-            async for delta in request.deltas():
+            async for index, delta in _merged(requests):
                 if delta.finish_reason in _END_ERRORS:
                     message, kind, _ = _END_ERRORS[delta.finish_reason]
                     yield json.dumps(error_body(message, kind))
                     break  # still ends with [DONE], so clients waiting for it stop reading
                 n_generated += len(delta.token_ids)
-                chunk = self._envelope(shape, body, rid, created, request.params.capping, streaming=True)
-                choice = shape.stream_choice(delta.text, first)
-                if delta.finish_reason is not None:
-                    choice["finish_reason"] = delta.finish_reason
-                if body.return_projections:
-                    choice["axis_projections"] = delta.projections
-                chunk["choices"] = [choice]
-                if include_usage:
-                    chunk["usage"] = None
-                first = False
-                yield json.dumps(chunk)
+                out = _ChoiceText(index)
+                out.add(delta)
+                choice = shape.choice(out, index not in started, streaming=True)
+                started.add(index)
+                extra = {"usage": None} if include_usage else {}
+                chunk = shape.response(True, **self._envelope(shape, rid, created, capping), choices=[choice], **extra)
+                yield chunk.model_dump_json()
             else:  # the stream ended normally, not at an error
                 if include_usage:
-                    chunk = self._envelope(shape, body, rid, created, request.params.capping, streaming=True)
-                    chunk.update(choices=[], usage=usage(n_prompt, n_generated))
-                    yield json.dumps(chunk)
+                    chunk = shape.response(True, **self._envelope(shape, rid, created, capping), choices=[],
+                                           usage=Usage.of(len(shape.prompt_ids), n_generated))
+                    yield chunk.model_dump_json()
             yield "[DONE]"
         finally:
-            # Runs when the client goes away mid-stream too: the engine frees the slot next step.
-            request.cancel()
+            # Runs when the client goes away mid-stream too: the engine frees the slots next step.
+            for request in requests:
+                request.cancel()
 
-    async def _full(self, shape: _Shape, body: _GenerationBody, request: Request, n_prompt: int,
-                    http: HTTPRequest) -> JSONResponse:
-        collected = asyncio.ensure_future(_collect(request))
+    async def _full(self, shape: _Shape, requests: list[Request], http: HTTPRequest) -> JSONResponse:
+        collected = asyncio.ensure_future(asyncio.gather(*(_collect(i, r) for i, r in enumerate(requests))))
         gone = asyncio.ensure_future(_wait_for_disconnect(http))
         try:
             await asyncio.wait({collected, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
             if not collected.done():
-                request.cancel()
+                for request in requests:
+                    request.cancel()
                 collected.cancel()
         if not collected.done() or collected.cancelled():
             return JSONResponse(error_body("client closed the request", "invalid_request_error"), status_code=499)
-        text, token_ids, projections, finish = collected.result()
-        if finish in _END_ERRORS:
-            message, kind, status = _END_ERRORS[finish]
-            raise APIError(status, message, type=kind)
-        result = self._envelope(shape, body, new_id(shape.id_prefix), now(), request.params.capping,
-                                streaming=False)
-        choice = shape.full_choice(text)
-        choice["finish_reason"] = finish
-        if body.return_projections:
-            choice["axis_projections"] = projections
-        result.update(choices=[choice], usage=usage(n_prompt, len(token_ids)))
-        return JSONResponse(result)
+        outs: list[_ChoiceText] = collected.result()
+        for out in outs:
+            if out.finish_reason in _END_ERRORS:
+                message, kind, status = _END_ERRORS[out.finish_reason]
+                raise APIError(status, message, type=kind)
+        envelope = self._envelope(shape, new_id(shape.id_prefix), now(), requests[0].params.capping)
+        result = shape.response(False, **envelope, choices=[shape.choice(out, True, streaming=False) for out in outs],
+                                usage=Usage.of(len(shape.prompt_ids), sum(len(o.token_ids) for o in outs)))
+        return JSONResponse(result.model_dump(mode="json"))
 
 
-async def _collect(request: Request) -> tuple[str, list[int], list[float], str | None]:
-    text, ids, projections, finish = [], [], [], None
+async def _merged(requests: list[Request]) -> AsyncIterator[tuple[int, Delta]]:
+    """The deltas of a request's choices as they come, each with its choice index."""
+    if len(requests) == 1:
+        async for delta in requests[0].deltas():
+            yield 0, delta
+        return
+    queue: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
+
+    async def pump(index: int, request: Request) -> None:
+        async for delta in request.deltas():
+            queue.put_nowait((index, delta))
+
+    pumps = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
+    try:
+        running = len(requests)
+        while running:
+            index, delta = await queue.get()
+            running -= delta.finish_reason is not None
+            yield index, delta
+    finally:
+        for task in pumps:
+            task.cancel()
+
+
+async def _collect(index: int, request: Request) -> _ChoiceText:
+    out = _ChoiceText(index)
     async for delta in request.deltas():
-        text.append(delta.text)
-        ids.extend(delta.token_ids)
-        projections.extend(delta.projections)
-        finish = delta.finish_reason
-    return "".join(text), ids, projections, finish
+        out.add(delta)
+    return out
 
 
 async def _wait_for_disconnect(http: HTTPRequest) -> None:
     # The body is already read, so the next message is the disconnect.
     while (await http.receive())["type"] != "http.disconnect":
         pass
-

@@ -35,10 +35,11 @@ class StopMatcher:
         self._sent = 0
         self.stopped = False
 
-    def feed(self, delta: str) -> str:
-        """Text that is safe to send after appending ``delta``; sets ``stopped`` on a stop string."""
+    def feed(self, delta: str, check: bool = True) -> str:
+        """Text that is safe to send after appending ``delta``; sets ``stopped`` on a stop string
+        (with ``check`` off, nothing stops: the text so far is sent and not searched again)."""
         self._text += delta
-        if not self._stops:
+        if not self._stops or not check:
             out, self._sent = self._text[self._sent :], len(self._text)
             return out
         hits = [i for i in (self._text.find(s, self._sent) for s in self._stops) if i >= 0]
