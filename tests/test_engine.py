@@ -137,6 +137,21 @@ def test_queue_bound_raises_queue_full(smollm2, smollm2_axis):
         engine.hooks.remove()
 
 
+def test_the_choices_of_one_request_queue_all_or_none(smollm2, smollm2_axis):
+    engine = Engine(smollm2, smollm2_axis, ServingMetrics(smollm2.name, smollm2_axis.cap_layers, [0.0]),
+                    max_batch_size=2, max_waiting=2)
+    try:
+        async def fill():
+            ids = chat_ids(smollm2.tokenizer, "hi")
+            with pytest.raises(QueueFull):
+                engine.submit_all(ids, [SamplingParams(4)] * 5)
+            assert len(engine._waiting) == 0  # none of the five was queued
+            assert len(engine.submit_all(ids, [SamplingParams(4)] * 4)) == 4
+        asyncio.run(fill())
+    finally:
+        engine.hooks.remove()
+
+
 def test_chunked_prefill_gives_the_same_tokens_and_interleaves_with_decoding(smollm2, smollm2_axis):
     tok = smollm2.tokenizer
     long_prompt = chat_ids(tok, "Summarise this: " + " ".join(f"item {i} is blue." for i in range(40)))
@@ -343,3 +358,38 @@ def test_a_long_request_does_not_widen_the_short_ones_kv(smollm2, smollm2_axis):
         together, peak, long_end = asyncio.run(scenario())
     assert peak == 7 and long_end == "cancelled"
     assert all(t[3] in ("stop", "length") and t[1] for t in together)
+
+
+def test_logprobs_match_a_plain_forward_through_sliced_prefills(smollm2, smollm2_axis):
+    """Prompt logprobs are gathered slice by slice (7 columns here) for the one row of the group that
+    asked; generated logprobs come from decode steps. Both equal the log-softmax of one plain forward."""
+    tok = smollm2.tokenizer
+    asking = chat_ids(tok, "Name three rivers in Europe.")
+    other = chat_ids(tok, "Tell me about lighthouses and the people who keep them.")
+    params = SamplingParams(6, temperature=0, capping=False, logprobs=3, prompt_logprobs=2)
+    with running_engine(smollm2, smollm2_axis, prefill_chunk_tokens=14) as engine:
+        async def both():
+            async def deltas(ids, p):
+                return [d async for d in engine.submit(ids, p).deltas()]
+            return await asyncio.gather(deltas(asking, params),
+                                        deltas(other, SamplingParams(6, temperature=0, capping=False)))
+        deltas, plain = asyncio.run(both())
+    assert all(d.logprobs is None and d.prompt_logprobs is None for d in plain)
+    prompt_lp = deltas[0].prompt_logprobs
+    generated = [lp for d in deltas for lp in d.logprobs]
+    tokens = [t for d in deltas for t in d.token_ids]
+    assert [lp.token_id for lp in generated] == tokens and len(tokens) == 6
+    assert len(prompt_lp) == len(asking) and prompt_lp[0] is None
+    assert [lp.token_id for lp in prompt_lp[1:]] == asking[1:]
+    assert all(d.prompt_logprobs is None for d in deltas[1:])
+
+    import torch
+    with torch.inference_mode():  # the engine has stopped and removed its hooks
+        reference = smollm2.model(torch.tensor([asking + tokens])).logits[0].float().log_softmax(-1)
+    for position, lp in list(enumerate(prompt_lp))[1:] + list(enumerate(generated, start=len(asking))):
+        row = reference[position - 1]
+        assert lp.logprob == pytest.approx(row[lp.token_id].item(), abs=2e-3)
+        top = row.topk(len(lp.top))
+        assert [i for i, _ in lp.top] == top.indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=2e-3)
+    assert all(len(lp.top) == 2 for lp in prompt_lp[1:]) and all(len(lp.top) == 3 for lp in generated)
