@@ -475,7 +475,12 @@ class Engine:
         sampler.set_rows(rows)
         tokens = sampler.sample(group.last_logits)
         # Published before the rows join, so the batch's sampler sees their first tokens on the host.
-        finished = self._publish(rows, tokens, sampler, group.last_projections)
+        try:
+            finished = self._publish(rows, tokens, sampler, group.last_projections)
+        except BaseException:  # the group is retried: its rows give their slots back, all of them
+            for row in rows:
+                self._store.remove(row)
+            raise
         with self._wakeup:  # submit() counts busy slots under this lock: they move from group to batch at once
             self._prefilling = None
             self._reorder(rows, tokens)

@@ -60,6 +60,10 @@ def test_chat_logprobs_have_the_sdk_shape_and_greedy_picks_the_top_token(client)
         assert entry.top_logprobs[0].token == entry.token and entry.logprob == pytest.approx(values[0])
         assert bytes(entry.bytes).decode() == entry.token
         assert sum(math.exp(v) for v in values) <= 1 + 1e-4
+    streamed = [entry for chunk in client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3, stream=True,
+        extra_body={"capping": False}) for entry in chunk.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
 
 
 def test_generated_logprobs_equal_the_prompt_logprobs_of_the_same_tokens(client, live_server):
@@ -99,9 +103,13 @@ def test_echo_puts_the_prompt_first_streaming_or_not(client):
     prompt = "Paris is the capital of"
     full = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=3, echo=True)
     assert full.choices[0].text.startswith(prompt) and len(full.choices[0].text) > len(prompt)
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=MODEL, prompt=prompt, temperature=0, max_tokens=3, echo=True, stream=True) if c.choices)
-    assert streamed == full.choices[0].text
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=3, echo=True,
+                                            logprobs=1, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+    tokens = [t for c in chunks for t in c.choices[0].logprobs.tokens]
+    offsets = [o for c in chunks for o in c.choices[0].logprobs.text_offset]
+    assert "".join(tokens) == full.choices[0].text  # the prompt's tokens, then the completion's
+    assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]
 
 
 # --- n ------------------------------------------------------------------------------------------
