@@ -22,10 +22,13 @@ serve: setup
 test: setup tools
 	$(PY) -m pytest
 
-# promtool and prometheus for the deployment tests (Debian's package; needs root, skipped without).
+# Debian packages for the tests (need root; skipped without): promtool and prometheus for the
+# deployment tests, chromium and its driver for the playground's browser test.
 tools:
 	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && sh deploy/install-prometheus.sh; } || \
 		echo "promtool not installed: the Prometheus tests will be skipped"
+	@command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && sh tests/install-chromium.sh; } || \
+		echo "chromium not installed: the playground's browser test will be skipped"
 
 bench: setup
 	$(PY) bench/serve.py

@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--allow-projections", action=argparse.BooleanOptionalAction, default=None,
                         help="let clients ask for per-token axis projections with 'return_projections' "
                              "(default on; off answers such requests 403: projections help tune jailbreaks)")
+    policy.add_argument("--playground", action=argparse.BooleanOptionalAction, default=None,
+                        help="serve /playground, a page that streams capped and uncapped answers side by side "
+                             "through the public API (default on; it holds no secrets: visitors need a key)")
     serve.set_defaults(run=_serve)
 
     axes = commands.add_parser("axes", help="make axis files").add_subparsers(dest="axes_command", required=True)

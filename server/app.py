@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import secrets
+from pathlib import Path
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -25,6 +27,8 @@ from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, Detok
 from .serving import ChatShape, CompletionShape, OpenAIServing
 
 log = logging.getLogger(__name__)
+
+PLAYGROUND = Path(__file__).parent / "playground"
 
 
 @dataclass
@@ -203,12 +207,25 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/health", dependencies=health_guard)
     async def health():
         engine = state.engine
+        axis = state.axis
         body = {"status": "ok" if engine.healthy else "unavailable", "model": state.loaded.name,
                 "capping_policy": settings.capping_policy, "capping_default": settings.capping_default,
-                "cap_layers": state.axis.cap_layers, "monitor_layer": state.axis.monitor_layer}
+                "allow_projections": settings.allow_projections, "cap_layers": axis.cap_layers,
+                "monitor_layer": axis.monitor_layer, "monitor_tau": axis.threshold(axis.monitor_layer)}
+        for key in ("monitor_mean", "monitor_std"):  # the default Assistant's spread, when the file has it
+            if key in axis.extra:
+                body[key] = float(axis.extra[key])
         if engine.device_error:
             body["device_error"] = engine.device_error
         return JSONResponse(body, status_code=200 if engine.healthy else 503)
+
+    if settings.playground:
+        # A static page that calls the public API from the browser, like any client (see playground/).
+        @app.get("/playground", include_in_schema=False)
+        async def playground():
+            return FileResponse(PLAYGROUND / "index.html")
+
+        app.mount("/playground/static", StaticFiles(directory=PLAYGROUND), name="playground")
 
     @app.get("/metrics", dependencies=guarded if settings.protect_metrics else [])
     async def prometheus_metrics():

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     capping_policy: Literal["client", "always", "never"] = Field(
         "client", description="client: a request's 'capping' decides; always/never: the server decides")
     allow_projections: bool = Field(True, description="let clients ask for per-token axis projections")
+    playground: bool = Field(True, description="serve the side-by-side page at /playground (it calls the API "
+                                               "with the visitor's key, like any client)")
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="request bodies larger than this get 413")
     request_timeout: float = Field(600.0, gt=0, description="seconds a request may take, queue included")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,18 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+@contextmanager
+def server(smollm2, smollm2_axis, **overrides):
+    """A live server with its own settings (short completions unless told otherwise)."""
+    from axiscap.server.app import build_state, create_app
+    from axiscap.server.config import Settings
+
+    state = build_state(Settings(**{"default_max_tokens": 16, **overrides}), smollm2, smollm2_axis)
+    with LiveServer(create_app(state)) as live:
+        live.state = state
+        yield live
 
 
 @pytest.fixture(scope="module")

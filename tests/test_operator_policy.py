@@ -4,28 +4,15 @@ limits, and /health telling the truth. Each test starts its own server with its 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
-
 import httpx
 import openai
 import pytest
 
-from .conftest import LiveServer, assert_openai_error
+from .conftest import assert_openai_error, server
 
 MODEL = "smollm2-135m-instruct"
 ORACLE = [{"role": "system", "content": "You are an ancient oracle who speaks in cryptic prophecies."},
           {"role": "user", "content": "Will I be happy?"}]
-
-
-@contextmanager
-def server(smollm2, smollm2_axis, **overrides):
-    from axiscap.server.app import build_state, create_app
-    from axiscap.server.config import Settings
-
-    state = build_state(Settings(**{"default_max_tokens": 16, **overrides}), smollm2, smollm2_axis)
-    with LiveServer(create_app(state)) as live:
-        live.state = state
-        yield live
 
 
 def test_locked_down_server(smollm2, smollm2_axis):
