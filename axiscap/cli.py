@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import logging
 import sys
 from pathlib import Path
 
+from axiscap.axes import shipped_axis
+from axiscap.evals.cli import add_parser as add_eval_parser
 from axiscap.steering import AxisFileError
-
-
-def _packaged_axis(model: str) -> Path | None:
-    candidate = Path(str(importlib.resources.files("axiscap.axes"))) / f"{model}.safetensors"
-    return candidate if candidate.is_file() else None
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -27,7 +23,7 @@ def _serve(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    axis_path = settings.axis or _packaged_axis(settings.model)
+    axis_path = settings.axis or shipped_axis(settings.model)
     if axis_path is None:
         raise SystemExit(
             f"axiscap: error: no axis for model {settings.model!r}: pass --axis FILE "
@@ -211,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--device", default="auto", help="cpu, cuda or auto")
     build.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/axiscap)")
     build.set_defaults(run=_build)
+
+    add_eval_parser(commands)
     return parser
 
 

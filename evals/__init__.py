@@ -1,0 +1,1 @@
+"""``axiscap eval``: what capping changes, measured on a live endpoint."""

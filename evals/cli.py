@@ -1,0 +1,127 @@
+"""``axiscap eval``: run the suites against an endpoint (by default a server it starts on the embedded
+model) and write the report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from .client import EvalClient
+from .run import EvalConfig, run_all
+
+
+def add_parser(commands) -> None:
+    ev = commands.add_parser(
+        "eval", help="measure what capping changes: persona drift, persona jailbreaks, capability",
+        description="Send every item of the three suites (evals/data) capped and uncapped to an OpenAI-compatible "
+                    "endpoint that speaks axiscap's extensions, judge the jailbreak answers, and write report.md, "
+                    "results.json and PNG plots. Without --url it starts a server on the embedded model.")
+    ev.add_argument("--url", help="base URL of the API, e.g. http://host:8000/v1 (default: start a local server)")
+    ev.add_argument("--model", default="smollm2-135m-instruct", help="model name on the endpoint (and the model a "
+                                                                     "local server loads)")
+    ev.add_argument("--axis", type=Path, help="axis file for the local server (default: the shipped one)")
+    ev.add_argument("--api-key", default=os.environ.get("AXISCAP_EVAL_API_KEY", "unused"),
+                    help="Bearer key for the endpoint (env AXISCAP_EVAL_API_KEY)")
+    ev.add_argument("--out", type=Path, default=Path("eval-report"), help="report folder (default eval-report/)")
+    ev.add_argument("--quick", action="store_true", help="a few items per suite (CI, smoke runs)")
+    ev.add_argument("--max-tokens", type=int, default=96, help="tokens per answer (default 96)")
+    ev.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    ev.add_argument("--judge-url", help="judge jailbreak answers with an LLM at this OpenAI-compatible base URL "
+                                        "(default: the offline classifier and role scorer)")
+    ev.add_argument("--judge-model", default="gpt-4o-mini", help="the judge's model name")
+    ev.add_argument("--device", default="auto", help="device of the local server: cpu, cuda or auto")
+    ev.set_defaults(run=_run)
+
+
+@contextmanager
+def local_server(model: str, axis_path: Path | None, device: str):
+    """A real axiscap server on a free loopback port, in this process."""
+    import socket
+
+    import uvicorn
+
+    from axiscap.server.app import build_state, create_app
+    from axiscap.server.config import Settings
+    from axiscap.server.model_loading import load_model
+    from axiscap.axes import shipped_axis
+    from axiscap.steering import load_axis
+
+    axis_path = axis_path or shipped_axis(model)
+    if axis_path is None:
+        raise ValueError(f"no axis for model {model!r}: pass --axis")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = Settings(model=model, device=device, max_waiting=1024, log_level="warning")
+    loaded = load_model(settings.model, settings.device, settings.dtype, settings.cache_dir)
+    axis = load_axis(axis_path, loaded.n_layers, loaded.model.config.get_text_config().hidden_size)
+    server = uvicorn.Server(uvicorn.Config(create_app(build_state(settings, loaded, axis)), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the local server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def _server_info(url: str, api_key: str) -> dict:
+    try:
+        r = httpx.get(url.rstrip("/").removesuffix("/v1") + "/health", headers={"Authorization": f"Bearer {api_key}"})
+        return r.json() if r.status_code in (200, 503) else {}
+    except httpx.HTTPError:
+        return {}
+
+
+def _judge(args):
+    from .judging import LLMJudge, OfflineJudge, validate_refusals
+
+    if args.judge_url:
+        return LLMJudge(args.judge_url, args.judge_model, args.api_key), f"LLM judge {args.judge_model}", None
+    judge = OfflineJudge()
+    return judge, "offline judge (refusal classifier + role scorer)", validate_refusals(judge)
+
+
+def evaluate(url: str, args) -> Path:
+    from .report import write_report
+
+    judge, judge_name, validation = _judge(args)
+    info = _server_info(url, args.api_key)
+    cfg = EvalConfig(quick=args.quick, max_tokens=args.max_tokens)
+    started = time.monotonic()
+
+    async def go():
+        client = EvalClient(url, args.model, args.api_key, args.concurrency)
+        try:
+            return await run_all(client, cfg, judge)
+        finally:
+            await client.aclose()
+
+    results = asyncio.run(go())
+    meta = {"model": args.model, "endpoint": url if args.url else "a local server on the embedded model",
+            "judge": judge_name, "judge_validation": validation, "quick": args.quick, "max_tokens": args.max_tokens,
+            "wall_seconds": time.monotonic() - started, "monitor_tau": info.get("monitor_tau"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"}
+    return write_report(args.out, results, meta)
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.url:
+        path = evaluate(args.url, args)
+    else:
+        with local_server(args.model, args.axis, args.device) as url:
+            path = evaluate(url, args)
+    print(f"wrote {path}")

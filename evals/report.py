@@ -1,0 +1,114 @@
+"""The evaluation report: ``results.json`` with every figure, ``report.md`` with tables, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"capped": "#2e6fd8", "uncapped": "#e07b1f"}
+
+
+def write_report(folder: Path, results: dict, meta: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps({"meta": meta, **results}, indent=1))
+    _plot_drift(folder / "drift_per_turn.png", results["drift"]["per_turn"], meta.get("monitor_tau"))
+    _plot_compliance(folder / "projection_vs_compliance.png", results["jailbreak"])
+    report = folder / "report.md"
+    report.write_text(_markdown(results, meta))
+    return report
+
+
+def _plot_drift(path: Path, per_turn: dict, tau: float | None) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, rows in per_turn.items():
+        group, condition = label.split(" / ")
+        turns = [r["turn"] for r in rows if r["mean"] is not None]
+        means = [r["mean"] for r in rows if r["mean"] is not None]
+        ax.plot(turns, means, marker="o", color=COLORS[condition],
+                linestyle="-" if group.startswith("drifting") else "--", label=label)
+    if tau is not None:
+        ax.axhline(tau, color="#c0392b", linewidth=1, linestyle=":", label="τ (monitor layer)")
+    ax.set_xlabel("turn")
+    ax.set_ylabel("mean projection of the answer")
+    ax.set_title("Projection per turn, capped vs uncapped")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_compliance(path: Path, jailbreak: dict) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    harmful = [r for r in jailbreak["records"] if r["kind"] == "harmful" and r["mean_projection"] is not None]
+    for condition, color in COLORS.items():
+        rows = [r for r in harmful if r["condition"] == condition]
+        jitter = [(i % 9 - 4) / 60 for i in range(len(rows))]  # spreads the points on the two verdict rows
+        ax.scatter([r["mean_projection"] for r in rows], [float(r["complied"]) + j for r, j in zip(rows, jitter)],
+                   color=color, label=condition, alpha=0.75)
+    r = jailbreak["projection_vs_compliance_r"]
+    ax.set_yticks([0, 1], ["declined", "complied"])
+    ax.set_xlabel("mean projection of the answer")
+    ax.set_title(f"Persona jailbreaks: projection vs compliance (r = {r if r is not None else 'undefined'})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def _markdown(results: dict, meta: dict) -> str:
+    drift, jail, cap = results["drift"], results["jailbreak"], results["capability"]
+    lines = [
+        f"# axiscap evaluation: {meta['model']}",
+        "",
+        f"Endpoint {meta['endpoint']}; {meta['judge']}; {'quick run' if meta['quick'] else 'full run'}, "
+        f"max {meta['max_tokens']} tokens per answer, greedy; wall time {meta['wall_seconds']:.0f} s "
+        f"on {meta['machine']}. Every request was sent capped and uncapped. Projections are taken at the "
+        f"monitor layer (τ = {_fmt(meta.get('monitor_tau'))}); lower means further from the Assistant.",
+        "",
+        "## Persona drift",
+        "",
+        "Mean over conversations of each answer's mean projection (and of its 10th percentile, \"low\").",
+        "",
+        "| group / condition | " + " | ".join(f"turn {i + 1} mean / low" for i in range(_n_turns(drift))) + " |",
+        "| --- |" + " --- |" * _n_turns(drift),
+    ]
+    for label, rows in drift["per_turn"].items():
+        lines.append(f"| {label} | " + " | ".join(f"{_fmt(r['mean'])} / {_fmt(r['low'])}" for r in rows) + " |")
+    lines += ["", "![projection per turn](drift_per_turn.png)", "",
+              "## Persona jailbreaks", "",
+              "| request / condition | n | complied | in character | mean projection |",
+              "| --- | --- | --- | --- | --- |"]
+    for label, row in jail["summary"].items():
+        lines.append(f"| {label} | {row['n']} | {_fmt(row['complied'])} | {_fmt(row['in_character'])} | "
+                     f"{_fmt(row['mean_projection'])} |")
+    lines += ["", f"Correlation of an answer's mean projection with compliance on the harmful requests "
+                  f"(both conditions): r = {_fmt(jail['projection_vs_compliance_r'])} (the paper reports "
+                  "projection predicting harmful compliance with |r| ≈ 0.39–0.52 on 27–70B models).", "",
+              "![projection vs compliance](projection_vs_compliance.png)", ""]
+    if meta.get("judge_validation"):
+        v = meta["judge_validation"]
+        lines += [f"Offline compliance verdicts agree with {v['n']} hand labels "
+                  f"(`evals/data/labelled_compliance.json`) on {v['agreement']:.0%} of answers "
+                  f"(compliance precision {v['compliance_precision']:.2f}, recall {v['compliance_recall']:.2f}).", ""]
+    lines += ["## Capability", "",
+              f"- Neutral prompts answered identically capped and uncapped (temperature 0): "
+              f"{cap['identical_share']:.0%} of {len(cap['records'])}.",
+              f"- Perplexity on {len(cap['perplexity'])} neutral passages: capped "
+              f"{_fmt(cap['mean_perplexity']['capped'])}, uncapped {_fmt(cap['mean_perplexity']['uncapped'])} "
+              f"(mean change {cap['perplexity_change']:+.1%}).", ""]
+    if meta.get("reading"):
+        lines += ["## Reading", "", meta["reading"], ""]
+    return "\n".join(lines)
+
+
+def _n_turns(drift: dict) -> int:
+    return max((len(rows) for rows in drift["per_turn"].values()), default=0)

@@ -1,0 +1,153 @@
+"""Run the suites against a server, each request capped and uncapped, and gather every figure."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from . import suites
+from .client import Answer, EvalClient
+
+CONDITIONS = {"capped": True, "uncapped": False}
+
+
+@dataclass
+class EvalConfig:
+    quick: bool = False
+    max_tokens: int = 96
+    seed: int = 0
+
+
+async def _gather(label: str, jobs: list[Awaitable]) -> list:
+    """Run the jobs concurrently (the client bounds how many at once) under one progress bar."""
+    bar = tqdm(total=len(jobs), desc=label, unit="req")
+
+    async def one(job):
+        result = await job
+        bar.update()
+        return result
+
+    try:
+        return await asyncio.gather(*(one(j) for j in jobs))
+    finally:
+        bar.close()
+
+
+def low_quantile(values: list[float], q: float = 0.1) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run_drift(client: EvalClient, cfg: EvalConfig) -> dict:
+    """Each conversation is played turn by turn in each condition, on its own answers."""
+    conversations = suites.drift()
+    if cfg.quick:
+        conversations = suites.quick_slice(conversations, lambda c: c.drifts, n=2)
+    turns = 2 if cfg.quick else None
+
+    async def play(conv: suites.Conversation, capping: bool) -> list[dict]:
+        messages, out = [], []
+        for user in conv.turns[:turns]:
+            messages.append({"role": "user", "content": user})
+            answer = await client.chat(messages, capping, cfg.max_tokens, seed=cfg.seed)
+            messages.append({"role": "assistant", "content": answer.text})
+            p = answer.projections
+            out.append({"mean": statistics.fmean(p) if p else None, "low": low_quantile(p) if p else None,
+                        "tokens": len(p), "answer": answer.text})
+        return out
+
+    jobs = [(conv, name) for conv in conversations for name in CONDITIONS]
+    played = await _gather("persona drift", [play(conv, CONDITIONS[name]) for conv, name in jobs])
+    records = [{"id": conv.id, "kind": conv.kind, "drifts": conv.drifts, "condition": name, "turns": turns_}
+               for (conv, name), turns_ in zip(jobs, played)]
+    return {"records": records, "per_turn": _per_turn(records)}
+
+
+def _per_turn(records: list[dict]) -> dict:
+    """Mean over conversations of each turn's mean and low-quantile projection, by group and condition."""
+    table = {}
+    for drifts, group in ((True, "drifting kinds"), (False, "steady kinds")):
+        for name in CONDITIONS:
+            chosen = [r["turns"] for r in records if r["drifts"] == drifts and r["condition"] == name]
+            n_turns = max((len(t) for t in chosen), default=0)
+            table[f"{group} / {name}"] = [
+                {"turn": i + 1,
+                 "mean": _mean([t[i]["mean"] for t in chosen if len(t) > i]),
+                 "low": _mean([t[i]["low"] for t in chosen if len(t) > i])}
+                for i in range(n_turns)]
+    return table
+
+
+def _mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.fmean(values), 3) if values else None
+
+
+async def run_jailbreaks(client: EvalClient, cfg: EvalConfig, judge) -> dict:
+    items = suites.jailbreaks()
+    if cfg.quick:
+        items = items[:3]
+    jobs = [(item, kind, name) for item in items for kind in ("harmful", "benign") for name in CONDITIONS]
+
+    def ask(item: suites.Jailbreak, kind: str, capping: bool) -> Awaitable[Answer]:
+        messages = [{"role": "system", "content": item.system},
+                    {"role": "user", "content": item.harmful if kind == "harmful" else item.benign}]
+        return client.chat(messages, capping, cfg.max_tokens, seed=cfg.seed)
+
+    answers = await _gather("persona jailbreaks", [ask(item, kind, CONDITIONS[name]) for item, kind, name in jobs])
+    verdicts = judge.verdicts([(item.persona, item.description) for item, _, _ in jobs],
+                              [item.harmful if kind == "harmful" else item.benign for item, kind, _ in jobs],
+                              [a.text for a in answers])
+    records = [{"id": item.id, "persona": item.persona, "kind": kind, "condition": name, "answer": a.text,
+                "mean_projection": statistics.fmean(a.projections) if a.projections else None,
+                "complied": v.complied, "in_character": v.in_character}
+               for (item, kind, name), a, v in zip(jobs, answers, verdicts)]
+    summary = {}
+    for kind in ("harmful", "benign"):
+        for name in CONDITIONS:
+            rows = [r for r in records if r["kind"] == kind and r["condition"] == name]
+            summary[f"{kind} / {name}"] = {
+                "n": len(rows),
+                "complied": round(sum(r["complied"] for r in rows) / len(rows), 3),
+                "in_character": round(sum(r["in_character"] for r in rows) / len(rows), 3),
+                "mean_projection": _mean([r["mean_projection"] for r in rows])}
+    harmful = [r for r in records if r["kind"] == "harmful" and r["mean_projection"] is not None]
+    return {"records": records, "summary": summary,
+            "projection_vs_compliance_r": _pearson([r["mean_projection"] for r in harmful],
+                                                   [float(r["complied"]) for r in harmful])}
+
+
+def _pearson(x: list[float], y: list[float]) -> float | None:
+    if len(x) < 3 or len(set(y)) < 2 or len(set(x)) < 2:
+        return None  # undefined: every answer got the same verdict
+    return round(statistics.correlation(x, y), 3)
+
+
+async def run_capability(client: EvalClient, cfg: EvalConfig) -> dict:
+    data = suites.capability()
+    prompts, passages = (data.prompts[:4], data.passages[:2]) if cfg.quick else (data.prompts, data.passages)
+    answers = await _gather("capability: answers", [
+        client.chat([{"role": "user", "content": p}], capping, cfg.max_tokens)
+        for p in prompts for capping in CONDITIONS.values()])
+    perplexities = await _gather("capability: perplexity", [
+        client.perplexity(text, capping) for text in passages for capping in CONDITIONS.values()])
+    pairs = list(zip(answers[::2], answers[1::2]))
+    ppl_pairs = list(zip(perplexities[::2], perplexities[1::2]))
+    return {
+        "records": [{"prompt": p, "capped": c.text, "uncapped": u.text, "identical": c.text == u.text}
+                    for p, (c, u) in zip(prompts, pairs)],
+        "identical_share": round(sum(c.text == u.text for c, u in pairs) / len(pairs), 3),
+        "perplexity": [{"passage": t[:60], "capped": round(c, 3), "uncapped": round(u, 3)}
+                       for t, (c, u) in zip(passages, ppl_pairs)],
+        "mean_perplexity": {"capped": _mean([c for c, _ in ppl_pairs]), "uncapped": _mean([u for _, u in ppl_pairs])},
+        "perplexity_change": round(statistics.fmean(c / u - 1 for c, u in ppl_pairs), 4),
+    }
+
+
+async def run_all(client: EvalClient, cfg: EvalConfig, judge) -> dict:
+    return {"drift": await run_drift(client, cfg), "jailbreak": await run_jailbreaks(client, cfg, judge),
+            "capability": await run_capability(client, cfg)}

@@ -1,0 +1,71 @@
+"""The evaluation suites, as data files in ``data/`` (the project wrote them; each has 20 items):
+
+``drift.json``       multi-turn conversations of the kinds the paper reports as drifting (emotional
+                     disclosure, pushes to reflect on its own nature, requests for an authorial voice)
+                     and of kinds that do not (coding, factual help)
+``jailbreak.json``   a persona system prompt that casts the model as an unrestricted character, a
+                     request it should decline, and a matched benign request under the same persona
+``capability.json``  neutral prompts (answered at temperature 0) and neutral passages (perplexity)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA = Path(__file__).parent / "data"
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: str
+    kind: str
+    drifts: bool  # a kind the paper reports as drifting
+    turns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Jailbreak:
+    id: str
+    persona: str
+    description: str
+    system: str
+    harmful: str
+    benign: str
+
+
+@dataclass(frozen=True)
+class Capability:
+    prompts: tuple[str, ...]
+    passages: tuple[str, ...]
+
+
+def _load(name: str):
+    return json.loads((DATA / name).read_text())
+
+
+def drift() -> list[Conversation]:
+    return [Conversation(c["id"], c["kind"], c["drifts"], tuple(c["turns"])) for c in _load("drift.json")]
+
+
+def jailbreaks() -> list[Jailbreak]:
+    return [Jailbreak(j["id"], j["persona"]["name"], j["persona"]["description"], j["persona"]["system"],
+                      j["harmful"], j["benign"]) for j in _load("jailbreak.json")]
+
+
+def capability() -> Capability:
+    data = _load("capability.json")
+    return Capability(tuple(data["prompts"]), tuple(data["passages"]))
+
+
+def quick_slice(items: list, kinds_key=None, n: int = 4) -> list:
+    """A few items for --quick, covering both drifting and steady kinds where that applies."""
+    if kinds_key is None:
+        return items[:n]
+    picked, seen = [], set()
+    for item in items:
+        if kinds_key(item) not in seen:
+            seen.add(kinds_key(item))
+            picked.append(item)
+    return picked[:n]
