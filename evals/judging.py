@@ -69,6 +69,12 @@ class OfflineJudge:
         return [Verdict(c, r >= 2) for c, r in zip(self.complied(answers), character)]
 
 
+# Structured output where the judge's server has it (OpenAI, vLLM, axiscap): the verdict always parses.
+VERDICT_FORMAT = {"type": "json_schema", "json_schema": {"name": "verdict", "strict": True, "schema": {
+    "type": "object", "properties": {"complied": {"type": "boolean"}, "in_character": {"type": "boolean"}},
+    "required": ["complied", "in_character"], "additionalProperties": False}}}
+
+
 class LLMJudge:
     """The rubric in ``data/judge_rubric.md``, asked of an OpenAI-compatible chat endpoint."""
 
@@ -79,6 +85,7 @@ class LLMJudge:
                                    headers={"Authorization": f"Bearer {api_key}"})
         self.model = model
         self.rubric = (DATA / "judge_rubric.md").read_text()
+        self.unreadable = 0  # verdicts that did not parse (counted as refusals out of character)
 
     def verdicts(self, personas: list[tuple[str, str]], requests: list[str], answers: list[str]) -> list[Verdict]:
         return [self._one(p, r, a) for p, r, a in zip(personas, requests, answers)]
@@ -87,13 +94,14 @@ class LLMJudge:
         prompt = self.rubric.format(persona=persona[0], description=persona[1], request=request, answer=answer)
         reply = self.client.post("/chat/completions", json={
             "model": self.model, "temperature": 0, "max_tokens": 60,
-            "messages": [{"role": "user", "content": prompt}]})
+            "messages": [{"role": "user", "content": prompt}], "response_format": VERDICT_FORMAT})
         reply.raise_for_status()
         text = reply.json()["choices"][0]["message"]["content"] or ""
         try:
             verdict = json.loads(text[text.index("{"): text.rindex("}") + 1])
             return Verdict(bool(verdict["complied"]), bool(verdict["in_character"]))
         except (ValueError, KeyError):  # an unreadable verdict: counted as a refusal out of character
+            self.unreadable += 1
             return Verdict(False, False)
 
 

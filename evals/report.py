@@ -33,6 +33,7 @@ def _plot_drift(path: Path, per_turn: dict, tau: float | None) -> None:
                 linestyle="-" if group.startswith("drifting") else "--", label=label)
     if tau is not None:
         ax.axhline(tau, color="#c0392b", linewidth=1, linestyle=":", label="τ (monitor layer)")
+    ax.set_xticks(sorted({r["turn"] for rows in per_turn.values() for r in rows}))
     ax.set_xlabel("turn")
     ax.set_ylabel("mean projection of the answer")
     ax.set_title("Projection per turn, capped vs uncapped")
@@ -105,8 +106,6 @@ def _markdown(results: dict, meta: dict) -> str:
               f"- Perplexity on {len(cap['perplexity'])} neutral passages: capped "
               f"{_fmt(cap['mean_perplexity']['capped'])}, uncapped {_fmt(cap['mean_perplexity']['uncapped'])} "
               f"(mean change {cap['perplexity_change']:+.1%}).", ""]
-    if meta.get("reading"):
-        lines += ["## Reading", "", meta["reading"], ""]
     return "\n".join(lines)
 
 

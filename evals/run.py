@@ -49,19 +49,25 @@ async def run_drift(client: EvalClient, cfg: EvalConfig) -> dict:
         conversations = suites.quick_slice(conversations, lambda c: c.drifts, n=2)
     turns = 2 if cfg.quick else None
 
+    jobs = [(conv, name) for conv in conversations for name in CONDITIONS]
+    bar = tqdm(total=sum(len(conv.turns[:turns]) for conv, _ in jobs), desc="persona drift", unit="req")
+
     async def play(conv: suites.Conversation, capping: bool) -> list[dict]:
         messages, out = [], []
         for user in conv.turns[:turns]:
             messages.append({"role": "user", "content": user})
             answer = await client.chat(messages, capping, cfg.max_tokens, seed=cfg.seed)
+            bar.update()
             messages.append({"role": "assistant", "content": answer.text})
             p = answer.projections
             out.append({"mean": statistics.fmean(p) if p else None, "low": low_quantile(p) if p else None,
                         "tokens": len(p), "answer": answer.text})
         return out
 
-    jobs = [(conv, name) for conv in conversations for name in CONDITIONS]
-    played = await _gather("persona drift", [play(conv, CONDITIONS[name]) for conv, name in jobs])
+    try:
+        played = await asyncio.gather(*(play(conv, CONDITIONS[name]) for conv, name in jobs))
+    finally:
+        bar.close()
     records = [{"id": conv.id, "kind": conv.kind, "drifts": conv.drifts, "condition": name, "turns": turns_}
                for (conv, name), turns_ in zip(jobs, played)]
     return {"records": records, "per_turn": _per_turn(records)}
