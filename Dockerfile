@@ -36,7 +36,7 @@ COPY axes/ axes/
 RUN pip install . \
     && useradd --create-home --uid 10001 axiscap \
     && mkdir -p /opt/axiscap/cache \
-    && python -c "from axiscap.server.model_loading import load_model; load_model('smollm2-135m-instruct', device='cpu', cache_dir='/opt/axiscap/cache')" \
+    && python -c "from axiscap.server.engines.hf.model_loading import load_model; load_model('smollm2-135m-instruct', device='cpu', cache_dir='/opt/axiscap/cache')" \
     && chown -R axiscap:axiscap /opt/axiscap/cache
 
 USER 10001

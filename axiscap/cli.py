@@ -17,7 +17,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     from axiscap.server.app import build_state, create_app
     from axiscap.server.config import Settings
-    from axiscap.server.model_loading import load_model
+    from axiscap.server.engines.hf.model_loading import load_model
     from axiscap.steering import load_axis
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
@@ -55,9 +55,9 @@ def engine_generate(loaded, max_batch_size: int = 16):
     import itertools
 
     from axiscap.server.chat_template import chat_prompt_ids
-    from axiscap.server.engine import Engine
+    from axiscap.server.engines.hf.engine import Engine
     from axiscap.server.metrics import ServingMetrics
-    from axiscap.server.sampling import SamplingParams
+    from axiscap.server.engines import SamplingParams
 
     engine = Engine(loaded, None, ServingMetrics(loaded.name, [], [0.0]), max_batch_size=max_batch_size,
                     max_waiting=1 << 20)
@@ -83,7 +83,7 @@ def engine_generate(loaded, max_batch_size: int = 16):
 def _build(args: argparse.Namespace) -> None:
     from axiscap.axes.pipeline import BuildConfig, build
     from axiscap.axes.role_scoring import EmbeddingScorer, JudgeScorer
-    from axiscap.server.model_loading import load_model
+    from axiscap.server.engines.hf.model_loading import load_model
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loaded = load_model(args.model, device=args.device, cache_dir=args.cache_dir)

@@ -122,7 +122,7 @@ def generate_ceiling(concurrencies: list[int], max_tokens: int, cache_dir: Path 
     """Plain model.generate on a padded batch, no hooks: what the model itself can do in-process."""
     import torch
 
-    from axiscap.server.model_loading import load_model
+    from axiscap.server.engines.hf.model_loading import load_model
 
     loaded = load_model(MODEL, device="cpu", cache_dir=cache_dir)
     tok = loaded.tokenizer

@@ -50,7 +50,7 @@ def local_server(model: str, axis_path: Path | None, device: str):
 
     from axiscap.server.app import build_state, create_app
     from axiscap.server.config import Settings
-    from axiscap.server.model_loading import load_model
+    from axiscap.server.engines.hf.model_loading import load_model
     from axiscap.axes import shipped_axis
     from axiscap.steering import load_axis
 

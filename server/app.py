@@ -18,9 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from axiscap.steering import AssistantAxis
 
 from .config import Settings
-from .engine import Engine
+from .engines.hf.engine import Engine
 from .metrics import ServingMetrics, projection_buckets
-from .model_loading import LoadedModel, kv_cache_budget
+from .engines.hf.model_loading import LoadedModel, kv_cache_budget
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
                        ModelList, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse, VersionResponse,
                        error_body)

@@ -17,7 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator,
                       model_serializer, model_validator)
 
-from .sampling import MAX_LOGPROBS
+from .engines import MAX_LOGPROBS
 
 # A seed is handed to torch.Generator.manual_seed, which takes a 64-bit value: bound it as vLLM does.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

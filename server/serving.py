@@ -17,15 +17,14 @@ from sse_starlette import EventSourceResponse
 
 from .chat_template import ChatTemplateError, chat_prompt_ids
 from .config import Settings
-from .engine import Delta, DoesNotFit, Engine, Logprob, QueueFull, Request
-from .model_loading import LoadedModel
+from .engines import (Delta, DoesNotFit, EngineClient, GrammarError, Logprob, QueueFull, Request,
+                      SamplingParams)
+from .engines.hf.model_loading import LoadedModel
 from .protocol import (APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                        ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatMessage, ChatTokenLogprob, Completion,
                        CompletionChoice, CompletionLogprobs, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
                        ModelCard, ModelList, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse,
                        TopLogprob, Usage, VersionResponse, _GenerationBody, error_body, new_id, now)
-from .sampling import SamplingParams
-from .structured_output import GrammarCompiler, GrammarError
 
 _END_ERRORS = {
     "error": ("generation failed on the server", "server_error", 500),
@@ -147,12 +146,11 @@ class CompletionShape(_Shape):
 
 
 class OpenAIServing:
-    def __init__(self, engine: Engine, loaded: LoadedModel, settings: Settings):
+    def __init__(self, engine: EngineClient, loaded: LoadedModel, settings: Settings):
         self.engine, self.loaded, self.settings = engine, loaded, settings
         self.tokenizer = loaded.tokenizer
         self.created = now()
         self.max_model_len = min(settings.max_model_len or loaded.context_length, loaded.context_length)
-        self.grammars = GrammarCompiler(self.tokenizer, engine.vocab_size)
         # A token's own text, as logprobs name it (vLLM decodes each id alone too).
         self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda i: self.tokenizer.decode([i]))
 
@@ -216,7 +214,7 @@ class OpenAIServing:
             return policy == "always"
         return self.settings.capping_default if body.capping is None else body.capping
 
-    async def sampling_params(self, body: _GenerationBody, prompt_ids: list[int]) -> SamplingParams:
+    def sampling_params(self, body: _GenerationBody, prompt_ids: list[int]) -> SamplingParams:
         """Check the request against this server and model; the per-choice parameters."""
         self._check_model(body.model)
         if body.return_projections and not self.settings.allow_projections:
@@ -249,17 +247,7 @@ class OpenAIServing:
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, logit_bias=tuple(bias.items()), min_tokens=body.min_tokens,
             ignore_eos=body.ignore_eos, logprobs=body.generated_logprobs(),
-            prompt_logprobs=body.logprobs if echo_logprobs else None, grammar=await self._grammar(body))
-
-    async def _grammar(self, body: _GenerationBody):
-        fmt = body.response_format
-        if fmt is None or fmt.type == "text":
-            return None
-        schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
-        try:  # off the event loop: a large schema takes a while to compile
-            return await asyncio.to_thread(self.grammars.compile, fmt.type, schema)
-        except GrammarError as exc:
-            raise APIError(400, str(exc), param="response_format") from None
+            prompt_logprobs=body.logprobs if echo_logprobs else None, response_format=_response_format(body))
 
     def submit(self, body: _GenerationBody, prompt_ids: list[int], params: SamplingParams) -> list[Request]:
         """One engine request per choice; a seeded request's choices take seed, seed + 1, ... (as vLLM)."""
@@ -273,6 +261,8 @@ class OpenAIServing:
                            code="queue_full", headers={"Retry-After": "1"}) from None
         except DoesNotFit as exc:
             raise APIError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
+        except GrammarError as exc:
+            raise APIError(400, str(exc), param="response_format") from None
         except ValueError as exc:  # per-request setup refused it (e.g. a seed torch cannot take)
             raise APIError(400, f"invalid request: {exc}") from None
 
@@ -280,7 +270,7 @@ class OpenAIServing:
 
     async def respond(self, shape: _Shape, http: HTTPRequest):
         body, prompt_ids = shape.body, shape.prompt_ids
-        params = await self.sampling_params(body, prompt_ids)
+        params = self.sampling_params(body, prompt_ids)
         requests = self.submit(body, prompt_ids, params)
         if body.stream:
             return EventSourceResponse(self._stream(shape, requests), ping=15)
@@ -344,6 +334,13 @@ class OpenAIServing:
         result = shape.response(False, **envelope, choices=[shape.choice(out, True, streaming=False) for out in outs],
                                 usage=Usage.of(len(shape.prompt_ids), sum(len(o.token_ids) for o in outs)))
         return JSONResponse(result.model_dump(mode="json"))
+
+
+def _response_format(body: _GenerationBody) -> tuple[str, str | None] | None:
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    return fmt.type, json.dumps(fmt.json_schema.schema_) if fmt.json_schema is not None else None
 
 
 async def _merged(requests: list[Request]) -> AsyncIterator[tuple[int, Delta]]:

@@ -25,7 +25,7 @@ def free_port() -> int:
 def smollm2():
     """The embedded default model, loaded once (de-quantized into the user cache on first use)."""
     from axiscap.server.config import Settings
-    from axiscap.server.model_loading import load_model
+    from axiscap.server.engines.hf.model_loading import load_model
 
     return load_model("smollm2-135m-instruct", device="cpu", cache_dir=Settings().cache_dir)
 

@@ -7,10 +7,10 @@ from contextlib import contextmanager
 
 import pytest
 
-from axiscap.server.engine import DoesNotFit, Engine, QueueFull
-from axiscap.server.kv_slots import slot_capacity
+from axiscap.server.engines import DoesNotFit, QueueFull, SamplingParams
+from axiscap.server.engines.hf.engine import Engine
+from axiscap.server.engines.hf.kv_slots import slot_capacity
 from axiscap.server.metrics import ServingMetrics
-from axiscap.server.sampling import SamplingParams
 
 from .conftest import chat_ids
 

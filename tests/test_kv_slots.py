@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from axiscap.server.kv_slots import PrefillStore, SlotStore, check_supported, slot_attention_for, slot_capacity
+from axiscap.server.engines.hf.kv_slots import PrefillStore, SlotStore, check_supported, slot_attention_for, slot_capacity
 
 from .conftest import tiny_model
 

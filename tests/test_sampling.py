@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from axiscap.server.sampling import LOGPROB_FLOOR, BatchSampler, SamplingParams
+from axiscap.server.engines import LOGPROB_FLOOR, SamplingParams
+from axiscap.server.engines.hf.sampling import BatchSampler
 
 CPU = torch.device("cpu")
 EOS = 7

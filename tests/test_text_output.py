@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from axiscap.server.text_output import IncrementalDetokenizer, StopMatcher
+from axiscap.server.engines.hf.text_output import IncrementalDetokenizer, StopMatcher
 
 
 def test_incremental_decoding_equals_whole_decoding(smollm2):

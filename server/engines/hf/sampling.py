@@ -15,35 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
+from ..base import LOGPROB_FLOOR, SamplingParams
 from .structured_output import allocate_bitmask, apply_bitmask, fill_bitmask
-
-MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI bounds top_logprobs
-# JSON has no -inf: a token the grammar or min_tokens rules out reports this, as vLLM does.
-LOGPROB_FLOOR = -9999.0
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    capping: bool = True
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0  # vLLM's: > 1 divides positive logits of seen tokens, multiplies negative
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    min_tokens: int = 0
-    ignore_eos: bool = False  # end-of-sequence does not end the completion (fixed-length benchmarks)
-    logprobs: int | None = None  # None: none; k: the chosen token's logprob and its top k alternatives
-    prompt_logprobs: int | None = None  # the same for every prompt token (completions' echo)
-    grammar: Any = None  # a compiled grammar (see structured_output) the completion must follow
-
-    @property
-    def penalized(self) -> bool:
-        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
-                or self.min_tokens > 0)
 
 
 class SamplingRow(Protocol):

@@ -38,94 +38,17 @@ import torch
 
 from axiscap.steering import AssistantAxis, AxisHooks
 
+from ...metrics import ServingMetrics
+from ..base import LOGPROB_FLOOR, Delta, DoesNotFit, Logprob, QueueFull, Request, SamplingParams
 from .kv_slots import PrefillStore, SlotStore, check_supported, slot_attention_for, slot_capacity
-from .metrics import ServingMetrics
 from .model_loading import LoadedModel
-from .sampling import LOGPROB_FLOOR, BatchSampler, SamplingParams
-from .structured_output import new_matcher
+from .sampling import BatchSampler
+from .structured_output import GrammarCompiler, new_matcher
 from .text_output import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
 
 _MAX_STRIKES = 3  # failed steps a request may be part of before it is failed itself
-
-
-class QueueFull(Exception):
-    """The waiting queue is at its bound; the caller should answer 429."""
-
-
-class DoesNotFit(ValueError):
-    """A request that needs more KV cache than the engine will ever have; the caller answers 400."""
-
-
-@dataclass
-class Logprob:
-    """A token's logprob and the top alternatives at its position, as (token id, logprob)."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
-
-
-@dataclass
-class Delta:
-    """What one engine step produced for one request."""
-
-    text: str
-    token_ids: list[int]
-    projections: list[float]
-    finish_reason: str | None = None  # "stop", "length", "cancelled", "timeout" or "error"
-    logprobs: list[Logprob] | None = None  # one per token id, when the request asked for them
-    # In the first delta of a request that asked: one per prompt token (None for the first).
-    prompt_logprobs: list[Logprob | None] | None = None
-
-
-class Request:
-    """A submitted generation. Iterate ``deltas()`` from the event loop; ``cancel()`` from anywhere."""
-
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop,
-                 timeout: float | None = None):
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.arrival = time.monotonic()
-        self.deadline = self.arrival + timeout if timeout is not None else None
-        self._loop = loop
-        self._out: asyncio.Queue[Delta] = asyncio.Queue()
-        self._cancelled = threading.Event()
-        self._row: _Row | None = None  # the engine's state for it, made in submit()
-        self._alone = False  # prefill it in a group of its own (its group failed once)
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    @property
-    def reserved_tokens(self) -> int:
-        """KV cache columns this request may come to hold: its prompt and its whole completion."""
-        return len(self.prompt_ids) + self.params.max_tokens
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    def _ended(self, now: float) -> str | None:
-        if self.cancelled:
-            return "cancelled"
-        if self.deadline is not None and now >= self.deadline:
-            return "timeout"
-        return None
-
-    def _emit(self, delta: Delta) -> None:  # engine thread
-        try:
-            self._loop.call_soon_threadsafe(self._out.put_nowait, delta)
-        except RuntimeError:  # its event loop is closed: nobody is left to read it
-            pass
-
-    async def deltas(self):
-        while True:
-            delta = await self._out.get()
-            yield delta
-            if delta.finish_reason is not None:
-                return
 
 
 @dataclass
@@ -144,6 +67,7 @@ class _Row:
     prefilled: bool = False  # its prompt tokens were counted
     strikes: int = 0  # failed steps it was part of
     last_token_at: float = 0.0
+    alone: bool = False  # prefill it in a group of its own (its group failed once)
     pending_ids: list[int] = field(default_factory=list)
     pending_projections: list[float] = field(default_factory=list)
     pending_logprobs: list[Logprob] = field(default_factory=list)
@@ -209,6 +133,7 @@ class Engine:
         self.kv_cache_tokens = kv_cache_tokens  # None: unbounded
         self.eos_ids = self._eos_ids()
         self.vocab_size = self.model.config.get_text_config().vocab_size  # the logits' width
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
         self.sampler = self._new_sampler()
         self.device_error: str | None = None  # set once the device itself has failed
 
@@ -278,13 +203,14 @@ class Engine:
     def _new_request(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop,
                      timeout: float | None) -> Request:
         request = Request(prompt_ids, params, loop, timeout)
+        grammar = self.grammars.compile(*params.response_format) if params.response_format else None
         reserved, budget = request.reserved_tokens, self.kv_cache_tokens
         if budget is not None and reserved > budget:
             raise DoesNotFit(f"the prompt ({len(prompt_ids)} tokens) and max_tokens ({params.max_tokens}) need "
                              f"{reserved} KV cache tokens; this server has {budget}")
         capacity = slot_capacity(reserved) if budget is None else min(slot_capacity(reserved), budget)
         request._row = _Row(request, IncrementalDetokenizer(self.tokenizer, prompt_ids), StopMatcher(params.stop),
-                            BatchSampler.generator_for(params, self.device), new_matcher(params.grammar), capacity)
+                            BatchSampler.generator_for(params, self.device), new_matcher(grammar), capacity)
         return request
 
     def _busy_slots(self) -> int:
@@ -327,7 +253,7 @@ class Engine:
             leftover += self._prefilling.requests if self._prefilling is not None else []
             self._waiting.clear()
         for request in leftover:
-            request._emit(Delta("", [], [], "cancelled"))
+            request.emit(Delta("", [], [], "cancelled"))
 
     def _guarded(self, step, on_failure) -> None:
         try:
@@ -340,7 +266,7 @@ class Engine:
     def _fail(self, requests: list[Request]) -> None:
         for request in requests:
             self.metrics.finished("error")
-            request._emit(Delta("", [], [], "error"))
+            request.emit(Delta("", [], [], "error"))
 
     def _prefill_failed(self, exc: Exception) -> None:
         """Only the group is involved: the running batch has its own cache and goes on."""
@@ -374,7 +300,7 @@ class Engine:
         """Put requests back at the head of the queue, each to be prefilled in a group of its own."""
         with self._wakeup:
             for request in reversed(requests):
-                request._alone = True
+                request._row.alone = True
                 self._waiting.appendleft(request)
             self.metrics.waiting.set(len(self._waiting))
 
@@ -383,7 +309,7 @@ class Engine:
         taken: list[Request] = []
         while self._waiting and self._busy_slots() + len(taken) < self._batch_limit:
             request = self._waiting[0]
-            if taken and (request._alone or taken[0]._alone):
+            if taken and (request._row.alone or taken[0]._row.alone):
                 break
             if self.kv_cache_tokens is not None and (self._rows or taken) and not self._fits(taken + [request]):
                 break  # waits until running requests finish and free their slots
@@ -405,7 +331,7 @@ class Engine:
         now = time.monotonic()
 
         def ended_among(requests) -> list[tuple[Request, str]]:
-            return [(r, reason) for r in requests if (reason := r._ended(now))]
+            return [(r, reason) for r in requests if (reason := r.ended(now))]
 
         with self._wakeup:
             ended = ended_among(self._waiting)
@@ -416,13 +342,13 @@ class Engine:
         if group is not None and len(in_group := ended_among(group.requests)) == len(group.requests):
             ended += in_group
             self._prefilling = None
-        gone = [(row, reason) for row in self._rows if (reason := row.request._ended(now))]
+        gone = [(row, reason) for row in self._rows if (reason := row.request.ended(now))]
         ended += [(row.request, reason) for row, reason in gone]
         if gone:
             self._remove_rows([row for row, _ in gone])
         for request, reason in ended:
             self.metrics.finished(reason)
-            request._emit(Delta("", [], [], reason))
+            request.emit(Delta("", [], [], reason))
 
     def _prefill_chunk(self) -> None:
         """Prefill the next slice of the waiting group's prompts; merge the group once it is done.
@@ -600,7 +526,7 @@ class Engine:
             self.metrics.finished(finish)
             self.metrics.request_duration.observe(now - request.arrival)
         if text or finish:
-            request._emit(Delta(text, row.pending_ids, row.pending_projections, finish,
+            request.emit(Delta(text, row.pending_ids, row.pending_projections, finish,
                                 row.pending_logprobs if params.logprobs is not None else None,
                                 row.prompt_logprobs))
             row.pending_ids, row.pending_projections, row.pending_logprobs = [], [], []

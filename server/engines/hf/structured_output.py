@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
 
 import torch
 import xgrammar as xgr
 from transformers import PreTrainedTokenizerBase
 
-
-class GrammarError(ValueError):
-    """The response_format cannot be compiled into a grammar."""
+from ..base import GrammarError
 
 
 class GrammarCompiler:
@@ -26,15 +23,16 @@ class GrammarCompiler:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
 
-    def compile(self, kind: str, schema: dict[str, Any] | None = None) -> xgr.CompiledGrammar | None:
-        """``kind`` is response_format.type: "text" (no grammar), "json_object" or "json_schema"."""
+    def compile(self, kind: str, schema: str | None = None) -> xgr.CompiledGrammar | None:
+        """``kind`` is response_format.type: "text" (no grammar), "json_object" or "json_schema"
+        (``schema`` then holds the JSON schema's text)."""
         if kind == "text":
             return None
         if kind == "json_object":
-            schema = {"type": "object"}
+            schema = json.dumps({"type": "object"})
         try:
             # Compact JSON: free whitespace lets a small model wander into endless newlines.
-            return self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
+            return self._compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=True)
         except Exception as exc:  # xgrammar raises RuntimeError / ValueError subclasses of its own
             # Its messages start with "[time] source.cc:line: "; the reason is what follows.
             reason = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(exc)).strip()

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import DEFAULT_MODEL_NAME
+from ...config import DEFAULT_MODEL_NAME
 
 log = logging.getLogger(__name__)
 

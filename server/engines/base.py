@@ -1,0 +1,145 @@
+"""The engine seam: what the HTTP layer hands an engine and gets back, whichever engine runs.
+
+An engine takes prompt token ids with per-request ``SamplingParams`` (sampling, the capping switch,
+logprobs, structured output), and answers with a ``Request`` handle whose ``deltas()`` stream text,
+token ids, per-token axis projections and logprobs until a finish reason. ``EngineClient`` is the
+interface the routes use; ``hf.engine.Engine`` (transformers, CPU and the embedded model) is the
+implementation today.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI bounds top_logprobs
+# JSON has no -inf: a token the grammar or min_tokens rules out reports this, as vLLM does.
+LOGPROB_FLOOR = -9999.0
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    capping: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's: > 1 divides positive logits of seen tokens, multiplies negative
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False  # end-of-sequence does not end the completion (fixed-length benchmarks)
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob and its top k alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token (completions' echo)
+    response_format: tuple[str, str | None] | None = None  # ("json_object" | "json_schema", schema JSON)
+
+    @property
+    def penalized(self) -> bool:
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+                or self.min_tokens > 0)
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound; the caller should answer 429."""
+
+
+class DoesNotFit(ValueError):
+    """A request that needs more KV cache than the engine will ever have; the caller answers 400."""
+
+
+@dataclass
+class Logprob:
+    """A token's logprob and the top alternatives at its position, as (token id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Delta:
+    """What one engine step produced for one request."""
+
+    text: str
+    token_ids: list[int]
+    projections: list[float]
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "timeout" or "error"
+    logprobs: list[Logprob] | None = None  # one per token id, when the request asked for them
+    # In the first delta of a request that asked: one per prompt token (None for the first).
+    prompt_logprobs: list[Logprob | None] | None = None
+
+
+class Request:
+    """A submitted generation. Iterate ``deltas()`` from the event loop; ``cancel()`` from anywhere."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop,
+                 timeout: float | None = None):
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.arrival = time.monotonic()
+        self.deadline = self.arrival + timeout if timeout is not None else None
+        self._loop = loop
+        self._out: asyncio.Queue[Delta] = asyncio.Queue()
+        self._cancelled = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def reserved_tokens(self) -> int:
+        """KV cache columns this request may come to hold: its prompt and its whole completion."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def ended(self, now: float) -> str | None:
+        """Why the engine should stop it now: "cancelled", "timeout", or None."""
+        if self.cancelled:
+            return "cancelled"
+        if self.deadline is not None and now >= self.deadline:
+            return "timeout"
+        return None
+
+    def emit(self, delta: Delta) -> None:
+        """Hand a delta to the request's event loop (from the engine's thread)."""
+        try:
+            self._loop.call_soon_threadsafe(self._out.put_nowait, delta)
+        except RuntimeError:  # its event loop is closed: nobody is left to read it
+            pass
+
+    async def deltas(self):
+        while True:
+            delta = await self._out.get()
+            yield delta
+            if delta.finish_reason is not None:
+                return
+
+
+class GrammarError(ValueError):
+    """A response_format the engine cannot turn into a grammar; the caller answers 400."""
+
+
+class EngineClient(Protocol):
+    """What the HTTP layer needs of an engine."""
+
+    device_error: str | None  # set once the device itself has failed (/health answers 503)
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    @property
+    def healthy(self) -> bool: ...
+
+    def submit_all(self, prompt_ids: list[int], params: list[SamplingParams],
+                   timeout: float | None = None) -> list[Request]:
+        """Queue one request per params (the choices of one API request), all or none; raises
+        QueueFull, DoesNotFit, GrammarError or another ValueError for a request it refuses."""
+        ...

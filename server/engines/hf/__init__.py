@@ -1,0 +1,1 @@
+"""The transformers engine: iteration-level batching with per-request KV slots, capping hooks."""
