@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .engines.base import StepStats
+
 PREFIX = "axiscap"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
                     10.0, 20.0, 40.0, 80.0)
@@ -84,6 +86,25 @@ class ServingMetrics:
         if queue_capacity is not None:
             capacity.labels(m).set(queue_capacity)
         self.model = m
+
+    def record(self, stats: StepStats) -> None:
+        """An engine's report of what it did (the StatLogger every engine feeds)."""
+        self.waiting.set(stats.waiting)
+        self.running.set(stats.running)
+        if stats.prompt_tokens:
+            self.prompt_tokens.inc(stats.prompt_tokens)
+        for seconds in stats.first_token_seconds:
+            self.time_to_first_token.observe(seconds)
+        for seconds in stats.inter_token_seconds:
+            self.inter_token_latency.observe(seconds)
+        for projection, capping in stats.tokens:
+            self.observe_token(projection, capping)
+        for hits in stats.cap_hits:
+            self.add_cap_hits(hits)
+        for reason, seconds in stats.finished:
+            self.finished(reason)
+            if seconds is not None:
+                self.request_duration.observe(seconds)
 
     def observe_token(self, projection: float, capping: bool) -> None:
         self._projection[capping].observe(projection)

@@ -119,7 +119,7 @@ def test_cancel_frees_the_slot_within_a_step(smollm2, smollm2_axis):
         assert last == "cancelled"
         assert seen < 10
         assert engine._rows == []
-        assert engine.metrics.requests.labels(smollm2.name, "cancelled")._value.get() == 1
+        assert engine.stat_logger.requests.labels(smollm2.name, "cancelled")._value.get() == 1
 
 
 def test_queue_bound_raises_queue_full(smollm2, smollm2_axis):
@@ -203,7 +203,7 @@ async def wait_for(predicate, timeout=60.0):
 
 
 def errors(engine):
-    return engine.metrics.requests.labels(engine.metrics.model, "error")._value.get()
+    return engine.stat_logger.requests.labels(engine.stat_logger.model, "error")._value.get()
 
 
 def test_a_request_that_breaks_its_prefill_fails_alone_while_six_streams_finish(smollm2, smollm2_axis):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI bounds top_logprobs
@@ -120,6 +120,26 @@ class Request:
             yield delta
             if delta.finish_reason is not None:
                 return
+
+
+@dataclass
+class StepStats:
+    """What an engine did since its last report; its ``StatLogger`` turns that into metrics."""
+
+    waiting: int = 0  # requests queued, after the step
+    running: int = 0  # requests in the batch, after the step
+    prompt_tokens: int = 0  # prompt tokens of requests whose prefill finished
+    first_token_seconds: list[float] = field(default_factory=list)  # arrival to first token
+    inter_token_seconds: list[float] = field(default_factory=list)
+    tokens: list[tuple[float, bool]] = field(default_factory=list)  # per generated token: (projection, capped)
+    cap_hits: list[list[float]] = field(default_factory=list)  # per forward: positions capped, per capped layer
+    finished: list[tuple[str, float | None]] = field(default_factory=list)  # (reason, seconds since arrival)
+
+
+class StatLogger(Protocol):
+    """Where an engine's statistics go: the one place that feeds Prometheus (``metrics.ServingMetrics``)."""
+
+    def record(self, stats: StepStats) -> None: ...
 
 
 class GrammarError(ValueError):

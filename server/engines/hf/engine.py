@@ -38,8 +38,7 @@ import torch
 
 from axiscap.steering import AssistantAxis, AxisHooks
 
-from ...metrics import ServingMetrics
-from ..base import LOGPROB_FLOOR, Delta, DoesNotFit, Logprob, QueueFull, Request, SamplingParams
+from ..base import LOGPROB_FLOOR, Delta, DoesNotFit, Logprob, QueueFull, Request, SamplingParams, StatLogger, StepStats
 from .kv_slots import PrefillStore, SlotStore, check_supported, slot_attention_for, slot_capacity
 from .model_loading import LoadedModel
 from .sampling import BatchSampler
@@ -115,7 +114,7 @@ class _PrefillGroup:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, axis: AssistantAxis | None, metrics: ServingMetrics,
+    def __init__(self, loaded: LoadedModel, axis: AssistantAxis | None, stat_logger: StatLogger,
                  max_batch_size: int = 16, max_waiting: int = 64, prefill_chunk_tokens: int = 512,
                  kv_cache_tokens: int | None = None):
         check_supported(loaded.model)
@@ -125,7 +124,11 @@ class Engine:
         # Without an axis (while one is being built) the engine generates with no hooks at all.
         self.hooks = AxisHooks(self.model, axis) if axis is not None else None
         self._no_hits = torch.zeros(0, device=self.device)
-        self.metrics = metrics
+        # Statistics and deltas wait for the end of the step: the step's stats are recorded first, so a
+        # client that sees its request end finds it counted.
+        self.stat_logger = stat_logger
+        self._stats = StepStats()
+        self._outbox: list[tuple[Request, Delta]] = []
         self.max_batch_size = max_batch_size
         self._batch_limit = max_batch_size  # lowered after an out-of-memory step
         self.max_waiting = max_waiting
@@ -196,7 +199,6 @@ class Engine:
             if len(requests) > room:
                 raise QueueFull()
             self._waiting.extend(requests)
-            self.metrics.waiting.set(len(self._waiting))
             self._wakeup.notify()
         return requests
 
@@ -239,6 +241,7 @@ class Engine:
                                                                  self.device)
                     if self._prefilling is not None:
                         self._guarded(self._prefill_chunk, self._prefill_failed)
+                        self._report()  # first tokens go out before the decode step
                     if self._rows:
                         self._guarded(self._decode_step, self._decode_failed)
             except Exception:  # the bookkeeping itself broke: nothing can be trusted, fail what runs
@@ -247,13 +250,33 @@ class Engine:
                            (self._prefilling.requests if self._prefilling is not None else []))
                 self._prefilling = None
                 self._reset_batch()
-            self.metrics.running.set(len(self._rows))
+            self._report()
         with self._wakeup:
             leftover = [row.request for row in self._rows] + list(self._waiting)
             leftover += self._prefilling.requests if self._prefilling is not None else []
             self._waiting.clear()
         for request in leftover:
             request.emit(Delta("", [], [], "cancelled"))
+
+    def _send(self, request: Request, delta: Delta) -> None:
+        if delta.finish_reason is not None:
+            seconds = time.monotonic() - request.arrival if delta.finish_reason in ("stop", "length") else None
+            self._stats.finished.append((delta.finish_reason, seconds))
+        self._outbox.append((request, delta))
+
+    def _report(self) -> None:
+        """Record the step's statistics, then hand out its deltas."""
+        stats, self._stats = self._stats, StepStats()
+        with self._wakeup:
+            stats.waiting = len(self._waiting)
+        stats.running = len(self._rows)
+        try:
+            self.stat_logger.record(stats)
+        except Exception:  # metrics are not worth a request: log it and go on
+            log.exception("recording engine statistics failed")
+        outbox, self._outbox = self._outbox, []
+        for request, delta in outbox:
+            request.emit(delta)
 
     def _guarded(self, step, on_failure) -> None:
         try:
@@ -265,8 +288,7 @@ class Engine:
 
     def _fail(self, requests: list[Request]) -> None:
         for request in requests:
-            self.metrics.finished("error")
-            request.emit(Delta("", [], [], "error"))
+            self._send(request, Delta("", [], [], "error"))
 
     def _prefill_failed(self, exc: Exception) -> None:
         """Only the group is involved: the running batch has its own cache and goes on."""
@@ -302,7 +324,6 @@ class Engine:
             for request in reversed(requests):
                 request._row.alone = True
                 self._waiting.appendleft(request)
-            self.metrics.waiting.set(len(self._waiting))
 
     def _take_waiting(self) -> list[Request]:
         """The next prefill group: as many waiting requests as the batch and the KV budget admit."""
@@ -314,7 +335,6 @@ class Engine:
             if self.kv_cache_tokens is not None and (self._rows or taken) and not self._fits(taken + [request]):
                 break  # waits until running requests finish and free their slots
             taken.append(self._waiting.popleft())
-        self.metrics.waiting.set(len(self._waiting))
         return taken
 
     def _fits(self, group: list[Request]) -> bool:
@@ -337,7 +357,6 @@ class Engine:
             ended = ended_among(self._waiting)
             for request, _ in ended:
                 self._waiting.remove(request)
-            self.metrics.waiting.set(len(self._waiting))
         group = self._prefilling
         if group is not None and len(in_group := ended_among(group.requests)) == len(group.requests):
             ended += in_group
@@ -347,8 +366,7 @@ class Engine:
         if gone:
             self._remove_rows([row for row, _ in gone])
         for request, reason in ended:
-            self.metrics.finished(reason)
-            request.emit(Delta("", [], [], reason))
+            self._send(request, Delta("", [], [], reason))
 
     def _prefill_chunk(self) -> None:
         """Prefill the next slice of the waiting group's prompts; merge the group once it is done.
@@ -395,7 +413,7 @@ class Engine:
         for row in rows:
             if not row.prefilled:  # a re-prefill after a failed step is not new prompt work
                 row.prefilled = True
-                self.metrics.prompt_tokens.inc(len(row.request.prompt_ids))
+                self._stats.prompt_tokens += len(row.request.prompt_ids)
         # Sample only the new rows, with their own parameters.
         sampler = self._new_sampler()
         sampler.set_rows(rows)
@@ -476,7 +494,8 @@ class Engine:
         host = torch.cat(parts).tolist()
         if self.hooks is not None:
             self.hooks.cap_hits.zero_()
-        self.metrics.add_cap_hits(host[2 * n: 2 * n + len(hits)])
+        if len(hits):
+            self._stats.cap_hits.append(host[2 * n: 2 * n + len(hits)])
         k, at = (logprobs.top_ids.shape[1], 2 * n + len(hits)) if logprobs is not None else (0, 0)
         now = time.monotonic()
         finished: list[_Row] = []
@@ -499,14 +518,14 @@ class Engine:
         """Record one token for a row and emit what the client may see; True when it finished."""
         request, params = row.request, row.request.params
         if row.generated == 0:
-            self.metrics.time_to_first_token.observe(now - request.arrival)
+            self._stats.first_token_seconds.append(now - request.arrival)
         else:
-            self.metrics.inter_token_latency.observe(now - row.last_token_at)
+            self._stats.inter_token_seconds.append(now - row.last_token_at)
         row.last_token_at = now
         row.generated_ids.append(token)
         if row.matcher is not None and not row.matcher.is_terminated() and not row.matcher.accept_token(token):
             raise ValueError(f"token {token} breaks the request's grammar")
-        self.metrics.observe_token(projection, params.capping)
+        self._stats.tokens.append((projection, params.capping))
         row.pending_ids.append(token)
         row.pending_projections.append(projection)
         if logprob is not None:
@@ -522,13 +541,10 @@ class Engine:
                 finish = "stop"
             elif row.generated >= params.max_tokens:
                 text, finish = text + row.stops.flush(), "length"
-        if finish:  # metrics first, so a client that sees the end also sees it counted
-            self.metrics.finished(finish)
-            self.metrics.request_duration.observe(now - request.arrival)
         if text or finish:
-            request.emit(Delta(text, row.pending_ids, row.pending_projections, finish,
-                                row.pending_logprobs if params.logprobs is not None else None,
-                                row.prompt_logprobs))
+            self._send(request, Delta(text, row.pending_ids, row.pending_projections, finish,
+                                      row.pending_logprobs if params.logprobs is not None else None,
+                                      row.prompt_logprobs))
             row.pending_ids, row.pending_projections, row.pending_logprobs = [], [], []
             row.prompt_logprobs = None
         return finish is not None
