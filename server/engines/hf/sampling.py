@@ -135,7 +135,7 @@ class BatchSampler:
     def _processed(self, logits: torch.Tensor) -> torch.Tensor:
         if self._bias is None and self._counts is None and not self._grammar_rows:
             return logits
-        logits = logits.to(torch.float32, copy=True)  # the grammar's mask writes in place
+        given, logits = logits, logits.float()
         if self._bias is not None:
             logits = logits + self._bias
         if self._counts is not None:
@@ -148,6 +148,8 @@ class BatchSampler:
             logits = logits - self._frequency.unsqueeze(-1) * self._counts \
                 - self._presence.unsqueeze(-1) * (self._counts > 0)
         if self._grammar_rows:
+            if logits is given:  # the mask writes in place: never into the model's own output
+                logits = logits.clone()
             fill_bitmask(self._bitmask, self._matchers, self._grammar_rows)
             apply_bitmask(logits, self._bitmask, self._grammar_rows)
         return logits
