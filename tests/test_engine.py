@@ -19,9 +19,11 @@ ORACLE = ("You are an ancient oracle who speaks in cryptic prophecies from the t
 
 
 @contextmanager
-def running_engine(loaded, axis, **kwargs):
+def running_engine(loaded, axis, start: bool = True, **kwargs):
+    """An engine on the real model (its thread started unless ``start`` is off), stopped afterwards."""
     engine = Engine(loaded, axis, ServingMetrics(loaded.name, axis.cap_layers, [0.0]), **kwargs)
-    engine.start()
+    if start:
+        engine.start()
     try:
         yield engine
     finally:
@@ -123,9 +125,7 @@ def test_cancel_frees_the_slot_within_a_step(smollm2, smollm2_axis):
 
 
 def test_queue_bound_raises_queue_full(smollm2, smollm2_axis):
-    engine = Engine(smollm2, smollm2_axis, ServingMetrics(smollm2.name, smollm2_axis.cap_layers, [0.0]),
-                    max_batch_size=1, max_waiting=1)
-    try:
+    with running_engine(smollm2, smollm2_axis, start=False, max_batch_size=1, max_waiting=1) as engine:
         async def fill():
             ids = chat_ids(smollm2.tokenizer, "hi")
             engine.submit(ids, SamplingParams(4))  # takes the free batch slot
@@ -133,14 +133,10 @@ def test_queue_bound_raises_queue_full(smollm2, smollm2_axis):
             with pytest.raises(QueueFull):
                 engine.submit(ids, SamplingParams(4))
         asyncio.run(fill())
-    finally:
-        engine.hooks.remove()
 
 
 def test_the_choices_of_one_request_queue_all_or_none(smollm2, smollm2_axis):
-    engine = Engine(smollm2, smollm2_axis, ServingMetrics(smollm2.name, smollm2_axis.cap_layers, [0.0]),
-                    max_batch_size=2, max_waiting=2)
-    try:
+    with running_engine(smollm2, smollm2_axis, start=False, max_batch_size=2, max_waiting=2) as engine:
         async def fill():
             ids = chat_ids(smollm2.tokenizer, "hi")
             with pytest.raises(QueueFull):
@@ -148,8 +144,6 @@ def test_the_choices_of_one_request_queue_all_or_none(smollm2, smollm2_axis):
             assert len(engine._waiting) == 0  # none of the five was queued
             assert len(engine.submit_all(ids, [SamplingParams(4)] * 4)) == 4
         asyncio.run(fill())
-    finally:
-        engine.hooks.remove()
 
 
 def test_chunked_prefill_gives_the_same_tokens_and_interleaves_with_decoding(smollm2, smollm2_axis):
