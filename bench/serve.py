@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,12 +35,6 @@ TOPICS = ["a lighthouse keeper", "a lost robot", "a desert caravan", "a clockmak
 
 def prompts(n: int) -> list[str]:
     return [f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]}." for i in range(n)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -157,6 +150,8 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def main() -> None:
+    from axiscap.server.app import free_port
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--max-tokens", type=int, default=64)

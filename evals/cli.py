@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import os
 import platform
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,39 +42,21 @@ def add_parser(commands) -> None:
 
 @contextmanager
 def local_server(model: str, axis_path: Path | None, device: str):
-    """A real axiscap server on a free loopback port, in this process."""
-    import socket
-
-    import uvicorn
-
-    from axiscap.server.app import build_state, create_app
+    """A real axiscap server on a free loopback port, in this process; yields its API's base URL."""
+    from axiscap.axes import shipped_axis
+    from axiscap.server.app import build_state, create_app, serve_in_background
     from axiscap.server.config import Settings
     from axiscap.server.engines.hf.model_loading import load_model
-    from axiscap.axes import shipped_axis
     from axiscap.steering import load_axis
 
     axis_path = axis_path or shipped_axis(model)
     if axis_path is None:
         raise ValueError(f"no axis for model {model!r}: pass --axis")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     settings = Settings(model=model, device=device, max_waiting=1024, log_level="warning")
     loaded = load_model(settings.model, settings.device, settings.dtype, settings.cache_dir)
     axis = load_axis(axis_path, loaded.n_layers, loaded.model.config.get_text_config().hidden_size)
-    server = uvicorn.Server(uvicorn.Config(create_app(build_state(settings, loaded, axis)), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("the local server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with serve_in_background(create_app(build_state(settings, loaded, axis))) as base_url:
+        yield base_url + "/v1"
 
 
 def _server_info(url: str, api_key: str) -> dict:

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_AXIS = REPO / "axes" / "smollm2-135m-instruct.safetensors"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -53,53 +45,21 @@ def assert_openai_error(response, status: int, param=...) -> dict:
     return error
 
 
-class LiveServer:
-    """A real uvicorn server on loopback in a background thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 @contextmanager
 def server(smollm2, smollm2_axis, **overrides):
     """A live server with its own settings (short completions unless told otherwise)."""
-    from axiscap.server.app import build_state, create_app
+    from axiscap.server.app import build_state, create_app, serve_in_background
     from axiscap.server.config import Settings
 
     state = build_state(Settings(**{"default_max_tokens": 16, **overrides}), smollm2, smollm2_axis)
-    with LiveServer(create_app(state)) as live:
-        live.state = state
-        yield live
+    with serve_in_background(create_app(state)) as base_url:
+        yield SimpleNamespace(base_url=base_url, state=state)
 
 
 @pytest.fixture(scope="module")
 def live_server(smollm2, smollm2_axis):
-    from axiscap.server.app import build_state, create_app
-    from axiscap.server.config import Settings
-
-    settings = Settings(max_batch_size=8, max_waiting=4, default_max_tokens=64)
-    state = build_state(settings, smollm2, smollm2_axis)
-    with LiveServer(create_app(state)) as server:
-        server.state = state
-        yield server
+    with server(smollm2, smollm2_axis, max_batch_size=8, max_waiting=4, default_max_tokens=64) as live:
+        yield live
 
 
 def tiny_model(family: str, seed: int = 0):

@@ -15,9 +15,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from axiscap.server.app import free_port
 from axiscap.server.config import Settings
 
-from .conftest import REPO, free_port
+from .conftest import REPO
 
 DEPLOY = REPO / "deploy"
 METRIC = re.compile(r"\baxiscap_[a-z0-9_]+")

@@ -12,7 +12,7 @@ import httpx
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import free_port
+from axiscap.server.app import free_port
 
 
 def test_axiscap_serve_with_openai_sdk(smollm2):  # smollm2: the converted model is cached before the start

@@ -7,7 +7,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from .conftest import LiveServer
+from .conftest import server
 
 EXAMPLES_PER_OPERATION = 100
 MODEL = "smollm2-135m-instruct"
@@ -15,14 +15,10 @@ MODEL = "smollm2-135m-instruct"
 
 @pytest.fixture(scope="module")
 def fuzzed_server(smollm2, smollm2_axis):
-    from axiscap.server.app import build_state, create_app
-    from axiscap.server.config import Settings
-
     # A short context keeps every generated request fast on a CPU.
-    state = build_state(Settings(max_model_len=64, default_max_tokens=8, max_batch_size=4, max_waiting=64),
-                        smollm2, smollm2_axis)
-    with LiveServer(create_app(state)) as server:
-        yield server
+    with server(smollm2, smollm2_axis, max_model_len=64, default_max_tokens=8, max_batch_size=4,
+                max_waiting=64) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
