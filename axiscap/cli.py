@@ -15,7 +15,7 @@ from axiscap.steering import AxisFileError
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from axiscap.server.app import build_state, create_app
+    from axiscap.server.app import build_state, build_vllm_state, create_app
     from axiscap.server.config import Settings
     from axiscap.server.engines.hf.model_loading import load_model
     from axiscap.steering import load_axis
@@ -31,12 +31,16 @@ def _serve(args: argparse.Namespace) -> None:
         )
     if not Path(axis_path).is_file():  # fail before the slow model load
         raise AxisFileError(axis_path, "no such file")
-    loaded = load_model(settings.model, settings.device, settings.dtype, settings.cache_dir,
-                        settings.served_model_name)
-    axis = load_axis(axis_path, loaded.n_layers, loaded.model.config.get_text_config().hidden_size)
+    if settings.backend == "vllm":
+        state = build_vllm_state(settings, axis_path)
+    else:
+        loaded = load_model(settings.model, settings.device, settings.dtype, settings.cache_dir,
+                            settings.served_model_name)
+        axis = load_axis(axis_path, loaded.n_layers, loaded.model.config.get_text_config().hidden_size)
+        state = build_state(settings, loaded, axis)
     logging.getLogger("axiscap").info("axis %s: capping layers %s, monitoring layer %d",
-                                      axis_path, axis.cap_layers, axis.monitor_layer)
-    app = create_app(build_state(settings, loaded, axis))
+                                      axis_path, state.axis.cap_layers, state.axis.monitor_layer)
+    app = create_app(state)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
 
 
@@ -119,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="name clients put in 'model'")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--backend", choices=["transformers", "vllm"],
+                       help="transformers (default): the built-in engine, for CPU and the embedded model; "
+                            "vllm: vLLM's engine, for GPUs and large models")
     serve.add_argument("--device", help="cpu, cuda, cuda:N, balanced (a model too large for one GPU, its "
                                         "layers split over all visible GPUs) or auto (default)")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
@@ -148,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--request-timeout", type=float,
                         help="seconds a request may take, queueing included; then it ends with a timeout "
                              "error (default 600)")
+
+    vllm = serve.add_argument_group(
+        "vLLM backend", "With --backend vllm (pip install 'axiscap[vllm]'), vLLM runs the model: paged KV cache, "
+                        "CUDA graphs, tensor and pipeline parallelism; capping runs inside its workers. These "
+                        "flags and --gpu-memory-utilization, --max-model-len go to vLLM under vLLM's own names; "
+                        "--max-batch-size, --prefill-chunk-tokens, --kv-cache-tokens and --device do not apply.")
+    vllm.add_argument("--tensor-parallel-size", type=int, help="GPUs each layer is split over (default 1)")
+    vllm.add_argument("--pipeline-parallel-size", type=int, help="stages the layers are split into, on one or "
+                                                               "several nodes (default 1)")
+    vllm.add_argument("--max-num-seqs", type=int, help="requests in vLLM's running batch (default: vLLM's)")
 
     policy = serve.add_argument_group(
         "operator policy", "What clients may do. A server in front of untrusted clients should set API keys, "

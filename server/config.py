@@ -19,6 +19,8 @@ class Settings(BaseSettings):
     axis: Path | None = Field(None, description="axis file (default: the shipped axis of the embedded model)")
     host: str = "127.0.0.1"
     port: int = 8000
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers (CPU, the embedded model) or vllm (GPUs; pip install 'axiscap[vllm]')")
     device: str = Field("auto", description="cpu, cuda, cuda:N, balanced (layers split over all GPUs) or auto")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     capping_default: bool = Field(True, description="capping for requests that do not say")
@@ -49,6 +51,11 @@ class Settings(BaseSettings):
     kv_cache_tokens: int | None = Field(None, ge=2, description="KV cache tokens for all running requests "
                                                                 "(default: from free GPU memory; on CPU 65536)")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of free GPU memory the KV cache may use")
+
+    # The vLLM backend's own settings, under vLLM's names.
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs each layer is split over")
+    pipeline_parallel_size: int = Field(1, ge=1, description="vLLM: stages the layers are split into")
+    max_num_seqs: int | None = Field(None, ge=1, description="vLLM: requests in the running batch (default vLLM's)")
 
     @field_validator("api_keys", mode="before")
     @classmethod

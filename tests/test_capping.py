@@ -188,3 +188,32 @@ def test_capping_runs_in_the_activation_dtype_and_projects_in_float32():
         post = seen[l][0].float() @ axis.unit(l)
         assert seen[l][0].dtype == torch.bfloat16
         assert (post >= axis.threshold(l) - 0.05 * max(1.0, abs(axis.threshold(l)))).all()  # bf16 rounding
+
+
+def test_split_residual_cap_caps_the_sum_and_keeps_vllms_split():
+    from torch import nn
+
+    from axiscap.steering.split_residual import install_split_residual_caps
+
+    class SplitLayer(nn.Module):  # vLLM's contract: the stream after the layer is hidden + residual
+        def forward(self, positions, hidden, residual):
+            return hidden * 2, residual + 1
+
+    g = torch.Generator().manual_seed(7)
+    axis = AssistantAxis(torch.randn(4, 16, generator=g), [1, 2], [0.3, -0.2], 1, "tiny", 25.0, 1)
+    layers = nn.ModuleList([SplitLayer() for _ in range(4)])
+    state = install_split_residual_caps(layers, axis, range(4), 8, torch.device("cpu"), torch.float32)
+    state.mask[:6] = torch.tensor([1.0, 1, 1, 0, 0, 0])  # rows 0-2 ask for capping; 6, 7 are padding
+    hidden, residual = torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g)
+
+    out_hidden, out_residual = layers[1](None, hidden, residual)
+    stream = hidden * 2 + (residual + 1)
+    assert torch.equal(out_hidden, hidden * 2)  # the correction goes on the residual only
+    want = reference_cap(stream[:3], axis.axis[1], 0.3)
+    assert torch.allclose((out_hidden + out_residual)[:3], want, atol=1e-5)
+    assert torch.equal(out_residual[3:], residual[3:] + 1)  # capping off: untouched, value for value
+    projections = stream @ axis.unit(1)
+    assert torch.allclose(state.projections[:6], projections, atol=1e-5)  # monitor: before its cap
+    assert state.hits[0] == (projections[:3] < 0.3).sum() > 0
+    assert state.hits[1] == 0  # layer 2 has not run
+    assert not isinstance(layers[0], type(layers[1]))  # layers neither capped nor monitored stay as they were

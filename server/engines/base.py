@@ -3,8 +3,8 @@
 An engine takes prompt token ids with per-request ``SamplingParams`` (sampling, the capping switch,
 logprobs, structured output), and answers with a ``Request`` handle whose ``deltas()`` stream text,
 token ids, per-token axis projections and logprobs until a finish reason. ``EngineClient`` is the
-interface the routes use; ``hf.engine.Engine`` (transformers, CPU and the embedded model) is the
-implementation today.
+interface the routes use; ``hf.engine.Engine`` (transformers: CPU and the embedded model) and
+``vllm.engine.VllmEngine`` (vLLM: GPUs, large models) implement it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from transformers import PreTrainedTokenizerBase
 
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI bounds top_logprobs
 # JSON has no -inf: a token the grammar or min_tokens rules out reports this, as vLLM does.
@@ -140,6 +142,15 @@ class StatLogger(Protocol):
     """Where an engine's statistics go: the one place that feeds Prometheus (``metrics.ServingMetrics``)."""
 
     def record(self, stats: StepStats) -> None: ...
+
+
+class ServedModel(Protocol):
+    """What the HTTP layer needs to know of the model an engine serves."""
+
+    name: str  # the id clients send in "model"
+    tokenizer: PreTrainedTokenizerBase
+    vocab_size: int  # token ids the model can take
+    context_length: int  # prompt + completion tokens one request may hold
 
 
 class GrammarError(ValueError):

