@@ -1,0 +1,79 @@
+"""Capping inside vLLM for each decoder-layer family it must support, against the transformers hooks.
+
+Tiny random Qwen2, Qwen3 and Gemma 2 models (the embedded SmolLM2 covers Llama in
+test_vllm_backend.py) with a random axis whose thresholds sit at the median projection, so the cap
+changes about half the positions of every capped layer: both backends must give the same greedy
+tokens and projections. One vLLM engine at a time; each starts in about a minute.
+"""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import pytest
+import torch
+
+from .conftest import server
+from .test_capping import make_axis
+
+if os.environ.get("AXISCAP_REQUIRE_VLLM"):
+    import vllm  # noqa: F401
+else:
+    pytest.importorskip("vllm")
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_checkpoint(family: str, folder, tokenizer):
+    """A random 4-layer model of the family, saved with SmolLM2's tokenizer so both backends read it."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, Qwen2Config, Qwen3Config
+
+    torch.manual_seed(0)
+    # Head size 64: vLLM's CPU attention kernels take 32, 64, 80, 96, 112, 128, ... but not 16.
+    common = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = {"qwen2": lambda: Qwen2Config(**common),
+              "qwen3": lambda: Qwen3Config(**common, head_dim=64),
+              "gemma2": lambda: Gemma2Config(**common, head_dim=64, sliding_window=32)}[family]()
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def greedy_answer(base_url: str, model: str, capping: bool) -> tuple[list[str], list[float]]:
+    body = {"model": model, "prompt": "The lighthouse keeper said", "max_tokens": 12, "temperature": 0,
+            "ignore_eos": True, "capping": capping, "return_projections": True, "logprobs": 0}
+    response = httpx.post(f"{base_url}/v1/completions", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    return choice["logprobs"]["tokens"], choice["axis_projections"]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma2"])
+def test_capping_in_vllm_matches_the_transformers_hooks(family, tmp_path, smollm2):
+    from axiscap.server.app import build_vllm_state, create_app, serve_in_background
+    from axiscap.server.config import Settings
+    from axiscap.server.engines.hf.model_loading import load_model
+    from axiscap.steering import load_axis, save_axis
+
+    folder = tmp_path / family
+    model = tiny_checkpoint(family, folder, smollm2.tokenizer)
+    axis_file = tmp_path / "axis.safetensors"
+    save_axis(make_axis(model), axis_file)
+
+    loaded = load_model(str(folder), device="cpu", dtype="float32")
+    with server(loaded, load_axis(axis_file)) as live:
+        want = {cap: greedy_answer(live.base_url, str(folder), cap) for cap in (True, False)}
+    assert want[True] != want[False]  # the cap bites on this model
+
+    settings = Settings(backend="vllm", model=str(folder), dtype="float32", max_model_len=256,
+                        gpu_memory_utilization=0.2, max_num_seqs=4)
+    state = build_vllm_state(settings, axis_file)
+    with serve_in_background(create_app(state)) as base_url:
+        for capping in (True, False):
+            tokens, projections = greedy_answer(base_url, str(folder), capping)
+            assert tokens == want[capping][0]
+            assert max(abs(a - b) for a, b in zip(projections, want[capping][1])) < 1e-3
