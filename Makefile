@@ -25,7 +25,7 @@ serve: setup
 
 test: setup tools vllm-setup
 	$(PY) -m pytest
-	AXISCAP_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest tests/test_vllm_backend.py
+	AXISCAP_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest tests/test_vllm_*.py
 
 vllm-setup: $(VLLM_VENV)/.installed
 

@@ -69,7 +69,10 @@ def build_state(settings: Settings, loaded: LoadedModel, axis: AssistantAxis) ->
 
 def build_vllm_state(settings: Settings, axis_path: str | Path) -> ServerState:
     """The vLLM backend: checks the axis against the model's config, then starts vLLM (minutes)."""
-    from .engines.vllm.engine import VllmEngine, VllmOptions  # vLLM is an optional extra
+    try:
+        from .engines.vllm.engine import VllmEngine, VllmOptions
+    except ImportError as exc:  # vLLM is an optional extra
+        raise RuntimeError(f"--backend vllm needs vLLM 0.32 ({exc}): pip install 'axiscap[vllm]'") from None
 
     source, name = model_source(settings.model, settings.cache_dir)
     config = AutoConfig.from_pretrained(source).get_text_config()

