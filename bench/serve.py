@@ -23,6 +23,7 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,13 +44,15 @@ def prompts(n: int) -> list[str]:
 
 @contextmanager
 def server(cmd: list[str], url: str, timeout: float = 300):
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    # Its log goes to a file: a pipe nobody reads fills up and stalls a chatty server (vLLM).
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[0]} exited: {proc.stderr.read()[-2000:]}")
+                log.seek(0)
+                raise RuntimeError(f"{cmd[0]} exited: {log.read()[-2000:]}")
             try:
                 if httpx.get(url, timeout=2).status_code == 200:
                     break
@@ -66,6 +69,7 @@ def server(cmd: list[str], url: str, timeout: float = 300):
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
 
 
 async def one_request(http: httpx.AsyncClient, body: dict) -> dict:

@@ -18,8 +18,7 @@ from sse_starlette import EventSourceResponse
 from .chat_template import ChatTemplateError, chat_prompt_ids
 from .config import Settings
 from .engines import (Delta, DoesNotFit, EngineClient, GrammarError, Logprob, QueueFull, Request,
-                      SamplingParams)
-from .engines.hf.model_loading import LoadedModel
+                      SamplingParams, ServedModel)
 from .protocol import (APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                        ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatMessage, ChatTokenLogprob, Completion,
                        CompletionChoice, CompletionLogprobs, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
@@ -146,16 +145,16 @@ class CompletionShape(_Shape):
 
 
 class OpenAIServing:
-    def __init__(self, engine: EngineClient, loaded: LoadedModel, settings: Settings):
-        self.engine, self.loaded, self.settings = engine, loaded, settings
-        self.tokenizer = loaded.tokenizer
+    def __init__(self, engine: EngineClient, served: ServedModel, settings: Settings):
+        self.engine, self.served, self.settings = engine, served, settings
+        self.tokenizer = served.tokenizer
         self.created = now()
-        self.max_model_len = min(settings.max_model_len or loaded.context_length, loaded.context_length)
+        self.max_model_len = min(settings.max_model_len or served.context_length, served.context_length)
         # A token's own text, as logprobs name it (vLLM decodes each id alone too).
         self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda i: self.tokenizer.decode([i]))
 
     def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.loaded.name, created=self.created)])
+        return ModelList(data=[ModelCard(id=self.served.name, created=self.created)])
 
     # --- prompts ----------------------------------------------------------------------------
 
@@ -173,15 +172,15 @@ class OpenAIServing:
         return self.tokenizer(body.prompt, add_special_tokens=True)["input_ids"]
 
     def _check_token_ids(self, ids: list[int], param: str) -> None:
-        vocab = self.loaded.vocab_size  # the embedding's rows: any other id cannot be looked up
+        vocab = self.served.vocab_size  # the embedding's rows: any other id cannot be looked up
         if any(not 0 <= t < vocab for t in ids):
             raise APIError(400, f"token ids must lie in 0..{vocab - 1}", param=param)
 
     # --- tokenizer endpoints (vLLM's) -------------------------------------------------------
 
     def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.loaded.name:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.loaded.name}'",
+        if model is not None and model != self.served.name:
+            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.served.name}'",
                            param="model", code="model_not_found")
 
     def tokenize(self, body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
@@ -277,7 +276,7 @@ class OpenAIServing:
         return await self._full(shape, requests, http)
 
     def _envelope(self, shape: _Shape, rid: str, created: int, capping: bool) -> dict[str, Any]:
-        envelope = {"id": rid, "created": created, "model": self.loaded.name, "capping": capping}
+        envelope = {"id": rid, "created": created, "model": self.served.name, "capping": capping}
         if shape.body.capping is not None and shape.body.capping != capping:  # the operator's policy overrode it
             envelope["capping_overridden"] = True
         return envelope

@@ -16,11 +16,11 @@ GPUs); ``_BatchLayout`` reads what capping needs from either.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from vllm.logger import init_logger
 from vllm.platforms import current_platform
 from vllm.utils.import_utils import resolve_obj_by_qualname
 
@@ -30,7 +30,7 @@ from axiscap.steering.split_residual import install_split_residual_caps
 
 from .transport import ReportSender
 
-log = logging.getLogger(__name__)
+log = init_logger(f"vllm.{__name__}")  # under "vllm": the worker processes only configure vLLM's loggers
 
 CONFIG_KEY = "axiscap"  # in vLLM's additional_config: {"axis": path, "reports": zmq address}
 CAPPING_ARG = "axiscap_capping"  # in SamplingParams.extra_args: this request's capping switch
