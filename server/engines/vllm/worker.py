@@ -72,7 +72,7 @@ class BatchCapping:
         axis = load_axis(settings["axis"], len(layers), vllm_config.model_config.get_hidden_size())
         dtype = vllm_config.model_config.dtype
         self.state = install_split_residual_caps(layers, axis, present, runner.max_num_tokens, runner.device, dtype)
-        self.runner, self.device = runner, runner.device
+        self.device = runner.device
         self.pin = self.device.type != "cpu"
         self.requests: dict[str, tuple[str, bool]] = {}  # vLLM's request id -> (front-end id, capping)
         self.layout: _BatchLayout | None = None
@@ -83,10 +83,10 @@ class BatchCapping:
         self.sender = None
         if get_tensor_model_parallel_rank() == 0 and (held or monitor):
             self.sender = ReportSender(settings["reports"], monitor, [axis.cap_layers[i] for i in held])
-        self.held_slots = held
+        self.held_slots = torch.tensor(held, dtype=torch.long, device=self.device)
         self._wrap(runner)
-        log.info("capping layers %s, monitoring layer %d in this worker",
-                 [axis.cap_layers[i] for i in held], axis.monitor_layer)
+        log.info("axiscap: capping layers %s%s in this worker", [axis.cap_layers[i] for i in held],
+                 f", monitoring layer {axis.monitor_layer}" if monitor else "")
 
     def _wrap(self, runner) -> None:
         execute = runner.execute_model
