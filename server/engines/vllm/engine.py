@@ -34,7 +34,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from axiscap.steering import AssistantAxis
 
-from ..base import (LOGPROB_FLOOR, Delta, DoesNotFit, GrammarError, Logprob, QueueFull, Request, SamplingParams,
+from ..base import (LOGPROB_FLOOR, Delta, GrammarError, Logprob, QueueFull, Request, SamplingParams,
                     StatLogger, StepStats)
 from .transport import decode
 from .worker import CAPPING_ARG, CONFIG_KEY, ID_ARG
@@ -180,11 +180,9 @@ class VllmEngine:
 
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[SchedulerGauges])
         config = self.llm.vllm_config
-        if config.speculative_config is not None:
-            raise ValueError("the vLLM backend reports one projection per step: speculative decoding is not supported")
         self.max_num_seqs = config.scheduler_config.max_num_seqs
-        self.model = VllmModel(served_name, AutoTokenizer.from_pretrained(model_path), config.model_config.get_vocab_size(),
-                               config.model_config.max_model_len)
+        self.model = VllmModel(served_name, AutoTokenizer.from_pretrained(model_path),
+                               config.model_config.get_vocab_size(), config.model_config.max_model_len)
 
     # --- EngineClient ---------------------------------------------------------------------
 
@@ -221,9 +219,6 @@ class VllmEngine:
     # --- requests ---------------------------------------------------------------------------
 
     def _vllm_params(self, prompt_ids: list[int], p: SamplingParams) -> tuple[str, VllmSamplingParams]:
-        if len(prompt_ids) + p.max_tokens > self.model.context_length:
-            raise DoesNotFit(f"the prompt ({len(prompt_ids)} tokens) and max_tokens ({p.max_tokens}) exceed this "
-                             f"server's max_model_len of {self.model.context_length}")
         structured = None
         if p.response_format is not None:
             kind, schema = p.response_format
@@ -307,7 +302,8 @@ def _floor(value: float) -> float:
 
 def _logprob(token_id: int, candidates, k: int) -> Logprob:
     chosen = candidates[token_id]
-    top = sorted(((t, c) for t, c in candidates.items() if c.rank is not None and c.rank <= k), key=lambda tc: tc[1].rank)
+    top = sorted(((t, c) for t, c in candidates.items() if c.rank is not None and c.rank <= k),
+                 key=lambda tc: tc[1].rank)
     return Logprob(token_id, _floor(chosen.logprob), [(t, _floor(c.logprob)) for t, c in top])
 
 

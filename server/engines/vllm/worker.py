@@ -147,6 +147,7 @@ class BatchCapping:
         self.layout = _BatchLayout([front_id for front_id, _ in known], logits_rows, positions)
 
     def _report(self, layout: _BatchLayout) -> None:
+        # One logits row per request: axiscap never configures speculative decoding.
         rows = layout.logits_rows.long()
         parts = [layout.positions[rows].double(), self.state.projections[rows].double(),
                  self.state.hits[self.held_slots].double()]
