@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from axiscap.axes import shipped_axis
+from axiscap.axes import axis_for
 from axiscap.evals.cli import add_parser as add_eval_parser
 from axiscap.steering import AxisFileError
 
@@ -15,29 +15,14 @@ from axiscap.steering import AxisFileError
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from axiscap.server.app import build_state, build_vllm_state, create_app
+    from axiscap.server.app import create_app, load_state
     from axiscap.server.config import Settings
-    from axiscap.server.engines.hf.model_loading import load_model
-    from axiscap.steering import load_axis
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    axis_path = settings.axis or shipped_axis(settings.model)
-    if axis_path is None:
-        raise SystemExit(
-            f"axiscap: error: no axis for model {settings.model!r}: pass --axis FILE "
-            "(make one with 'axiscap axes build' or 'axiscap axes import-paper')"
-        )
-    if not Path(axis_path).is_file():  # fail before the slow model load
-        raise AxisFileError(axis_path, "no such file")
-    if settings.backend == "vllm":
-        state = build_vllm_state(settings, axis_path)
-    else:
-        loaded = load_model(settings.model, settings.device, settings.dtype, settings.cache_dir,
-                            settings.served_model_name)
-        axis = load_axis(axis_path, loaded.n_layers, loaded.model.config.get_text_config().hidden_size)
-        state = build_state(settings, loaded, axis)
+    axis_path = axis_for(settings.model, settings.axis)
+    state = load_state(settings, axis_path)
     logging.getLogger("axiscap").info("axis %s: capping layers %s, monitoring layer %d",
                                       axis_path, state.axis.cap_layers, state.axis.monitor_layer)
     app = create_app(state)

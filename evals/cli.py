@@ -43,19 +43,12 @@ def add_parser(commands) -> None:
 @contextmanager
 def local_server(model: str, axis_path: Path | None, device: str):
     """A real axiscap server on a free loopback port, in this process; yields its API's base URL."""
-    from axiscap.axes import shipped_axis
-    from axiscap.server.app import build_state, create_app, serve_in_background
+    from axiscap.axes import axis_for
+    from axiscap.server.app import create_app, load_state, serve_in_background
     from axiscap.server.config import Settings
-    from axiscap.server.engines.hf.model_loading import load_model
-    from axiscap.steering import load_axis
 
-    axis_path = axis_path or shipped_axis(model)
-    if axis_path is None:
-        raise ValueError(f"no axis for model {model!r}: pass --axis")
     settings = Settings(model=model, device=device, max_waiting=1024, log_level="warning")
-    loaded = load_model(settings.model, settings.device, settings.dtype, settings.cache_dir)
-    axis = load_axis(axis_path, loaded.n_layers, loaded.model.config.get_text_config().hidden_size)
-    with serve_in_background(create_app(build_state(settings, loaded, axis))) as base_url:
+    with serve_in_background(create_app(load_state(settings, axis_for(model, axis_path)))) as base_url:
         yield base_url + "/v1"
 
 

@@ -20,12 +20,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import AutoConfig
 
-from axiscap.steering import AssistantAxis, load_axis
+from axiscap.steering import AssistantAxis, AxisFileError, load_axis
 
 from .config import Settings
 from .engines import EngineClient, ServedModel
 from .engines.hf.engine import Engine
-from .engines.hf.model_loading import LoadedModel, kv_cache_budget
+from .engines.hf.model_loading import LoadedModel, kv_cache_budget, load_model
 from .engines.model_source import model_source
 from .metrics import ServingMetrics, projection_buckets
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
@@ -65,6 +65,18 @@ def build_state(settings: Settings, loaded: LoadedModel, axis: AssistantAxis) ->
     engine = Engine(loaded, axis, metrics, settings.max_batch_size, settings.max_waiting,
                     settings.prefill_chunk_tokens, kv_tokens)
     return ServerState(settings, loaded, axis, metrics, engine, OpenAIServing(engine, loaded, settings))
+
+
+def load_state(settings: Settings, axis_path: Path) -> ServerState:
+    """The backend the settings name, with its model and this axis (a missing file fails before any load)."""
+    if not axis_path.is_file():
+        raise AxisFileError(axis_path, "no such file")
+    if settings.backend == "vllm":
+        return build_vllm_state(settings, axis_path)
+    loaded = load_model(settings.model, settings.device, settings.dtype, settings.cache_dir,
+                        settings.served_model_name)
+    axis = load_axis(axis_path, loaded.n_layers, loaded.model.config.get_text_config().hidden_size)
+    return build_state(settings, loaded, axis)
 
 
 def build_vllm_state(settings: Settings, axis_path: str | Path) -> ServerState:
