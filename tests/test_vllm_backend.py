@@ -174,9 +174,10 @@ def test_a_disconnected_client_aborts_its_vllm_request(vllm_server):
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 900, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{vllm_server.base_url}/v1/completions", json=body, timeout=60) as response:
         assert response.status_code == 200, response.read()
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                break
+        # Hold the line iterator: dropping it mid-stream closes the connection at once, which is the
+        # disconnect itself, before the check below could see the request running.
+        lines = response.iter_lines()
+        line = next(line for line in lines if line.startswith("data: "))
         assert len(engine._active) == 1 and vllm_requests() == 1, line
     for _ in range(100):
         if not engine._active and vllm_requests() == 0:
