@@ -55,7 +55,7 @@ def engine_generate(loaded, max_batch_size: int = 16):
     def generate(conversations, temperature, top_p, max_tokens):
         async def one(messages):
             ids = chat_prompt_ids(loaded.tokenizer, messages)
-            request = engine.submit(ids, SamplingParams(max_tokens, temperature, top_p, seed=next(seeds)))
+            request = await engine.submit(ids, SamplingParams(max_tokens, temperature, top_p, seed=next(seeds)))
             answer = []
             async for delta in request.deltas():
                 answer += delta.token_ids

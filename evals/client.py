@@ -46,8 +46,9 @@ class EvalClient:
             "messages": messages, "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
             "capping": capping, "return_projections": True})
         choice = body["choices"][0]
-        return Answer(choice["message"]["content"] or "", choice.get("axis_projections") or [],
-                      bool(body.get("capping", capping)))
+        # null marks a token the server could not measure; the statistics skip it.
+        projections = [p for p in choice.get("axis_projections") or [] if p is not None]
+        return Answer(choice["message"]["content"] or "", projections, bool(body.get("capping", capping)))
 
     async def perplexity(self, text: str, capping: bool) -> float:
         """exp of the mean negative logprob of the text's tokens after the first, read from the

@@ -106,9 +106,11 @@ class ServingMetrics:
             if seconds is not None:
                 self.request_duration.observe(seconds)
 
-    def observe_token(self, projection: float, capping: bool) -> None:
-        self._projection[capping].observe(projection)
+    def observe_token(self, projection: float | None, capping: bool) -> None:
         self._generated[capping].inc()
+        if projection is None:  # the engine lost it (a worker stopped reporting): counted, not measured
+            return
+        self._projection[capping].observe(projection)
         if self._threshold is not None and projection < self._threshold:
             self._below[capping].inc()
 

@@ -275,7 +275,7 @@ class _Choice(_Response):
     _only_if_set = frozenset({"axis_projections"})
     index: int
     finish_reason: str | None = None
-    axis_projections: list[float] | None = None
+    axis_projections: list[float | None] | None = None
 
 
 class AssistantMessage(_Response):

@@ -38,7 +38,7 @@ class _ChoiceText:
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    projections: list[float] = field(default_factory=list)
+    projections: list[float | None] = field(default_factory=list)
     logprobs: list[Logprob] = field(default_factory=list)
     prompt_logprobs: list[Logprob | None] | None = None
     finish_reason: str | None = None
@@ -248,13 +248,13 @@ class OpenAIServing:
             ignore_eos=body.ignore_eos, logprobs=body.generated_logprobs(),
             prompt_logprobs=body.logprobs if echo_logprobs else None, response_format=_response_format(body))
 
-    def submit(self, body: _GenerationBody, prompt_ids: list[int], params: SamplingParams) -> list[Request]:
+    async def submit(self, body: _GenerationBody, prompt_ids: list[int], params: SamplingParams) -> list[Request]:
         """One engine request per choice; a seeded request's choices take seed, seed + 1, ... (as vLLM)."""
         per_choice = [params if params.seed is None or i == 0 else
                       dataclasses.replace(params, seed=(params.seed + i + 2**63) % 2**64 - 2**63)  # stays int64
                       for i in range(body.n)]
         try:
-            return self.engine.submit_all(prompt_ids, per_choice, timeout=self.settings.request_timeout)
+            return await self.engine.submit_all(prompt_ids, per_choice, timeout=self.settings.request_timeout)
         except QueueFull:
             raise APIError(429, "the server is at capacity; retry shortly", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
@@ -270,7 +270,7 @@ class OpenAIServing:
     async def respond(self, shape: _Shape, http: HTTPRequest):
         body, prompt_ids = shape.body, shape.prompt_ids
         params = self.sampling_params(body, prompt_ids)
-        requests = self.submit(body, prompt_ids, params)
+        requests = await self.submit(body, prompt_ids, params)
         if body.stream:
             return EventSourceResponse(self._stream(shape, requests), ping=15)
         return await self._full(shape, requests, http)

@@ -239,6 +239,29 @@ def test_client_disconnect_stops_generation(live_server):
     assert wait_until(lambda: not engine._rows), "non-stream generation kept running after the client left"
 
 
+def test_a_schema_is_compiled_off_the_event_loop(live_server, monkeypatch):
+    # A large schema takes xgrammar up to a second; on the event loop it would stall every stream.
+    grammars, on_loop = live_server.state.engine.grammars, []
+    compile_for_real = grammars.compile
+
+    def spy(*args):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return compile_for_real(*args)
+
+    monkeypatch.setattr(grammars, "compile", spy)
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Name a city as JSON."}], "max_tokens": 24,
+            "temperature": 0, "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}}
+    response = httpx.post(live_server.base_url + "/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    assert on_loop == [False]
+    assert "city" in json.loads(response.json()["choices"][0]["message"]["content"])
+
+
 def test_queue_bound_answers_429_with_retry_after(live_server):
     # The fixture allows 8 running and 4 waiting.
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 40,

@@ -31,7 +31,7 @@ def running_engine(loaded, axis, start: bool = True, **kwargs):
 
 
 async def collect(engine, ids, params):
-    request = engine.submit(ids, params)
+    request = await engine.submit(ids, params)
     text, tokens, projections, finish = "", [], [], None
     async for d in request.deltas():
         text += d.text
@@ -109,7 +109,8 @@ def test_cancel_frees_the_slot_within_a_step(smollm2, smollm2_axis):
     tok = smollm2.tokenizer
     with running_engine(smollm2, smollm2_axis) as engine:
         async def cancel_midway():
-            request = engine.submit(chat_ids(tok, "Tell me a very long story."), SamplingParams(500, temperature=0))
+            request = await engine.submit(chat_ids(tok, "Tell me a very long story."),
+                                          SamplingParams(500, temperature=0))
             seen, reasons = 0, []
             async for d in request.deltas():
                 seen += len(d.token_ids)
@@ -128,10 +129,10 @@ def test_queue_bound_raises_queue_full(smollm2, smollm2_axis):
     with running_engine(smollm2, smollm2_axis, start=False, max_batch_size=1, max_waiting=1) as engine:
         async def fill():
             ids = chat_ids(smollm2.tokenizer, "hi")
-            engine.submit(ids, SamplingParams(4))  # takes the free batch slot
-            engine.submit(ids, SamplingParams(4))  # waits
+            await engine.submit(ids, SamplingParams(4))  # takes the free batch slot
+            await engine.submit(ids, SamplingParams(4))  # waits
             with pytest.raises(QueueFull):
-                engine.submit(ids, SamplingParams(4))
+                await engine.submit(ids, SamplingParams(4))
         asyncio.run(fill())
 
 
@@ -140,9 +141,9 @@ def test_the_choices_of_one_request_queue_all_or_none(smollm2, smollm2_axis):
         async def fill():
             ids = chat_ids(smollm2.tokenizer, "hi")
             with pytest.raises(QueueFull):
-                engine.submit_all(ids, [SamplingParams(4)] * 5)
+                await engine.submit_all(ids, [SamplingParams(4)] * 5)
             assert len(engine._waiting) == 0  # none of the five was queued
-            assert len(engine.submit_all(ids, [SamplingParams(4)] * 4)) == 4
+            assert len(await engine.submit_all(ids, [SamplingParams(4)] * 4)) == 4
         asyncio.run(fill())
 
 
@@ -158,14 +159,15 @@ def test_chunked_prefill_gives_the_same_tokens_and_interleaves_with_decoding(smo
             short_tokens = []
 
             async def short():
-                request = sliced.submit(chat_ids(tok, "Count to one hundred."), SamplingParams(200, temperature=0))
+                request = await sliced.submit(chat_ids(tok, "Count to one hundred."),
+                                              SamplingParams(200, temperature=0))
                 async for d in request.deltas():
                     short_tokens.extend(d.token_ids)
 
             running = asyncio.create_task(short())
             while len(short_tokens) < 2:
                 await asyncio.sleep(0.01)
-            long_request = sliced.submit(long_prompt, params)
+            long_request = await sliced.submit(long_prompt, params)
             at_submit = len(short_tokens)
             chunked, at_first_token = ("", [], [], None), None
             async for d in long_request.deltas():
@@ -269,8 +271,8 @@ def test_a_request_past_its_deadline_ends_with_timeout(smollm2, smollm2_axis):
     tok = smollm2.tokenizer
     with running_engine(smollm2, smollm2_axis) as engine:
         async def late():
-            request = engine.submit(chat_ids(tok, "Tell me a very long story."), SamplingParams(2000, temperature=0),
-                                    timeout=0.5)
+            request = await engine.submit(chat_ids(tok, "Tell me a very long story."),
+                                          SamplingParams(2000, temperature=0), timeout=0.5)
             tokens, last = 0, None
             async for d in request.deltas():
                 tokens += len(d.token_ids)
@@ -310,7 +312,7 @@ def test_admission_keeps_the_kv_slots_within_their_budget(smollm2, smollm2_axis)
 
         async def refuse_then_idle():
             with pytest.raises(DoesNotFit):
-                engine.submit(chat_ids(tok, "hi"), too_big)
+                await engine.submit(chat_ids(tok, "hi"), too_big)
             await wait_for(lambda: engine._store.allocated_tokens() == 0)  # every class gave its memory back
         asyncio.run(refuse_then_idle())
     assert peak == 4
@@ -331,7 +333,7 @@ def test_a_long_request_does_not_widen_the_short_ones_kv(smollm2, smollm2_axis):
     assert budget < 7 * 1000 / 3.9
     with running_engine(smollm2, smollm2_axis, kv_cache_tokens=budget) as engine:
         async def scenario():
-            long_request = engine.submit(long_ids, long_params)
+            long_request = await engine.submit(long_ids, long_params)
             await wait_for(lambda: len(engine._rows) == 1)
             peak = 0
 
@@ -364,7 +366,7 @@ def test_logprobs_match_a_plain_forward_through_sliced_prefills(smollm2, smollm2
     with running_engine(smollm2, smollm2_axis, prefill_chunk_tokens=14) as engine:
         async def both():
             async def deltas(ids, p):
-                return [d async for d in engine.submit(ids, p).deltas()]
+                return [d async for d in (await engine.submit(ids, p)).deltas()]
             return await asyncio.gather(deltas(asking, params),
                                         deltas(other, SamplingParams(6, temperature=0, capping=False)))
         deltas, plain = asyncio.run(both())

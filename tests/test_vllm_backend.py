@@ -126,18 +126,45 @@ def test_prefix_cache_is_never_shared_across_the_capping_switch(vllm_server, smo
         assert_same(capped, ask(live.base_url, prompt, True))
 
 
-def test_metrics_count_tokens_projections_and_caps(vllm_server):
+def scrape(base_url: str) -> dict[tuple[str, tuple], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
+    text = httpx.get(f"{base_url}/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_count_tokens_projections_and_caps(vllm_server):
     ask(vllm_server.base_url, PROMPTS[0], True, max_tokens=8)
-    text = httpx.get(f"{vllm_server.base_url}/metrics").text
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(text) for s in family.samples}
+    samples = scrape(vllm_server.base_url)
     capped = samples["axiscap_generation_tokens_total", (("capping", "on"), ("model", MODEL))]
     assert capped >= 8
     hits = sum(v for (name, _), v in samples.items() if name == "axiscap_cap_activations_total")
     assert hits > 0
     assert samples["axiscap_time_to_first_token_seconds_count", (("model", MODEL),)] > 0
+
+
+def test_a_projection_that_never_came_is_null_and_kept_out_of_the_histogram(vllm_server, monkeypatch):
+    from axiscap.server.engines import StepStats
+    from axiscap.server.engines.vllm import engine as vllm_engine
+
+    engine, on = vllm_server.state.engine, (("capping", "on"), ("model", MODEL))
+    monkeypatch.setattr(vllm_engine, "REPORT_WAIT_S", 0.2)
+
+    async def take_unreported():
+        engine.reports.open("never-scheduled")
+        try:
+            return await engine.reports.take("never-scheduled", range(3, 5))
+        finally:
+            engine.reports.close("never-scheduled")
+
+    # The reports socket is read on the server's loop; this waits on a loop of its own, where nothing arrives.
+    assert asyncio.run(take_unreported()) == [None, None]
+    before = scrape(vllm_server.base_url)
+    engine.stat_logger.record(StepStats(tokens=[(None, True)]))
+    after = scrape(vllm_server.base_url)
+    assert after["axiscap_generation_tokens_total", on] == before["axiscap_generation_tokens_total", on] + 1
+    assert after["axiscap_axis_projection_count", on] == before["axiscap_axis_projection_count", on]
 
 
 def test_prompt_over_max_model_len_is_a_400(vllm_server):

@@ -69,7 +69,7 @@ class Delta:
 
     text: str
     token_ids: list[int]
-    projections: list[float]
+    projections: list[float | None]  # None where the engine has no projection for a token
     finish_reason: str | None = None  # "stop", "length", "cancelled", "timeout" or "error"
     logprobs: list[Logprob] | None = None  # one per token id, when the request asked for them
     # In the first delta of a request that asked: one per prompt token (None for the first).
@@ -133,7 +133,7 @@ class StepStats:
     prompt_tokens: int = 0  # prompt tokens of requests whose prefill finished
     first_token_seconds: list[float] = field(default_factory=list)  # arrival to first token
     inter_token_seconds: list[float] = field(default_factory=list)
-    tokens: list[tuple[float, bool]] = field(default_factory=list)  # per generated token: (projection, capped)
+    tokens: list[tuple[float | None, bool]] = field(default_factory=list)  # per generated token: (projection, capped)
     cap_hits: list[list[float]] = field(default_factory=list)  # per forward: positions capped, per capped layer
     finished: list[tuple[str, float | None]] = field(default_factory=list)  # (reason, seconds since arrival)
 
@@ -169,8 +169,10 @@ class EngineClient(Protocol):
     @property
     def healthy(self) -> bool: ...
 
-    def submit_all(self, prompt_ids: list[int], params: list[SamplingParams],
-                   timeout: float | None = None) -> list[Request]:
+    async def submit_all(self, prompt_ids: list[int], params: list[SamplingParams],
+                         timeout: float | None = None) -> list[Request]:
         """Queue one request per params (the choices of one API request), all or none; raises
-        QueueFull, DoesNotFit, GrammarError or another ValueError for a request it refuses."""
+        QueueFull, DoesNotFit, GrammarError or another ValueError for a request it refuses.
+        Slow setup (compiling a response format) runs off the event loop, so one client's large
+        schema never stalls the other streams."""
         ...

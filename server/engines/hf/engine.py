@@ -32,7 +32,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -44,6 +44,9 @@ from .model_loading import LoadedModel
 from .sampling import BatchSampler
 from .structured_output import GrammarCompiler, new_matcher
 from .text_output import IncrementalDetokenizer, StopMatcher
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
 
 log = logging.getLogger(__name__)
 
@@ -185,15 +188,18 @@ class Engine:
 
     # --- called from the event loop ---------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None) -> Request:
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None) -> Request:
         """Queue a request; raises ValueError for bad parameters, DoesNotFit, or QueueFull."""
-        return self.submit_all(prompt_ids, [params], timeout)[0]
+        return (await self.submit_all(prompt_ids, [params], timeout))[0]
 
-    def submit_all(self, prompt_ids: list[int], params: list[SamplingParams],
-                   timeout: float | None = None) -> list[Request]:
+    async def submit_all(self, prompt_ids: list[int], params: list[SamplingParams],
+                         timeout: float | None = None) -> list[Request]:
         """Queue requests on one prompt (the choices of an ``n > 1`` request), all or none."""
+        # xgrammar takes up to a second on a large schema: in a thread, not on the event loop.
+        grammars = [await asyncio.to_thread(self.grammars.compile, *p.response_format) if p.response_format else None
+                    for p in params]
         loop = asyncio.get_running_loop()
-        requests = [self._new_request(prompt_ids, p, loop, timeout) for p in params]
+        requests = [self._new_request(prompt_ids, p, g, loop, timeout) for p, g in zip(params, grammars)]
         with self._wakeup:
             room = self.max_waiting + max(0, self.max_batch_size - self._busy_slots()) - len(self._waiting)
             if len(requests) > room:
@@ -202,10 +208,9 @@ class Engine:
             self._wakeup.notify()
         return requests
 
-    def _new_request(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop,
-                     timeout: float | None) -> Request:
+    def _new_request(self, prompt_ids: list[int], params: SamplingParams, grammar: xgr.CompiledGrammar | None,
+                     loop: asyncio.AbstractEventLoop, timeout: float | None) -> Request:
         request = Request(prompt_ids, params, loop, timeout)
-        grammar = self.grammars.compile(*params.response_format) if params.response_format else None
         reserved, budget = request.reserved_tokens, self.kv_cache_tokens
         if budget is not None and reserved > budget:
             raise DoesNotFit(f"the prompt ({len(prompt_ids)} tokens) and max_tokens ({params.max_tokens}) need "

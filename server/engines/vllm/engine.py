@@ -107,8 +107,9 @@ class _Reports:
         self._projections.pop(rid, None)
         self._arrived.pop(rid, None)
 
-    async def take(self, rid: str, positions: range) -> list[float]:
-        """The monitor projections at these positions, waiting for reports still on their way."""
+    async def take(self, rid: str, positions: range) -> list[float | None]:
+        """The monitor projections at these positions, waiting for reports still on their way;
+        None for one that has not come in REPORT_WAIT_S (JSON null, and no histogram sample)."""
         seen, arrived = self._projections[rid], self._arrived[rid]
         deadline = time.monotonic() + REPORT_WAIT_S
         while any(p not in seen for p in positions) and time.monotonic() < deadline:
@@ -117,7 +118,7 @@ class _Reports:
                 await asyncio.wait_for(arrived.wait(), deadline - time.monotonic())
             except asyncio.TimeoutError:
                 log.warning("no projection reported for request %s at positions %s", rid, positions)
-        values = [seen.pop(p, math.nan) for p in positions]
+        values = [seen.pop(p, None) for p in positions]
         for stale in [p for p in seen if p < positions.stop]:  # rows of chunked prefills, never sampled
             del seen[stale]
         return values
@@ -197,12 +198,15 @@ class VllmEngine:
     def healthy(self) -> bool:
         return self.device_error is None and not self.llm.errored
 
-    def submit_all(self, prompt_ids: list[int], params: list[SamplingParams],
-                   timeout: float | None = None) -> list[Request]:
-        loop = asyncio.get_running_loop()
+    async def submit_all(self, prompt_ids: list[int], params: list[SamplingParams],
+                         timeout: float | None = None) -> list[Request]:
+        # All or none: validate every choice first. A schema is checked in a thread (xgrammar parses
+        # it), so a large one does not stall the other streams.
+        prepared = [await asyncio.to_thread(self._vllm_params, p) if p.response_format else self._vllm_params(p)
+                    for p in params]
         if len(self._active) + len(params) > self.max_num_seqs + self.max_waiting:
             raise QueueFull()
-        prepared = [self._vllm_params(prompt_ids, p) for p in params]  # all or none: validate first
+        loop = asyncio.get_running_loop()
         requests = []
         for p, (rid, vparams) in zip(params, prepared):
             request = VllmRequest(prompt_ids, p, loop, timeout)
@@ -218,7 +222,7 @@ class VllmEngine:
 
     # --- requests ---------------------------------------------------------------------------
 
-    def _vllm_params(self, prompt_ids: list[int], p: SamplingParams) -> tuple[str, VllmSamplingParams]:
+    def _vllm_params(self, p: SamplingParams) -> tuple[str, VllmSamplingParams]:
         structured = None
         if p.response_format is not None:
             kind, schema = p.response_format
