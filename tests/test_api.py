@@ -255,7 +255,8 @@ def test_a_schema_is_compiled_off_the_event_loop(live_server, monkeypatch):
     monkeypatch.setattr(grammars, "compile", spy)
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Name a city as JSON."}], "max_tokens": 24,
-            "temperature": 0, "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}}
+            "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}}
     response = httpx.post(live_server.base_url + "/v1/chat/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
     assert on_loop == [False]

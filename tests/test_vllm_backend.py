@@ -167,6 +167,27 @@ def test_a_projection_that_never_came_is_null_and_kept_out_of_the_histogram(vllm
     assert after["axiscap_axis_projection_count", on] == before["axiscap_axis_projection_count", on]
 
 
+def test_stray_messages_on_the_reports_socket_are_ignored(vllm_server, caplog):
+    import zmq
+
+    # The socket listens on the node's address (workers may run on other nodes), so anyone may send.
+    junk = zmq.Context.instance().socket(zmq.PUSH)
+    junk.setsockopt(zmq.LINGER, 1000)
+    junk.connect(vllm_server.state.engine.reports.address)
+    for frames in ([b"not json"], [b'{"ids": [["x"]], "monitor": true, "layers": []}', bytes(16)],
+                   [b'{"ids": ["a"], "monitor": true, "layers": [1]}', b"odd"], [b"[]", b""]):
+        junk.send_multipart(frames)
+    junk.close()
+    ignored = lambda: sum("malformed message" in r.getMessage() for r in caplog.records)  # noqa: E731
+    for _ in range(50):
+        if ignored() == 4:
+            break
+        time.sleep(0.1)
+    assert ignored() == 4
+    text, projections = ask(vllm_server.base_url, PROMPTS[1], True, max_tokens=4)
+    assert len(projections) == 4 and all(isinstance(p, float) for p in projections)
+
+
 def test_prompt_over_max_model_len_is_a_400(vllm_server):
     body = {"model": MODEL, "prompt": "word " * 1100, "max_tokens": 4}
     response = httpx.post(f"{vllm_server.base_url}/v1/completions", json=body, timeout=60)

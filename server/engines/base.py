@@ -133,7 +133,7 @@ class StepStats:
     prompt_tokens: int = 0  # prompt tokens of requests whose prefill finished
     first_token_seconds: list[float] = field(default_factory=list)  # arrival to first token
     inter_token_seconds: list[float] = field(default_factory=list)
-    tokens: list[tuple[float | None, bool]] = field(default_factory=list)  # per generated token: (projection, capped)
+    tokens: list[tuple[float | None, bool]] = field(default_factory=list)  # per token: (projection, capped)
     cap_hits: list[list[float]] = field(default_factory=list)  # per forward: positions capped, per capped layer
     finished: list[tuple[str, float | None]] = field(default_factory=list)  # (reason, seconds since arrival)
 

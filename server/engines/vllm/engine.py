@@ -36,7 +36,7 @@ from axiscap.steering import AssistantAxis
 
 from ..base import (LOGPROB_FLOOR, Delta, GrammarError, Logprob, QueueFull, Request, SamplingParams,
                     StatLogger, StepStats)
-from .transport import decode
+from .transport import StepReport, decode
 from .worker import CAPPING_ARG, CONFIG_KEY, ID_ARG
 
 log = logging.getLogger(__name__)
@@ -125,15 +125,21 @@ class _Reports:
 
     async def _receive(self) -> None:
         while True:
-            report = decode(await self._socket.recv_multipart())
-            if report.hits:
-                self._record(cap_hits=[[report.hits.get(layer, 0.0) for layer in self._cap_layers]])
-            if report.projections is None:
-                continue
-            for rid, position, value in zip(report.ids, report.positions.tolist(), report.projections.tolist()):
-                if rid in self._projections:
-                    self._projections[rid][position] = value
-                    self._arrived[rid].set()
+            frames = await self._socket.recv_multipart()
+            try:
+                self._take_in(decode(frames))
+            except (ValueError, KeyError, TypeError, IndexError):  # not a worker's: the port is reachable
+                log.warning("ignored a malformed message on the projection reports socket")
+
+    def _take_in(self, report: StepReport) -> None:
+        if report.hits:
+            self._record(cap_hits=[[report.hits.get(layer, 0.0) for layer in self._cap_layers]])
+        if report.projections is None:
+            return
+        for rid, position, value in zip(report.ids, report.positions.tolist(), report.projections.tolist()):
+            if rid in self._projections:
+                self._projections[rid][position] = value
+                self._arrived[rid].set()
 
 
 class VllmEngine:
