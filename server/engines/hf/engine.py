@@ -39,10 +39,11 @@ import torch
 from axiscap.steering import AssistantAxis, AxisHooks
 
 from ..base import LOGPROB_FLOOR, Delta, DoesNotFit, Logprob, QueueFull, Request, SamplingParams, StatLogger, StepStats
+from ..grammar import GrammarCompiler
 from .kv_slots import PrefillStore, SlotStore, check_supported, slot_attention_for, slot_capacity
 from .model_loading import LoadedModel
 from .sampling import BatchSampler
-from .structured_output import GrammarCompiler, new_matcher
+from .structured_output import new_matcher
 from .text_output import IncrementalDetokenizer, StopMatcher
 
 if TYPE_CHECKING:

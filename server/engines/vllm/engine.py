@@ -36,6 +36,7 @@ from axiscap.steering import AssistantAxis
 
 from ..base import (LOGPROB_FLOOR, Delta, GrammarError, Logprob, QueueFull, Request, SamplingParams,
                     StatLogger, StepStats)
+from ..grammar import GrammarCompiler
 from .transport import StepReport, decode
 from .worker import CAPPING_ARG, CONFIG_KEY, ID_ARG
 
@@ -190,6 +191,7 @@ class VllmEngine:
         self.max_num_seqs = config.scheduler_config.max_num_seqs
         self.model = VllmModel(served_name, AutoTokenizer.from_pretrained(model_path),
                                config.model_config.get_vocab_size(), config.model_config.max_model_len)
+        self.grammars = GrammarCompiler(self.model.tokenizer, self.model.vocab_size)
 
     # --- EngineClient ---------------------------------------------------------------------
 
@@ -206,8 +208,8 @@ class VllmEngine:
 
     async def submit_all(self, prompt_ids: list[int], params: list[SamplingParams],
                          timeout: float | None = None) -> list[Request]:
-        # All or none: validate every choice first. A schema is checked in a thread (xgrammar parses
-        # it), so a large one does not stall the other streams.
+        # All or none: validate every choice first. A schema is compiled in a thread, so a large one
+        # does not stall the other streams.
         prepared = [await asyncio.to_thread(self._vllm_params, p) if p.response_format else self._vllm_params(p)
                     for p in params]
         if len(self._active) + len(params) > self.max_num_seqs + self.max_waiting:
@@ -232,6 +234,9 @@ class VllmEngine:
         structured = None
         if p.response_format is not None:
             kind, schema = p.response_format
+            # vLLM's verify below only parses the schema; one xgrammar then fails to compile would
+            # fail in the engine core, as a 500. Compiled here, it is this request's 400.
+            self.grammars.compile(kind, schema)
             structured = (StructuredOutputsParams(json_object=True) if kind == "json_object"
                           else StructuredOutputsParams(json=schema))
         rid = f"axc-{uuid.uuid4().hex}"
