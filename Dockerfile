@@ -33,6 +33,7 @@ COPY axiscap/ axiscap/
 COPY server/ server/
 COPY steering/ steering/
 COPY axes/ axes/
+COPY evals/ evals/
 RUN pip install . \
     && useradd --create-home --uid 10001 axiscap \
     && mkdir -p /opt/axiscap/cache \

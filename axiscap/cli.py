@@ -15,7 +15,7 @@ from axiscap.steering import AxisFileError
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from axiscap.server.app import create_app, load_state
+    from axiscap.server.app import create_app, load_state, uvicorn_config
     from axiscap.server.config import Settings
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
@@ -26,7 +26,7 @@ def _serve(args: argparse.Namespace) -> None:
     logging.getLogger("axiscap").info("axis %s: capping layers %s, monitoring layer %d",
                                       axis_path, state.axis.cap_layers, state.axis.monitor_layer)
     app = create_app(state)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.Server(uvicorn_config(app, settings.host, settings.port, settings.log_level)).run()
 
 
 def _import_paper(args: argparse.Namespace) -> None:
@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "stall running streams (default 512)")
     serve.add_argument("--default-max-tokens", type=int, help="budget when a request sets none (default 1024)")
     serve.add_argument("--max-n", type=int, help="choices one request may ask for with 'n' (default 8)")
+    serve.add_argument("--max-prompt-logprobs-tokens", type=int,
+                       help="n x prompt tokens a completions request with echo and logprobs may ask logprobs for; "
+                            "each costs the output head over the whole vocabulary (default 4096)")
     serve.add_argument("--cache-dir", type=Path, help="where the de-quantized default model is kept "
                                                       "(default ~/.cache/axiscap)")
     serve.add_argument("--log-level", help="debug, info, warning (default info)")
@@ -136,7 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "that can never fit gets 400 (default: from free GPU memory, 65536 on CPU)")
     limits.add_argument("--gpu-memory-utilization", type=float,
                         help="share of the GPU memory free after loading that the KV cache may take (default 0.9)")
+    limits.add_argument("--max-request-kv-share", type=float,
+                        help="share of the KV cache one request (all its n choices, prompt + max_tokens) may reserve; "
+                             "a larger one gets 400, so one client cannot hold every other (default 0.5)")
     limits.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 2 MiB)")
+    limits.add_argument("--read-timeout", type=float,
+                        help="seconds a client has to send a request's headers, and again its body; then it gets "
+                             "408 and its connection closes, so slow senders cannot hold connections (default 30)")
     limits.add_argument("--request-timeout", type=float,
                         help="seconds a request may take, queueing included; then it ends with a timeout "
                              "error (default 600)")
@@ -159,8 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "Without any, the API is open")
     policy.add_argument("--protect-health", action=argparse.BooleanOptionalAction, default=None,
                         help="require a key for /health too (default off, for probes)")
+    policy.add_argument("--metrics-key", metavar="KEY",
+                        help="the scrape credential: /metrics then answers only 'Authorization: Bearer KEY' (client "
+                             "keys do not open it); give Prometheus the same value. Under --no-allow-projections, "
+                             "the per-token persona series are exported only with it")
     policy.add_argument("--protect-metrics", action=argparse.BooleanOptionalAction, default=None,
-                        help="require a key for /metrics too (default off, for Prometheus)")
+                        help="refuse to start without --metrics-key, so /metrics is never left open (default off)")
     policy.add_argument("--capping-policy", choices=["client", "always", "never"],
                         help="client (default): a request's 'capping' field decides, else --capping-default; "
                              "always / never: the server decides, and a response whose request asked otherwise "

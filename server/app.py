@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import socket
@@ -27,6 +28,7 @@ from .engines import EngineClient, ServedModel
 from .engines.hf.engine import Engine
 from .engines.hf.model_loading import LoadedModel, kv_cache_budget, load_model
 from .engines.model_source import model_source
+from .limits import BodySizeLimit, read_timeout_protocol
 from .metrics import ServingMetrics, projection_buckets
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
                        ModelList, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse, VersionResponse,
@@ -54,7 +56,12 @@ def _metrics(settings: Settings, axis: AssistantAxis, model_name: str) -> Servin
 
     tau = axis.threshold(axis.monitor_layer)
     buckets = projection_buckets(stat("monitor_mean"), stat("monitor_std"), tau)
-    return ServingMetrics(model_name, axis.cap_layers, buckets, tau, settings.max_waiting)
+    if not settings.persona_metrics:
+        log.warning("/metrics leaves out the projection histogram, tokens below tau and cap activations: "
+                    "projections are withheld from clients (--no-allow-projections) and /metrics is open; "
+                    "set --metrics-key to export them to Prometheus alone")
+    return ServingMetrics(model_name, axis.cap_layers, buckets, tau, settings.max_waiting,
+                          persona_series=settings.persona_metrics)
 
 
 def build_state(settings: Settings, loaded: LoadedModel, axis: AssistantAxis) -> ServerState:
@@ -63,7 +70,7 @@ def build_state(settings: Settings, loaded: LoadedModel, axis: AssistantAxis) ->
     kv_tokens = kv_cache_budget(loaded, settings.kv_cache_tokens, settings.gpu_memory_utilization)
     log.info("KV cache budget: %d tokens (%.1f GiB)", kv_tokens, kv_tokens * loaded.kv_bytes_per_token() / 2**30)
     engine = Engine(loaded, axis, metrics, settings.max_batch_size, settings.max_waiting,
-                    settings.prefill_chunk_tokens, kv_tokens)
+                    settings.prefill_chunk_tokens, kv_tokens, settings.max_request_kv_share)
     return ServerState(settings, loaded, axis, metrics, engine, OpenAIServing(engine, loaded, settings))
 
 
@@ -93,7 +100,7 @@ def build_vllm_state(settings: Settings, axis_path: str | Path) -> ServerState:
     metrics = _metrics(settings, axis, name)
     options = VllmOptions(settings.tensor_parallel_size, settings.pipeline_parallel_size,
                           settings.gpu_memory_utilization, settings.max_model_len, settings.max_num_seqs, settings.dtype)
-    engine = VllmEngine(source, name, axis, metrics, options, settings.max_waiting)
+    engine = VllmEngine(source, name, axis, metrics, options, settings.max_waiting, settings.max_request_kv_share)
     return ServerState(settings, engine.model, axis, metrics, engine, OpenAIServing(engine, engine.model, settings))
 
 
@@ -112,56 +119,6 @@ def _validation_message(errors) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
-class _TooLarge(StarletteHTTPException):
-    """Raised while a streamed body is read; FastAPI passes HTTPExceptions on to the handlers."""
-
-
-class BodySizeLimit:
-    """413 with an OpenAI error object for bodies over the limit, declared or streamed (chunked).
-
-    Starlette's own limiter answers in plain text, which the OpenAI SDK cannot parse.
-    """
-
-    def __init__(self, app, max_bytes: int, metrics: ServingMetrics):
-        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(scope, receive, send)
-        seen, started = 0, False
-
-        async def counting_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge(413, self._message())
-            return message
-
-        async def watching_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, watching_send)
-        except _TooLarge:
-            if started:
-                raise
-            await self._reject(scope, receive, send)
-
-    def _message(self) -> str:
-        return f"the request body is larger than this server's limit of {self.max_bytes} bytes"
-
-    async def _reject(self, scope, receive, send):
-        self.metrics.reject(413)
-        body = error_body(self._message(), "invalid_request_error")
-        await JSONResponse(body, status_code=413)(scope, receive, send)
-
-
 def create_app(state: ServerState) -> FastAPI:
     settings = state.settings
 
@@ -173,8 +130,10 @@ def create_app(state: ServerState) -> FastAPI:
         yield
         state.engine.stop()
 
-    # redirect_slashes off: "/v1/models/" gets a 404 error object, not a bare 307.
-    app = FastAPI(title="axiscap", lifespan=lifespan, redirect_slashes=False)
+    # redirect_slashes off: "/v1/models/" gets a 404 error object, not a bare 307. No /docs or /redoc:
+    # FastAPI's pages load their scripts from a CDN; the OpenAPI document itself is served below.
+    app = FastAPI(title="axiscap", lifespan=lifespan, redirect_slashes=False, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, metrics=state.metrics)
     app.state.axiscap = state
     serving, metrics = state.serving, state.metrics
@@ -207,22 +166,23 @@ def create_app(state: ServerState) -> FastAPI:
 
     async def authorized(http: Request) -> None:
         """Bearer keys, compared in constant time; with no keys configured the server is open."""
-        if not keys:
-            return
-        scheme, _, token = http.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not any(secrets.compare_digest(token.strip().encode(), k) for k in keys):
+        if keys and not _bearer_is_one_of(http, keys):
             raise APIError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     guarded = [Depends(authorized)]
 
+    # Tokenizing runs in a thread (the tokenizer lets go of the GIL): a megabyte of prompt takes a
+    # second, and on the event loop every stream would stall for it.
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatCompletionRequest, http: Request):
-        return await serving.respond(ChatShape(serving, body, serving.chat_prompt_ids(body.messages)), http)
+        prompt_ids = await asyncio.to_thread(serving.chat_prompt_ids, body.messages)
+        return await serving.respond(ChatShape(serving, body, prompt_ids), http)
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest, http: Request):
-        return await serving.respond(CompletionShape(serving, body, serving.completion_prompt_ids(body)), http)
+        prompt_ids = await asyncio.to_thread(serving.completion_prompt_ids, body)
+        return await serving.respond(CompletionShape(serving, body, prompt_ids), http)
 
     # HEAD answers like GET (without a body) where monitors probe; it stays out of the OpenAPI document.
     @app.head("/v1/models", dependencies=guarded, include_in_schema=False)
@@ -233,11 +193,15 @@ def create_app(state: ServerState) -> FastAPI:
     # vLLM's tokenizer endpoints, at the root as vLLM serves them.
     @app.post("/tokenize", dependencies=guarded)
     async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
-        return serving.tokenize(body)
+        return await asyncio.to_thread(serving.tokenize, body)
 
     @app.post("/detokenize", dependencies=guarded)
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         return serving.detokenize(body)
+
+    @app.get("/openapi.json", dependencies=guarded, include_in_schema=False)
+    async def openapi_document():
+        return JSONResponse(app.openapi())
 
     @app.get("/version")
     async def version() -> VersionResponse:
@@ -263,17 +227,33 @@ def create_app(state: ServerState) -> FastAPI:
 
     if settings.playground:
         # A static page that calls the public API from the browser, like any client (see playground/).
+        @app.head("/playground", include_in_schema=False)
         @app.get("/playground", include_in_schema=False)
         async def playground():
             return FileResponse(PLAYGROUND / "index.html")
 
         app.mount("/playground/static", StaticFiles(directory=PLAYGROUND), name="playground")
 
-    @app.get("/metrics", dependencies=guarded if settings.protect_metrics else [])
+    scrape_key = settings.metrics_key.encode() if settings.metrics_key else None
+
+    async def scraper(http: Request) -> None:
+        """The scrape credential, and only it, opens /metrics when one is set (a client key does not)."""
+        if scrape_key is not None and not _bearer_is_one_of(http, [scrape_key]):
+            raise APIError(401, "/metrics needs the scrape credential: send 'Authorization: Bearer <metrics key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.head("/metrics", dependencies=[Depends(scraper)], include_in_schema=False)
+    @app.get("/metrics", dependencies=[Depends(scraper)])
     async def prometheus_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _bearer_is_one_of(http: Request, keys: list[bytes]) -> bool:
+    """Whether the request's Bearer token is one of ``keys`` (compared in constant time)."""
+    scheme, _, token = http.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and any(secrets.compare_digest(token.strip().encode(), k) for k in keys)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -282,13 +262,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str):
+    """How uvicorn serves ``app``: HTTP/1.1 with read timeouts for headers and body (``limits``)."""
+    import uvicorn
+
+    state: ServerState = app.state.axiscap
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                          http=read_timeout_protocol(state.settings.read_timeout, lambda: state.metrics.reject(408)))
+
+
 @contextmanager
 def serve_in_background(app: FastAPI, host: str = "127.0.0.1", timeout: float = 30.0) -> Iterator[str]:
     """Run ``app`` under uvicorn in a thread of this process (tests, ``axiscap eval``); yields its base URL."""
     import uvicorn
 
     port = free_port(host)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, host, port, "warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

@@ -31,18 +31,24 @@ def projection_buckets(mean: float | None, std: float | None, threshold: float |
 class ServingMetrics:
     def __init__(self, model: str, cap_layers: list[int], buckets: list[float],
                  monitor_threshold: float | None = None, queue_capacity: int | None = None,
-                 registry: CollectorRegistry | None = None):
+                 registry: CollectorRegistry | None = None, persona_series: bool = True):
+        """``persona_series`` off leaves out the per-token persona series (projection histogram, tokens
+        below tau, cap activations): a client who may not have its projections could read them back
+        from an open /metrics around its own request (``Settings.persona_metrics``)."""
         self.registry = registry or CollectorRegistry()
         r, m = self.registry, model
+        self.persona_series = persona_series
+        # Unregistered when off: they exist so that the recording code needs no second path.
+        pr = r if persona_series else None
         self.axis_projection = Histogram(
             f"{PREFIX}_axis_projection", "Per generated token: projection of the monitor layer's residual "
             "stream onto the unit Assistant Axis, before that layer's cap. Lower means further from the Assistant.",
-            ["model", "capping"], buckets=buckets, registry=r)
+            ["model", "capping"], buckets=buckets, registry=pr)
         self._projection = {on: self.axis_projection.labels(m, "on" if on else "off") for on in (True, False)}
         self._threshold = monitor_threshold
         self.below_threshold = Counter(
             f"{PREFIX}_tokens_below_threshold", "Generated tokens whose monitor-layer projection fell below "
-            "that layer's cap threshold tau (before the cap).", ["model", "capping"], registry=r)
+            "that layer's cap threshold tau (before the cap).", ["model", "capping"], registry=pr)
         self._below = {on: self.below_threshold.labels(m, "on" if on else "off") for on in (True, False)}
         threshold = Gauge(f"{PREFIX}_monitor_threshold", "Cap threshold tau of the monitor layer, in projection "
                           "units: the floor capping enforces there.", ["model"], registry=r)
@@ -50,7 +56,7 @@ class ServingMetrics:
             threshold.labels(m).set(monitor_threshold)
         self.cap_activations = Counter(
             f"{PREFIX}_cap_activations", "Token positions whose activation the cap changed, by decoder layer.",
-            ["model", "layer"], registry=r)
+            ["model", "layer"], registry=pr)
         self._cap = [self.cap_activations.labels(m, str(l)) for l in cap_layers]
         self.time_to_first_token = Histogram(
             f"{PREFIX}_time_to_first_token_seconds", "From arrival to the first generated token.",
@@ -75,7 +81,7 @@ class ServingMetrics:
         # Known label values start at zero, so rates and alerts work before the first occurrence.
         for reason in ("stop", "length", "cancelled", "error"):
             self.requests.labels(m, reason)
-        for status in ("400", "401", "403", "404", "413", "429", "500", "504"):
+        for status in ("400", "401", "403", "404", "408", "413", "429", "500", "504"):
             self.rejected.labels(m, status)
         self.running = Gauge(f"{PREFIX}_requests_running", "Requests in the running batch.",
                              ["model"], registry=r).labels(m)

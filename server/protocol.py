@@ -10,6 +10,7 @@ Responses add ``capping`` (whether it was applied) at the top level. The tokeniz
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
@@ -22,6 +23,7 @@ from .engines import MAX_LOGPROBS
 # A seed is handed to torch.Generator.manual_seed, which takes a 64-bit value: bound it as vLLM does.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_MESSAGES = 512  # a chat longer than this is refused before its template is rendered
+_TOKEN_ID = re.compile(r"-?[0-9]+")
 
 
 class APIError(Exception):
@@ -54,8 +56,9 @@ Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class _Body(BaseModel):
-    # The SDK sends fields we do not use (user, metadata, ...): accept and ignore them.
-    model_config = ConfigDict(extra="ignore")
+    # The SDK sends fields we do not use (user, metadata, ...): accept and ignore them. JSON's NaN
+    # and Infinity (Python's json reads them) are refused as what they are, not as out of range.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -128,13 +131,16 @@ class _GenerationBody(_Body):
         stops = [v] if isinstance(v, str) else (v or [])
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):  # vLLM refuses it too: it would end every completion at once
+            raise ValueError("a stop sequence must not be empty")
         return stops
 
     @field_validator("logit_bias")
     @classmethod
     def _token_ids(cls, v):
-        if v is not None and not all(k.lstrip("-").isdigit() for k in v):
-            raise ValueError("keys must be token ids")
+        # ASCII digits only: str.isdigit() also takes "²" and other Unicode digits, which int() refuses.
+        if v is not None and not all(_TOKEN_ID.fullmatch(k) for k in v):
+            raise ValueError("keys must be token ids (decimal integers)")
         return v
 
     def requested_max_tokens(self) -> int | None:

@@ -240,6 +240,11 @@ class OpenAIServing:
         bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
         self._check_token_ids(list(bias), "logit_bias")
         echo_logprobs = isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None
+        if echo_logprobs and body.n * len(prompt_ids) > self.settings.max_prompt_logprobs_tokens:
+            raise APIError(400, f"echo with logprobs on {body.n} choice(s) of a {len(prompt_ids)}-token prompt asks "
+                                f"for {body.n * len(prompt_ids)} prompt logprobs; this server gives at most "
+                                f"{self.settings.max_prompt_logprobs_tokens} per request "
+                                f"(--max-prompt-logprobs-tokens)", param="logprobs")
         return SamplingParams(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
             stop=tuple(body.stop or ()), capping=self.capping_for(body),
@@ -322,6 +327,8 @@ class OpenAIServing:
                 for request in requests:
                     request.cancel()
                 collected.cancel()
+                # Retrieved, so asyncio does not log the cancelled gather as an error nobody saw.
+                collected.add_done_callback(lambda f: f.cancelled() or f.exception())
         if not collected.done() or collected.cancelled():
             return JSONResponse(error_body("client closed the request", "invalid_request_error"), status_code=499)
         outs: list[_ChoiceText] = collected.result()

@@ -239,20 +239,22 @@ def test_client_disconnect_stops_generation(live_server):
     assert wait_until(lambda: not engine._rows), "non-stream generation kept running after the client left"
 
 
-def test_a_schema_is_compiled_off_the_event_loop(live_server, monkeypatch):
-    # A large schema takes xgrammar up to a second; on the event loop it would stall every stream.
-    grammars, on_loop = live_server.state.engine.grammars, []
-    compile_for_real = grammars.compile
-
-    def spy(*args):
+def noting_the_event_loop(function, on_loop: list[bool]):
+    """``function``, noting in ``on_loop`` for each call whether it ran on an event loop's thread."""
+    def noted(*args):
         try:
             asyncio.get_running_loop()
             on_loop.append(True)
         except RuntimeError:
             on_loop.append(False)
-        return compile_for_real(*args)
+        return function(*args)
+    return noted
 
-    monkeypatch.setattr(grammars, "compile", spy)
+
+def test_a_schema_is_compiled_off_the_event_loop(live_server, monkeypatch):
+    # A large schema takes xgrammar up to a second; on the event loop it would stall every stream.
+    grammars, on_loop = live_server.state.engine.grammars, []
+    monkeypatch.setattr(grammars, "compile", noting_the_event_loop(grammars.compile, on_loop))
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Name a city as JSON."}], "max_tokens": 24,
             "temperature": 0,
@@ -318,3 +320,18 @@ def test_metrics_move_after_requests(live_server, client):
     assert httpx.post(live_server.base_url + "/v1/completions", json={"model": MODEL}).status_code == 400
     rejected = sample(scrape(live_server.base_url), "axiscap_rejected_requests_total", status="400")
     assert rejected == sample(after, "axiscap_rejected_requests_total", status="400") + 1
+
+
+@pytest.mark.parametrize("path, method, body", [
+    ("/v1/chat/completions", "chat_prompt_ids", {"messages": [{"role": "user", "content": "hi " * 9000}]}),
+    ("/v1/completions", "completion_prompt_ids", {"prompt": "x" * 200_000}),
+    ("/tokenize", "tokenize", {"prompt": "x" * 200_000}),
+], ids=["chat", "completions", "tokenize"])
+def test_prompts_are_tokenized_off_the_event_loop(live_server, monkeypatch, path, method, body):
+    # A megabyte of prompt takes the tokenizer a second; on the event loop every stream would stall.
+    serving, on_loop = live_server.state.serving, []
+    monkeypatch.setattr(serving, method, noting_the_event_loop(getattr(serving, method), on_loop))
+    response = httpx.post(live_server.base_url + path, json={"model": MODEL, "max_tokens": 1, **body}, timeout=120)
+    assert on_loop == [False]
+    # Too long for the context: a 400 after tokenizing (the tokenizer endpoint just counts).
+    assert response.status_code == (200 if path == "/tokenize" else 400), response.text

@@ -84,27 +84,52 @@ def test_every_metric_an_alert_rule_uses_is_exported(scraped_names):
             assert "Runbook" in rule["annotations"]["description"], rule["alert"]
 
 
-def test_promtool_checks_config_rules_and_rule_unit_tests():
+def test_promtool_checks_config_rules_and_rule_unit_tests(tmp_path):
     promtool = tool("promtool")
-    run(promtool, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
+    # promtool checks that the scrape credential's file exists: the one compose mounts, placed here.
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    (tmp_path / "metrics_key").write_text("scrape-key")
+    config["scrape_configs"][0]["authorization"]["credentials_file"] = str(tmp_path / "metrics_key")
+    shutil.copy(DEPLOY / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    run(promtool, "check", "config", str(tmp_path / "prometheus.yml"))
     out = run(promtool, "check", "rules", str(DEPLOY / "prometheus" / "alerts.yml"))
     assert "SUCCESS: 5 rules found" in out.stdout
     run(promtool, "test", "rules", str(DEPLOY / "prometheus" / "alerts_test.yml"))
 
 
+@pytest.fixture(scope="module")
+def deployed_server(smollm2, smollm2_axis):
+    """A server with the deploy/ files' policy: client keys, capping enforced, projections withheld from
+    clients, /metrics open to the scrape credential alone."""
+    from .conftest import server
+
+    with server(smollm2, smollm2_axis, api_keys=["client-key"], capping_policy="always", allow_projections=False,
+                metrics_key=SCRAPE_KEY, protect_metrics=True) as live:
+        yield live
+
+
+SCRAPE_KEY = "scrape-key"
+
+
 @pytest.mark.parametrize("replicas", [1, 3])
-def test_prometheus_scrapes_the_real_server(live_server, tmp_path, replicas):
-    """A real Prometheus scrapes the server, as one replica or as three (the same server under three
+def test_prometheus_scrapes_the_real_server(deployed_server, tmp_path, replicas):
+    """A real Prometheus scrapes a server set up as deploy/ sets it up (with the scrape credential, as
+    deploy/prometheus/prometheus.yml does), as one replica or as three (the same server under three
     instance labels, as a Deployment's pods look to Prometheus): every alert rule evaluates without
     error and every dashboard query answers."""
+    live_server = deployed_server
     prometheus = tool("prometheus")
     port = free_port()
     workdir = tmp_path
     target = live_server.base_url.removeprefix("http://")
+    (workdir / "metrics_key").write_text(SCRAPE_KEY)
+    deployed = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0]
+    authorization = {**deployed["authorization"], "credentials_file": str(workdir / "metrics_key")}
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(DEPLOY / "prometheus" / "alerts.yml")],
-        "scrape_configs": [{"job_name": "axiscap", "static_configs": [
+        "scrape_configs": [{"job_name": "axiscap", "authorization": authorization, "static_configs": [
             {"targets": [target], "labels": {"instance": f"replica-{i}"}} for i in range(replicas)]}],
     }
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -122,14 +147,16 @@ def test_prometheus_scrapes_the_real_server(live_server, tmp_path, replicas):
         def query(q):
             return ask(q).get("data", {}).get("result", [])
 
-        sent = {}
+        # capping_policy=always: every request is capped, whatever it asks; the off series stays at zero.
+        sent = {True: 0, False: 0}
         for capping in (True, False):
             r = httpx.post(live_server.base_url + "/v1/chat/completions", timeout=120, json={
                 "model": "smollm2-135m-instruct", "max_tokens": 6, "temperature": 0, "capping": capping,
                 "messages": [{"role": "system", "content": "You are an ancient oracle who speaks in riddles."},
-                             {"role": "user", "content": "Will I be happy?"}]})
+                             {"role": "user", "content": "Will I be happy?"}]},
+                headers={"Authorization": "Bearer client-key"})
             assert r.status_code == 200
-            sent[capping] = r.json()["usage"]["completion_tokens"]
+            sent[True] += r.json()["usage"]["completion_tokens"]
 
         deadline, by_capping, bites = time.monotonic() + 60, {}, []
         while time.monotonic() < deadline:
@@ -205,9 +232,19 @@ def test_deploy_files_default_to_the_safe_policy():
         env = {e["name"]: e for e in docs[name]["spec"]["template"]["spec"]["containers"][0]["env"]}
         assert env["AXISCAP_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "axiscap-api-keys"
         assert "optional" not in env["AXISCAP_API_KEYS"]["valueFrom"]["secretKeyRef"]
-    service = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["axiscap"]["environment"]
+        assert env["AXISCAP_METRICS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "axiscap-metrics-key"
+    assert config["AXISCAP_PROTECT_METRICS"] == "true"  # no scrape credential: the pod does not start
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    service = compose["services"]["axiscap"]["environment"]
     assert service["AXISCAP_CAPPING_POLICY"] == "always" and service["AXISCAP_ALLOW_PROJECTIONS"] == "false"
     assert service["AXISCAP_API_KEYS"].startswith("${AXISCAP_API_KEYS:?")
+    assert service["AXISCAP_METRICS_KEY"].startswith("${AXISCAP_METRICS_KEY:?")
+    assert service["AXISCAP_PROTECT_METRICS"] == "true"
+    # Prometheus scrapes with the same credential, from the secret compose mounts.
+    assert compose["secrets"]["metrics_key"] == {"environment": "AXISCAP_METRICS_KEY"}
+    assert "metrics_key" in compose["services"]["prometheus"]["secrets"]
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert scrape["authorization"]["credentials_file"] == "/run/secrets/metrics_key"
     image = (REPO / "Dockerfile").read_text()
     assert "AXISCAP_CAPPING_POLICY=always" in image and "AXISCAP_ALLOW_PROJECTIONS=false" in image
 
@@ -223,3 +260,54 @@ def test_compose_mounts_existing_files_and_targets_the_service():
     assert target == "axiscap:8000"
     datasource = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+
+
+def build_context(tmp_path):
+    """The files ``docker build .`` would see after its COPY lines: each COPY source, minus .dockerignore."""
+    import fnmatch
+
+    ignored = [p.strip().rstrip("/") for p in (REPO / ".dockerignore").read_text().splitlines()
+               if p.strip() and not p.startswith("#")]
+
+    def skipped(relative: str) -> bool:
+        parts = relative.split("/")
+        return any(fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(relative, p.removeprefix("**/"))
+                   or any(fnmatch.fnmatch(part, p.removeprefix("**/")) for part in parts) for p in ignored)
+
+    context = tmp_path / "context"
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if not line.startswith("COPY "):
+            continue
+        *sources, target = line.split()[1:]
+        for source in sources:
+            origin = REPO / source
+            files = [origin] if origin.is_file() else [p for p in origin.rglob("*") if p.is_file()]
+            for f in files:
+                relative = f.relative_to(REPO).as_posix()
+                if skipped(relative):
+                    continue
+                dest = context / (relative if target.endswith("/") and origin.is_dir() or target == "./"
+                                  else target)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, dest)
+    return context
+
+
+def test_the_image_builds_from_its_own_build_context(tmp_path):
+    """What the Dockerfile's COPY lines put in the image is enough to pip-install the project and run
+    its command (the image once failed: evals/ was not copied). The CUDA variant differs only in the
+    torch wheel its build argument picks, which the README documents."""
+    context = build_context(tmp_path)
+    wheels = tmp_path / "wheels"
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
+        str(context))
+    wheel = next(wheels.glob("axiscap-*.whl"))
+    target = tmp_path / "site"
+    run(sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel))
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import axiscap.cli, axiscap.evals.suites; "
+             "from axiscap.axes import axis_for; print(axiscap.cli.__file__, axis_for('smollm2-135m-instruct', None))")
+    out = run(sys.executable, "-c", probe, str(target)).stdout
+    assert out.startswith(str(target)) and out.strip().endswith(".safetensors")
+    text = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^ARG TORCH_VARIANT=cpu$", text, re.M) and "download.pytorch.org/whl/${TORCH_VARIANT}" in text
+    assert "--build-arg TORCH_VARIANT=cu128" in (REPO / "README.md").read_text().replace("\n", " ")

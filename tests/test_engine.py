@@ -357,8 +357,9 @@ def test_a_long_request_does_not_widen_the_short_ones_kv(smollm2, smollm2_axis):
 
 
 def test_logprobs_match_a_plain_forward_through_sliced_prefills(smollm2, smollm2_axis):
-    """Prompt logprobs are gathered slice by slice (7 columns here) for the one row of the group that
-    asked; generated logprobs come from decode steps. Both equal the log-softmax of one plain forward."""
+    """Prompt logprobs are gathered slice by slice (14 columns here) for the row that asked, prefilled in
+    a group of its own; generated logprobs come from decode steps. Both equal the log-softmax of one
+    plain forward."""
     tok = smollm2.tokenizer
     asking = chat_ids(tok, "Name three rivers in Europe.")
     other = chat_ids(tok, "Tell me about lighthouses and the people who keep them.")
@@ -389,3 +390,31 @@ def test_logprobs_match_a_plain_forward_through_sliced_prefills(smollm2, smollm2
         assert [i for i, _ in lp.top] == top.indices.tolist()
         assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=2e-3)
     assert all(len(lp.top) == 2 for lp in prompt_lp[1:]) and all(len(lp.top) == 3 for lp in generated)
+
+
+def test_choices_share_one_computation_of_their_prompt_logprobs(smollm2, smollm2_axis, monkeypatch):
+    """echo + logprobs with n choices: the first choice computes the prompt logprobs alone, in slices of at
+    most PROMPT_LOGPROBS_SLICE_TOKENS positions (each runs the vocabulary-wide head); every other choice
+    gets the same list, complete in its first delta, without computing it again."""
+    from axiscap.server.engines.hf import engine as hf_engine
+
+    slices = []
+    compute = hf_engine.Engine._prompt_logprobs
+
+    def observed(self, group, logits, start, end):
+        slices.append((len(group.requests), logits.shape[0] * logits.shape[1]))
+        return compute(self, group, logits, start, end)
+
+    monkeypatch.setattr(hf_engine.Engine, "_prompt_logprobs", observed)
+    prompt = chat_ids(smollm2.tokenizer, "Tell me about lighthouses and the people who keep them. " * 24)
+    choices = [SamplingParams(3, temperature=0.7, seed=seed, prompt_logprobs=2) for seed in range(3)]
+    with running_engine(smollm2, smollm2_axis) as engine:
+        async def run():
+            requests = await engine.submit_all(prompt, choices)
+            return [[d async for d in r.deltas()] for r in requests]
+        deltas = asyncio.run(run())
+    first = [d[0].prompt_logprobs for d in deltas]
+    assert len(first[0]) == len(prompt) > 2 * hf_engine.PROMPT_LOGPROBS_SLICE_TOKENS
+    assert first[1] == first[0] and first[2] == first[0]
+    assert all(rows == 1 and positions <= hf_engine.PROMPT_LOGPROBS_SLICE_TOKENS for rows, positions in slices)
+    assert len(slices) == -(-len(prompt) // hf_engine.PROMPT_LOGPROBS_SLICE_TOKENS)

@@ -44,6 +44,19 @@ HOSTILE = [
      400, "messages"),
     ("prompt token id past the embedding", "/v1/completions",
      {"model": MODEL, "prompt": [1, 2, 49152], "max_tokens": 2}, 400, "prompt"),
+    # str.isdigit() takes these, int() does not (a 500 and a reset connection before).
+    ("superscript digit in logit_bias", "/v1/chat/completions", chat(logit_bias={"²": 5}), 400, "logit_bias"),
+    ("Arabic-Indic digits in logit_bias", "/v1/completions",
+     {"model": MODEL, "prompt": "a", "max_tokens": 2, "logit_bias": {"\u0661\u0662": 1}}, 400, "logit_bias"),
+    ("empty stop strings", "/v1/chat/completions", chat(stop=["", ""]), 400, "stop"),
+    ("one empty stop string", "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 2, "stop": ""},
+     400, "stop"),
+    ("temperature NaN", "/v1/chat/completions", b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], '
+     b'"temperature": NaN}' % MODEL.encode(), 400, "temperature"),
+    ("echo logprobs past --max-prompt-logprobs-tokens", "/v1/completions",
+     {"model": MODEL, "prompt": [1000] * 1000, "n": 5, "echo": True, "logprobs": 1, "max_tokens": 1}, 400, "logprobs"),
+    ("top_p Infinity", "/v1/completions", b'{"model": "%s", "prompt": "a", "top_p": Infinity}' % MODEL.encode(),
+     400, "top_p"),
 ]
 
 
@@ -57,6 +70,24 @@ def post(base_url: str, path: str, body) -> httpx.Response:
 def test_hostile_request_gets_its_own_openai_error(live_server, name, path, body, status, param):
     assert_openai_error(post(live_server.base_url, path, body), status, param)
     assert httpx.get(live_server.base_url + "/health").status_code == 200
+
+
+def test_a_nan_is_called_what_it_is(live_server):
+    nan = next(body for name, _, body, _, _ in HOSTILE if name == "temperature NaN")
+    error = assert_openai_error(post(live_server.base_url, "/v1/chat/completions", nan), 400)
+    assert "finite" in error["message"], error
+
+
+def test_min_tokens_past_the_end_of_a_grammar_ends_with_the_grammar(live_server):
+    """A boolean is over after one token: min_tokens cannot hold the document open (a 500 before)."""
+    body = chat(max_tokens=12, min_tokens=6, temperature=0,
+                response_format={"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "boolean"}}})
+    for _ in range(2):  # and the connection stays usable
+        r = post(live_server.base_url, "/v1/chat/completions", body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert json.loads(choice["message"]["content"]) in (True, False)
+        assert choice["finish_reason"] == "stop"
 
 
 def test_edge_values_that_are_valid_are_served(live_server):
@@ -95,6 +126,13 @@ def test_paths_and_methods_answer_with_openai_errors(live_server):
     wrong = httpx.delete(base + "/v1/models")
     assert_openai_error(wrong, 405)
     assert "GET" in wrong.headers["allow"]
+    for path in ("/playground", "/metrics", "/health", "/v1/models"):  # HEAD wherever GET works
+        got, head = httpx.get(base + path), httpx.head(base + path)
+        assert got.status_code == head.status_code == 200 and head.content == b"", path
+    # FastAPI's /docs and /redoc pages load scripts from a CDN: not served.
+    for path in ("/docs", "/redoc"):
+        assert_openai_error(httpx.get(base + path), 404)
+    assert "/v1/chat/completions" in httpx.get(base + "/openapi.json").json()["paths"]
 
 
 def test_poisoned_requests_join_six_streams_and_all_six_finish(live_server):
@@ -134,3 +172,28 @@ def test_poisoned_requests_join_six_streams_and_all_six_finish(live_server):
     alone, streamed, hostile = asyncio.run(run_all())
     assert [r.status_code for r in hostile] == [400] * len(poisons)
     assert streamed == [(a["message"]["content"], a["finish_reason"]) for a in alone]
+
+
+def test_a_client_that_leaves_a_non_stream_request_leaves_no_error_in_the_log(live_server, caplog):
+    import gc
+    import logging
+    import time
+
+    engine = live_server.state.engine
+
+    async def leave():
+        async with httpx.AsyncClient(base_url=live_server.base_url, timeout=60) as http:
+            sent = asyncio.create_task(http.post("/v1/completions", json={
+                "model": MODEL, "prompt": "Once upon a time", "n": 3, "max_tokens": 300, "ignore_eos": True}))
+            while len(engine._rows) < 3:
+                await asyncio.sleep(0.01)
+            sent.cancel()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(leave())
+        deadline = time.monotonic() + 30
+        while engine._rows and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not engine._rows  # the slots are free
+        gc.collect()  # a cancelled gather nobody retrieved is logged when it is collected
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -81,8 +81,13 @@ def assert_vllm_matches_the_hooks(family: str, tmp_path, tokenizer, **vllm_setti
             tokens, projections = greedy_answer(base_url, str(folder), capping)
             assert tokens == want[capping][0]
             assert max(abs(a - b) for a, b in zip(projections, want[capping][1])) < 1e-3
-        # Every capped layer's count reaches the front end, whichever worker holds the layer.
-        assert cap_counts(base_url) == want_caps
+        # Every capped layer's count reaches the front end, whichever worker holds the layer. A count is
+        # of positions whose projection fell below tau, and vLLM's kernels sum in another order: one
+        # sitting right at tau may fall the other way, so each count may differ by one position in 50.
+        got_caps = cap_counts(base_url)
+        assert got_caps.keys() == want_caps.keys()
+        for layer, want_count in want_caps.items():
+            assert abs(got_caps[layer] - want_count) <= max(1, want_count // 50), (layer, got_caps, want_caps)
     return state
 
 

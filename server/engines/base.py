@@ -54,6 +54,14 @@ class DoesNotFit(ValueError):
     """A request that needs more KV cache than the engine will ever have; the caller answers 400."""
 
 
+def over_request_share(choices: int, prompt_tokens: int, max_tokens: int, needed: int, allowed: int,
+                       total: int) -> DoesNotFit:
+    """The 400 for one API request that would hold more of the KV cache than --max-request-kv-share allows."""
+    return DoesNotFit(f"{choices} choice(s) of {prompt_tokens} prompt tokens and max_tokens {max_tokens} need "
+                      f"{needed} KV cache tokens; one request may hold at most {allowed} of this server's {total} "
+                      f"(--max-request-kv-share): lower max_tokens or n")
+
+
 @dataclass
 class Logprob:
     """A token's logprob and the top alternatives at its position, as (token id, logprob)."""

@@ -38,7 +38,8 @@ import torch
 
 from axiscap.steering import AssistantAxis, AxisHooks
 
-from ..base import LOGPROB_FLOOR, Delta, DoesNotFit, Logprob, QueueFull, Request, SamplingParams, StatLogger, StepStats
+from ..base import (LOGPROB_FLOOR, Delta, DoesNotFit, Logprob, QueueFull, Request, SamplingParams, StatLogger,
+                    StepStats, over_request_share)
 from ..grammar import GrammarCompiler
 from .kv_slots import PrefillStore, SlotStore, check_supported, slot_attention_for, slot_capacity
 from .model_loading import LoadedModel
@@ -52,6 +53,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _MAX_STRIKES = 3  # failed steps a request may be part of before it is failed itself
+# How long a request that does not fit the KV budget yet lets later, smaller ones go first.
+SKIP_AHEAD_S = 10.0
+# Prompt positions per prefill step while a group computes prompt logprobs (echo): each position
+# runs the vocabulary-wide output head (49k columns on SmolLM2), ~4x a plain prefill's cost per token.
+PROMPT_LOGPROBS_SLICE_TOKENS = 128
 
 
 @dataclass
@@ -75,6 +81,8 @@ class _Row:
     pending_projections: list[float] = field(default_factory=list)
     pending_logprobs: list[Logprob] = field(default_factory=list)
     prompt_logprobs: list[Logprob | None] | None = None  # filled by the prefill when asked for
+    prompt_logprobs_sent: bool = False  # they go out with its first delta
+    prompt_logprobs_from: Request | None = None  # the choice whose prompt logprobs this one shares
 
     @property
     def params(self) -> SamplingParams:
@@ -110,17 +118,24 @@ class _PrefillGroup:
         self.last_logits: torch.Tensor | None = None
         self.last_projections: torch.Tensor | None = None
         self.done = 0  # columns prefilled so far
-        # Rows that asked for their prompt's logprobs and have not had them yet (not a re-prefill).
-        self.prompt_logprob_rows = [i for i, r in enumerate(requests)
-                                    if r.params.prompt_logprobs is not None and r._row.generated == 0]
-        for i in self.prompt_logprob_rows:
-            requests[i]._row.prompt_logprobs = [None]
+        # Rows that asked for their prompt's logprobs and have not had them yet (not a re-prefill); a later
+        # choice takes its first choice's, once that one has them (see Engine.submit_all).
+        self.prompt_logprob_rows: list[int] = []
+        for i, request in enumerate(requests):
+            row = request._row
+            if request.params.prompt_logprobs is None or row.generated != 0:
+                continue
+            if row.prompt_logprobs_from is not None and row.prompt_logprobs_from._row.prefilled:
+                row.prompt_logprobs = row.prompt_logprobs_from._row.prompt_logprobs
+            else:
+                row.prompt_logprobs = [None]
+                self.prompt_logprob_rows.append(i)
 
 
 class Engine:
     def __init__(self, loaded: LoadedModel, axis: AssistantAxis | None, stat_logger: StatLogger,
                  max_batch_size: int = 16, max_waiting: int = 64, prefill_chunk_tokens: int = 512,
-                 kv_cache_tokens: int | None = None):
+                 kv_cache_tokens: int | None = None, max_request_kv_share: float = 1.0):
         check_supported(loaded.model)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -138,6 +153,8 @@ class Engine:
         self.max_waiting = max_waiting
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.kv_cache_tokens = kv_cache_tokens  # None: unbounded
+        # What one API request (all its choices) may reserve of it, so that one client cannot hold the rest.
+        self.max_request_kv_tokens = int(kv_cache_tokens * max_request_kv_share) if kv_cache_tokens else None
         self.eos_ids = self._eos_ids()
         self.vocab_size = self.model.config.get_text_config().vocab_size  # the logits' width
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
@@ -201,6 +218,18 @@ class Engine:
                     for p in params]
         loop = asyncio.get_running_loop()
         requests = [self._new_request(prompt_ids, p, g, loop, timeout) for p, g in zip(params, grammars)]
+        # Prompt logprobs (echo) run the vocabulary-wide output head at every prompt position: the first
+        # choice computes them in a prefill group of its own, and the other choices, which share its
+        # prompt, take its list and are prefilled after it at a plain prefill's cost.
+        first, *others = requests
+        if first.params.prompt_logprobs is not None:
+            first._row.alone = True
+            for request in others:
+                request._row.prompt_logprobs_from = first
+        share = self.max_request_kv_tokens
+        if share is not None and (needed := sum(r.reserved_tokens for r in requests)) > share:
+            raise over_request_share(len(requests), len(prompt_ids), params[0].max_tokens, needed, share,
+                                     self.kv_cache_tokens)
         with self._wakeup:
             room = self.max_waiting + max(0, self.max_batch_size - self._busy_slots()) - len(self._waiting)
             if len(requests) > room:
@@ -332,15 +361,26 @@ class Engine:
                 self._waiting.appendleft(request)
 
     def _take_waiting(self) -> list[Request]:
-        """The next prefill group: as many waiting requests as the batch and the KV budget admit."""
+        """The next prefill group: waiting requests in arrival order, as many as the batch and the KV
+        budget admit. One that does not fit yet is passed by later ones that do (skip-ahead), until it
+        has waited ``SKIP_AHEAD_S``: from then on nothing passes it, so running requests drain until
+        it fits."""
         taken: list[Request] = []
-        while self._waiting and self._busy_slots() + len(taken) < self._batch_limit:
-            request = self._waiting[0]
+        now = time.monotonic()
+        for request in list(self._waiting):
+            if self._busy_slots() + len(taken) >= self._batch_limit:
+                break
             if taken and (request._row.alone or taken[0]._row.alone):
                 break
+            if request._row.prompt_logprobs_from in self._waiting:
+                continue  # its first choice computes the prompt logprobs it shares: after that one
             if self.kv_cache_tokens is not None and (self._rows or taken) and not self._fits(taken + [request]):
-                break  # waits until running requests finish and free their slots
-            taken.append(self._waiting.popleft())
+                if now - request.arrival >= SKIP_AHEAD_S:
+                    break  # its turn: later requests wait until running ones free its room
+                continue
+            taken.append(request)
+        for request in taken:
+            self._waiting.remove(request)
         return taken
 
     def _fits(self, group: list[Request]) -> bool:
@@ -383,7 +423,10 @@ class Engine:
         """
         group = self._prefilling
         n, start = len(group.requests), group.done
-        end = min(group.width, start + max(1, self.prefill_chunk_tokens // n))
+        budget = self.prefill_chunk_tokens
+        if group.prompt_logprob_rows:  # logits at every position: the vocabulary-wide head dominates the step
+            budget = min(budget, PROMPT_LOGPROBS_SLICE_TOKENS)
+        end = min(group.width, start + max(1, budget // n))
         # Logits only where a row's prompt ends inside this slice (each row at its own column).
         ending = [i for i, length in enumerate(group.lengths) if start < length <= end]
         if ending:  # per row, the slice column of its last token (clamped for rows not ending here)
@@ -550,9 +593,9 @@ class Engine:
         if text or finish:
             self._send(request, Delta(text, row.pending_ids, row.pending_projections, finish,
                                       row.pending_logprobs if params.logprobs is not None else None,
-                                      row.prompt_logprobs))
+                                      None if row.prompt_logprobs_sent else row.prompt_logprobs))
             row.pending_ids, row.pending_projections, row.pending_logprobs = [], [], []
-            row.prompt_logprobs = None
+            row.prompt_logprobs_sent = True
         return finish is not None
 
     # --- batch bookkeeping ------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from ..base import LOGPROB_FLOOR, SamplingParams
-from .structured_output import allocate_bitmask, apply_bitmask, fill_bitmask
+from .structured_output import allocate_bitmask, apply_bitmask, fill_bitmask, only_allows, packed_token_mask
 
 
 class SamplingRow(Protocol):
@@ -51,6 +51,7 @@ class BatchSampler:
         self.device, self.vocab_size = device, vocab_size
         self._eos_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         self._eos_mask[list(eos_ids)] = True
+        self._eos_packed = packed_token_mask(eos_ids, vocab_size)  # the same, in the grammar bitmask's layout
         self._shared = torch.Generator(device=device)
         self._shared.seed()
         self.logprobs: TokenLogprobs | None = None  # of the last sample(), for rows that asked
@@ -136,11 +137,18 @@ class BatchSampler:
         if self._bias is None and self._counts is None and not self._grammar_rows:
             return logits
         given, logits = logits, logits.float()
+        if self._grammar_rows:  # filled on the host first: min_tokens must know where a grammar ends
+            fill_bitmask(self._bitmask, self._matchers, self._grammar_rows)
         if self._bias is not None:
             logits = logits + self._bias
         if self._counts is not None:
-            early = (self._generated < self._min_tokens).unsqueeze(-1)  # min_tokens: no end of sequence yet
-            logits = logits.masked_fill(early & self._eos_mask, float("-inf"))
+            early = self._generated < self._min_tokens  # min_tokens: no end of sequence yet
+            # A grammar that allows nothing but the end (a finished JSON document) ends the output,
+            # min_tokens or not: masking its one token would leave nothing to sample.
+            ended = [i for i in self._grammar_rows if only_allows(self._bitmask, i, self._eos_packed)]
+            if ended:
+                early = early.index_fill(0, torch.tensor(ended, device=self.device), False)
+            logits = logits.masked_fill(early.unsqueeze(-1) & self._eos_mask, float("-inf"))
             seen = (self._counts > 0) | self._in_prompt
             repetition = self._repetition.unsqueeze(-1)
             penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
@@ -150,7 +158,6 @@ class BatchSampler:
         if self._grammar_rows:
             if logits is given:  # the mask writes in place: never into the model's own output
                 logits = logits.clone()
-            fill_bitmask(self._bitmask, self._matchers, self._grammar_rows)
             apply_bitmask(logits, self._bitmask, self._grammar_rows)
         return logits
 

@@ -27,3 +27,17 @@ def fill_bitmask(bitmask: torch.Tensor, matchers: list, rows: list[int]) -> None
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
+
+
+def packed_token_mask(token_ids, vocab_size: int) -> torch.Tensor:
+    """A bitmask in xgrammar's packed layout (int32 words, token t at bit t % 32 of word t // 32)."""
+    mask = torch.zeros_like(allocate_bitmask(1, vocab_size)[0])
+    for t in token_ids:
+        word = int(mask[t // 32]) | (1 << (t % 32))
+        mask[t // 32] = word - (1 << 32) if word >= 1 << 31 else word
+    return mask
+
+
+def only_allows(bitmask: torch.Tensor, row: int, tokens: torch.Tensor) -> bool:
+    """Whether the filled (host) bitmask row allows no token outside ``tokens`` (a packed mask)."""
+    return not bool((bitmask[row] & ~tokens).any())

@@ -35,7 +35,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 from axiscap.steering import AssistantAxis
 
 from ..base import (LOGPROB_FLOOR, Delta, GrammarError, Logprob, QueueFull, Request, SamplingParams,
-                    StatLogger, StepStats)
+                    StatLogger, StepStats, over_request_share)
 from ..grammar import GrammarCompiler
 from .transport import StepReport, decode
 from .worker import CAPPING_ARG, CONFIG_KEY, ID_ARG
@@ -147,7 +147,7 @@ class VllmEngine:
     """``EngineClient`` for vLLM. Construction starts vLLM (minutes: weights, compilation, graphs)."""
 
     def __init__(self, model_path: str, served_name: str, axis: AssistantAxis, stat_logger: StatLogger,
-                 options: VllmOptions, max_waiting: int):
+                 options: VllmOptions, max_waiting: int, max_request_kv_share: float = 1.0):
         self.device_error: str | None = None
         self.stat_logger, self.max_waiting = stat_logger, max_waiting
         self._running = self._waiting = 0
@@ -189,6 +189,11 @@ class VllmEngine:
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[SchedulerGauges])
         config = self.llm.vllm_config
         self.max_num_seqs = config.scheduler_config.max_num_seqs
+        # vLLM allocates KV blocks as tokens come, and preempts others when they run out: bound what one
+        # request may come to hold, as the built-in engine bounds what it reserves.
+        cache = config.cache_config
+        self.kv_cache_tokens = (cache.num_gpu_blocks or 0) * cache.block_size
+        self.max_request_kv_tokens = int(self.kv_cache_tokens * max_request_kv_share)
         self.model = VllmModel(served_name, AutoTokenizer.from_pretrained(model_path),
                                config.model_config.get_vocab_size(), config.model_config.max_model_len)
         self.grammars = GrammarCompiler(self.model.tokenizer, self.model.vocab_size)
@@ -212,6 +217,10 @@ class VllmEngine:
         # does not stall the other streams.
         prepared = [await asyncio.to_thread(self._vllm_params, p) if p.response_format else self._vllm_params(p)
                     for p in params]
+        needed = sum(len(prompt_ids) + p.max_tokens for p in params)
+        if self.kv_cache_tokens and needed > self.max_request_kv_tokens:
+            raise over_request_share(len(params), len(prompt_ids), params[0].max_tokens, needed,
+                                     self.max_request_kv_tokens, self.kv_cache_tokens)
         if len(self._active) + len(params) > self.max_num_seqs + self.max_waiting:
             raise QueueFull()
         loop = asyncio.get_running_loop()
@@ -240,16 +249,18 @@ class VllmEngine:
             structured = (StructuredOutputsParams(json_object=True) if kind == "json_object"
                           else StructuredOutputsParams(json=schema))
         rid = f"axc-{uuid.uuid4().hex}"
-        vparams = VllmSamplingParams(
-            n=1, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
-            stop=list(p.stop) or None, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-            repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None,
-            min_tokens=p.min_tokens, ignore_eos=p.ignore_eos, logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
-            structured_outputs=structured, output_kind=RequestOutputKind.DELTA,
-            extra_args={CAPPING_ARG: p.capping, ID_ARG: rid},
-        )
         processor = self.llm.input_processor
-        try:  # vLLM's own checks, here rather than in its engine loop, so a bad value is this request's 400
+        # vLLM's own checks (its constructor's, then verify's), here rather than in its engine loop, so a
+        # bad value is this request's 400. VLLMValidationError is not a ValueError: caught by name.
+        try:
+            vparams = VllmSamplingParams(
+                n=1, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
+                stop=list(p.stop) or None, presence_penalty=p.presence_penalty,
+                frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty,
+                logit_bias=dict(p.logit_bias) or None, min_tokens=p.min_tokens, ignore_eos=p.ignore_eos,
+                logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs, structured_outputs=structured,
+                output_kind=RequestOutputKind.DELTA, extra_args={CAPPING_ARG: p.capping, ID_ARG: rid},
+            )
             vparams.clone().verify(processor.model_config, processor.speculative_config,
                                    processor.structured_outputs_config, processor.tokenizer)
         except (ValueError, VLLMClientError) as exc:
