@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .engines.base import StepStats
+from .engines.base import FINISH_REASONS, StepStats
 
 PREFIX = "axiscap"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -47,8 +47,9 @@ class ServingMetrics:
         self._projection = {on: self.axis_projection.labels(m, "on" if on else "off") for on in (True, False)}
         self._threshold = monitor_threshold
         self.below_threshold = Counter(
-            f"{PREFIX}_tokens_below_threshold", "Generated tokens whose monitor-layer projection fell below "
-            "that layer's cap threshold tau (before the cap).", ["model", "capping"], registry=pr)
+            f"{PREFIX}_tokens_below_threshold", "Generated tokens whose monitor-layer projection (before the cap) "
+            "was at or below that layer's cap threshold tau: the same count as the projection histogram's "
+            "le=tau bucket.", ["model", "capping"], registry=pr)
         self._below = {on: self.below_threshold.labels(m, "on" if on else "off") for on in (True, False)}
         threshold = Gauge(f"{PREFIX}_monitor_threshold", "Cap threshold tau of the monitor layer, in projection "
                           "units: the floor capping enforces there.", ["model"], registry=r)
@@ -59,35 +60,42 @@ class ServingMetrics:
             ["model", "layer"], registry=pr)
         self._cap = [self.cap_activations.labels(m, str(l)) for l in cap_layers]
         self.time_to_first_token = Histogram(
-            f"{PREFIX}_time_to_first_token_seconds", "From arrival to the first generated token.",
+            f"{PREFIX}_time_to_first_token_seconds", "Per engine request (one per choice) that generated a "
+            "token: from its arrival to its first generated token.",
             ["model"], buckets=_LATENCY_BUCKETS, registry=r).labels(m)
         self.inter_token_latency = Histogram(
-            f"{PREFIX}_inter_token_latency_seconds", "Between consecutive generated tokens of a request.",
+            f"{PREFIX}_inter_token_latency_seconds", "Between consecutive outputs of tokens of one engine "
+            "request (one token each on the built-in engine; vLLM may send several at once).",
             ["model"], buckets=_LATENCY_BUCKETS, registry=r).labels(m)
         self.request_duration = Histogram(
-            f"{PREFIX}_e2e_request_latency_seconds", "From arrival to the last token.",
-            ["model"], buckets=_LATENCY_BUCKETS, registry=r).labels(m)
+            f"{PREFIX}_e2e_request_latency_seconds", "Per engine request that finished generating (stop or "
+            "length): from its arrival to its last token.", ["model"], buckets=_LATENCY_BUCKETS, registry=r).labels(m)
         self.prompt_tokens = Counter(
-            f"{PREFIX}_prompt_tokens", "Prompt tokens prefilled.", ["model"], registry=r).labels(m)
+            f"{PREFIX}_prompt_tokens", "Prompt tokens prefilled, once per engine request.", ["model"],
+            registry=r).labels(m)
         self.generation_tokens = Counter(
-            f"{PREFIX}_generation_tokens", "Tokens generated.", ["model", "capping"], registry=r)
+            f"{PREFIX}_generation_tokens", "Tokens generated, by whether the request was capped.",
+            ["model", "capping"], registry=r)
         self._generated = {on: self.generation_tokens.labels(m, "on" if on else "off") for on in (True, False)}
         self.requests = Counter(
-            f"{PREFIX}_requests", "Finished generation requests by finish reason.",
+            f"{PREFIX}_requests", "Engine requests (one per choice) that ended, by finish reason: stop, length "
+            "(finished generating), cancelled (the client left), timeout (--request-timeout), error (failed on "
+            "the server). A request counted here is never counted in rejected_requests.",
             ["model", "finish_reason"], registry=r)
         self.rejected = Counter(
-            f"{PREFIX}_rejected_requests", "Requests answered with an error before generating, by HTTP status.",
-            ["model", "status"], registry=r)
+            f"{PREFIX}_rejected_requests", "HTTP requests answered with an error before any engine took them, by "
+            "status.", ["model", "status"], registry=r)
         # Known label values start at zero, so rates and alerts work before the first occurrence.
-        for reason in ("stop", "length", "cancelled", "error"):
+        for reason in FINISH_REASONS:
             self.requests.labels(m, reason)
-        for status in ("400", "401", "403", "404", "408", "413", "429", "500", "504"):
+        for status in ("400", "401", "403", "404", "408", "413", "429", "500"):
             self.rejected.labels(m, status)
         self.running = Gauge(f"{PREFIX}_requests_running", "Requests in the running batch.",
                              ["model"], registry=r).labels(m)
         self.waiting = Gauge(f"{PREFIX}_requests_waiting", "Requests queued for the batch.",
                              ["model"], registry=r).labels(m)
-        capacity = Gauge(f"{PREFIX}_queue_capacity", "Waiting requests accepted before answering 429.",
+        capacity = Gauge(f"{PREFIX}_queue_capacity", "Engine requests that may wait beyond the running "
+                         "batch (--max-waiting, on both engines); past it new requests get 429.",
                          ["model"], registry=r)
         if queue_capacity is not None:
             capacity.labels(m).set(queue_capacity)
@@ -117,7 +125,7 @@ class ServingMetrics:
         if projection is None:  # the engine lost it (a worker stopped reporting): counted, not measured
             return
         self._projection[capping].observe(projection)
-        if self._threshold is not None and projection < self._threshold:
+        if self._threshold is not None and projection <= round(self._threshold, 4):  # the bucket edge
             self._below[capping].inc()
 
     def add_cap_hits(self, hits: list[float]) -> None:

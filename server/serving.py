@@ -334,8 +334,10 @@ class OpenAIServing:
         outs: list[_ChoiceText] = collected.result()
         for out in outs:
             if out.finish_reason in _END_ERRORS:
+                # Not an APIError: the engine counted this request by its finish reason already, and a
+                # request ends in one counter, never also in the rejected ones.
                 message, kind, status = _END_ERRORS[out.finish_reason]
-                raise APIError(status, message, type=kind)
+                return JSONResponse(error_body(message, kind), status_code=status)
         envelope = self._envelope(shape, new_id(shape.id_prefix), now(), requests[0].params.capping)
         result = shape.response(False, **envelope, choices=[shape.choice(out, True, streaming=False) for out in outs],
                                 usage=Usage.of(len(shape.prompt_ids), sum(len(o.token_ids) for o in outs)))

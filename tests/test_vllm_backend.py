@@ -289,3 +289,19 @@ def test_a_dead_engine_turns_health_into_503(vllm_server):
             break
         time.sleep(0.1)
     assert httpx.get(f"{vllm_server.base_url}/health").status_code == 503
+
+
+def test_metrics_mean_the_same_on_both_backends(vllm_server, smollm2, smollm2_axis, monkeypatch):
+    """The same scripted mix on each backend: the same outcomes, each request in exactly one counter, the
+    same series names and labels, and the same counts of ended and refused requests."""
+    from .metrics_mix import ENDED, REJECTED, assert_counted_once_each, diff, run_mix, series
+
+    on_vllm = run_mix(vllm_server.base_url, vllm_server.state, monkeypatch)
+    assert_counted_once_each(*on_vllm)
+    with server(smollm2, smollm2_axis) as live:
+        on_hf = run_mix(live.base_url, live.state, monkeypatch)
+    assert on_vllm[0] == on_hf[0]
+    assert series(on_vllm[2]) == series(on_hf[2])
+    for name, label in ((ENDED, "finish_reason"), (REJECTED, "status")):
+        assert diff(*on_vllm[1:], name, label) == diff(*on_hf[1:], name, label)
+    assert not vllm_server.state.engine._active

@@ -18,6 +18,9 @@ from typing import Protocol
 from transformers import PreTrainedTokenizerBase
 
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI bounds top_logprobs
+# Every finish_reason an engine reports; the first two end a completion the client asked for.
+FINISH_REASONS = ("stop", "length", "cancelled", "timeout", "error")
+FINISHED_GENERATING = FINISH_REASONS[:2]
 # JSON has no -inf: a token the grammar or min_tokens rules out reports this, as vLLM does.
 LOGPROB_FLOOR = -9999.0
 
@@ -78,7 +81,7 @@ class Delta:
     text: str
     token_ids: list[int]
     projections: list[float | None]  # None where the engine has no projection for a token
-    finish_reason: str | None = None  # "stop", "length", "cancelled", "timeout" or "error"
+    finish_reason: str | None = None  # one of FINISH_REASONS
     logprobs: list[Logprob] | None = None  # one per token id, when the request asked for them
     # In the first delta of a request that asked: one per prompt token (None for the first).
     prompt_logprobs: list[Logprob | None] | None = None
@@ -96,6 +99,8 @@ class Request:
         self._loop = loop
         self._out: asyncio.Queue[Delta] = asyncio.Queue()
         self._cancelled = threading.Event()
+        self._last_token_at: float | None = None
+        self._finish_recorded = False
 
     @property
     def cancelled(self) -> bool:
@@ -116,6 +121,29 @@ class Request:
         if self.deadline is not None and now >= self.deadline:
             return "timeout"
         return None
+
+    # What a request's deltas mean for the metrics, in one place for every engine (as vLLM's output
+    # processor does it), so that each series means the same whatever the backend.
+
+    def record_tokens(self, stats: StepStats, projections: list[float | None], now: float) -> None:
+        """A delta's tokens: time to first token for the first, inter-token latency between deltas
+        after it, and each token's projection (None where the engine has none)."""
+        if not projections:
+            return
+        if self._last_token_at is None:
+            stats.first_token_seconds.append(now - self.arrival)
+        else:
+            stats.inter_token_seconds.append(now - self._last_token_at)
+        self._last_token_at = now
+        stats.tokens.extend((p, self.params.capping) for p in projections)
+
+    def record_finish(self, stats: StepStats, reason: str, now: float) -> None:
+        """The request's end, counted once whatever reports it: its reason, and the end-to-end latency
+        of a request that finished generating (``stop`` or ``length``)."""
+        if self._finish_recorded:
+            return
+        self._finish_recorded = True
+        stats.finished.append((reason, now - self.arrival if reason in FINISHED_GENERATING else None))
 
     def emit(self, delta: Delta) -> None:
         """Hand a delta to the request's event loop (from the engine's thread)."""

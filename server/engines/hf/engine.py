@@ -75,7 +75,6 @@ class _Row:
     generated_ids: list[int] = field(default_factory=list)
     prefilled: bool = False  # its prompt tokens were counted
     strikes: int = 0  # failed steps it was part of
-    last_token_at: float = 0.0
     alone: bool = False  # prefill it in a group of its own (its group failed once)
     pending_ids: list[int] = field(default_factory=list)
     pending_projections: list[float] = field(default_factory=list)
@@ -146,6 +145,7 @@ class Engine:
         # Statistics and deltas wait for the end of the step: the step's stats are recorded first, so a
         # client that sees its request end finds it counted.
         self.stat_logger = stat_logger
+        self._stats_loop: asyncio.AbstractEventLoop | None = None  # where statistics are recorded
         self._stats = StepStats()
         self._outbox: list[tuple[Request, Delta]] = []
         self.max_batch_size = max_batch_size
@@ -216,7 +216,7 @@ class Engine:
         # xgrammar takes up to a second on a large schema: in a thread, not on the event loop.
         grammars = [await asyncio.to_thread(self.grammars.compile, *p.response_format) if p.response_format else None
                     for p in params]
-        loop = asyncio.get_running_loop()
+        loop = self._stats_loop = asyncio.get_running_loop()
         requests = [self._new_request(prompt_ids, p, g, loop, timeout) for p, g in zip(params, grammars)]
         # Prompt logprobs (echo) run the vocabulary-wide output head at every prompt position: the first
         # choice computes them in a prefill group of its own, and the other choices, which share its
@@ -295,23 +295,35 @@ class Engine:
 
     def _send(self, request: Request, delta: Delta) -> None:
         if delta.finish_reason is not None:
-            seconds = time.monotonic() - request.arrival if delta.finish_reason in ("stop", "length") else None
-            self._stats.finished.append((delta.finish_reason, seconds))
+            request.record_finish(self._stats, delta.finish_reason, time.monotonic())
         self._outbox.append((request, delta))
 
     def _report(self) -> None:
-        """Record the step's statistics, then hand out its deltas."""
+        """Record the step's statistics, then hand out its deltas.
+
+        The statistics are recorded on the event loop the requests came from, not on this thread, which
+        runs the model; they are queued there before the deltas, so a client that sees its request end
+        finds it counted."""
         stats, self._stats = self._stats, StepStats()
         with self._wakeup:
             stats.waiting = len(self._waiting)
         stats.running = len(self._rows)
+        loop = self._stats_loop
+        try:
+            if loop is None:  # no request came from a loop yet
+                raise RuntimeError
+            loop.call_soon_threadsafe(self._record, stats)
+        except RuntimeError:  # or that loop is closed: here, then
+            self._record(stats)
+        outbox, self._outbox = self._outbox, []
+        for request, delta in outbox:
+            request.emit(delta)
+
+    def _record(self, stats: StepStats) -> None:
         try:
             self.stat_logger.record(stats)
         except Exception:  # metrics are not worth a request: log it and go on
             log.exception("recording engine statistics failed")
-        outbox, self._outbox = self._outbox, []
-        for request, delta in outbox:
-            request.emit(delta)
 
     def _guarded(self, step, on_failure) -> None:
         try:
@@ -566,15 +578,10 @@ class Engine:
     def _on_token(self, row: _Row, token: int, projection: float, logprob: Logprob | None, now: float) -> bool:
         """Record one token for a row and emit what the client may see; True when it finished."""
         request, params = row.request, row.request.params
-        if row.generated == 0:
-            self._stats.first_token_seconds.append(now - request.arrival)
-        else:
-            self._stats.inter_token_seconds.append(now - row.last_token_at)
-        row.last_token_at = now
         row.generated_ids.append(token)
         if row.matcher is not None and not row.matcher.is_terminated() and not row.matcher.accept_token(token):
             raise ValueError(f"token {token} breaks the request's grammar")
-        self._stats.tokens.append((projection, params.capping))
+        request.record_tokens(self._stats, [projection], now)
         row.pending_ids.append(token)
         row.pending_projections.append(projection)
         if logprob is not None:

@@ -73,6 +73,7 @@ class VllmRequest(Request):
     """A request whose cancel() also cancels the asyncio task that drives it in vLLM."""
 
     task: asyncio.Task | None = None
+    timer: asyncio.TimerHandle | None = None  # its --request-timeout
 
     def cancel(self) -> None:
         super().cancel()
@@ -83,8 +84,8 @@ class VllmRequest(Request):
 class _Reports:
     """The front end's end of ``transport``: projections by request and position, cap hits to the stat logger."""
 
-    def __init__(self, record, cap_layers: list[int]):
-        self._record, self._cap_layers = record, cap_layers
+    def __init__(self, record_cap_hits, cap_layers: list[int]):
+        self._record_cap_hits, self._cap_layers = record_cap_hits, cap_layers
         self._socket = zmq.asyncio.Context.instance().socket(zmq.PULL)
         port = get_open_port()
         self._socket.bind(f"tcp://*:{port}")
@@ -134,7 +135,7 @@ class _Reports:
 
     def _take_in(self, report: StepReport) -> None:
         if report.hits:
-            self._record(cap_hits=[[report.hits.get(layer, 0.0) for layer in self._cap_layers]])
+            self._record_cap_hits([report.hits.get(layer, 0.0) for layer in self._cap_layers])
         if report.projections is None:
             return
         for rid, position, value in zip(report.ids, report.positions.tolist(), report.projections.tolist()):
@@ -152,7 +153,7 @@ class VllmEngine:
         self.stat_logger, self.max_waiting = stat_logger, max_waiting
         self._running = self._waiting = 0
         self._active: set[VllmRequest] = set()
-        self.reports = _Reports(self._record, axis.cap_layers)
+        self.reports = _Reports(lambda hits: self._record(self._stats(cap_hits=[hits])), axis.cap_layers)
         if axis.path is None:
             raise ValueError("the vLLM backend needs the axis as a file: its workers load it themselves")
         axis_path = Path(axis.path).resolve()
@@ -221,7 +222,10 @@ class VllmEngine:
         if self.kv_cache_tokens and needed > self.max_request_kv_tokens:
             raise over_request_share(len(params), len(prompt_ids), params[0].max_tokens, needed,
                                      self.max_request_kv_tokens, self.kv_cache_tokens)
-        if len(self._active) + len(params) > self.max_num_seqs + self.max_waiting:
+        # The bound the built-in engine keeps, and axiscap_queue_capacity exports: at most max_waiting
+        # requests wait beyond the running batch (running as vLLM's scheduler last reported it).
+        waiting = len(self._active) - self._running
+        if waiting + len(params) > self.max_waiting + max(0, self.max_num_seqs - self._running):
             raise QueueFull()
         loop = asyncio.get_running_loop()
         requests = []
@@ -230,8 +234,8 @@ class VllmEngine:
             salt = f"axiscap-{self._salt}-{'capped' if p.capping else 'uncapped'}"
             request.task = loop.create_task(self._drive(request, rid, tokens_input(prompt_ids, cache_salt=salt),
                                                         vparams))
-            if timeout is not None:
-                loop.call_later(timeout, request.task.cancel)
+            if timeout is not None:  # cancelled when the request ends, so it does not hold the request
+                request.timer = loop.call_later(timeout, request.task.cancel)
             self._active.add(request)
             self.reports.open(rid)
             requests.append(request)
@@ -269,30 +273,24 @@ class VllmEngine:
 
     async def _drive(self, request: VllmRequest, rid: str, prompt, vparams: VllmSamplingParams) -> None:
         prompt_len = len(request.prompt_ids)
-        generated, last_at, finish = 0, None, None
+        generated, finish = 0, None
         try:
             async for out in self.llm.generate(prompt, vparams, rid):
                 completion = out.outputs[0]
                 ids = list(completion.token_ids)
                 now = time.monotonic()
-                stats = {}
-                if ids:
-                    if generated == 0:
-                        stats = {"prompt_tokens": prompt_len, "first_token_seconds": [now - request.arrival]}
-                    else:
-                        stats = {"inter_token_seconds": [now - last_at]}
-                    last_at = now
+                stats = self._stats(prompt_tokens=prompt_len if ids and generated == 0 else 0)
                 first = generated == 0
                 positions = range(prompt_len - 1 + generated, prompt_len - 1 + generated + len(ids))
                 projections = await self.reports.take(rid, positions)
                 generated += len(ids)
-                stats["tokens"] = [(v, request.params.capping) for v in projections]
+                request.record_tokens(stats, projections, now)
                 finish = _finish_reason(completion.finish_reason) if out.finished else None
                 if finish is not None:
-                    stats["finished"] = [(finish, now - request.arrival)]
+                    request.record_finish(stats, finish, now)
                     # Before the client can see the end, so its next request finds this slot free.
                     self._active.discard(request)
-                self._record(**stats)
+                self._record(stats)
                 request.emit(Delta(completion.text, ids, projections, finish,
                                    _logprobs(ids, completion.logprobs, request.params.logprobs),
                                    _prompt_logprobs(out, request) if first else None))
@@ -306,16 +304,23 @@ class VllmEngine:
             log.exception("request %s failed in vLLM", rid)
             self._end(request, "error")
         finally:
+            if request.timer is not None:
+                request.timer.cancel()
             self._active.discard(request)
             self.reports.close(rid)
 
     def _end(self, request: VllmRequest, reason: str) -> None:
         self._active.discard(request)
-        self._record(finished=[(reason, time.monotonic() - request.arrival)])
+        stats = self._stats()
+        request.record_finish(stats, reason, time.monotonic())
+        self._record(stats)
         request.emit(Delta("", [], [], reason))
 
-    def _record(self, **parts) -> None:
-        self.stat_logger.record(StepStats(waiting=self._waiting, running=self._running, **parts))
+    def _stats(self, **parts) -> StepStats:
+        return StepStats(waiting=self._waiting, running=self._running, **parts)
+
+    def _record(self, stats: StepStats | None = None) -> None:
+        self.stat_logger.record(stats or self._stats())
 
 
 def _finish_reason(reason: str | None) -> str:
