@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     vllm.add_argument("--pipeline-parallel-size", type=int, help="stages the layers are split into, on one or "
                                                                "several nodes (default 1)")
     vllm.add_argument("--max-num-seqs", type=int, help="requests in vLLM's running batch (default: vLLM's)")
+    vllm.add_argument("--distributed-executor-backend", choices=["mp", "ray"],
+                      help="how vLLM starts its workers (default: vLLM's choice); ray for several nodes, which also "
+                           "opens the projection reports socket beyond loopback (its messages stay signed)")
 
     policy = serve.add_argument_group(
         "operator policy", "What clients may do. A server in front of untrusted clients should set API keys, "

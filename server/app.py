@@ -99,7 +99,8 @@ def build_vllm_state(settings: Settings, axis_path: str | Path) -> ServerState:
     name = settings.served_model_name or name
     metrics = _metrics(settings, axis, name)
     options = VllmOptions(settings.tensor_parallel_size, settings.pipeline_parallel_size,
-                          settings.gpu_memory_utilization, settings.max_model_len, settings.max_num_seqs, settings.dtype)
+                          settings.gpu_memory_utilization, settings.max_model_len, settings.max_num_seqs, settings.dtype,
+                          settings.distributed_executor_backend)
     engine = VllmEngine(source, name, axis, metrics, options, settings.max_waiting, settings.max_request_kv_share)
     return ServerState(settings, engine.model, axis, metrics, engine, OpenAIServing(engine, engine.model, settings))
 

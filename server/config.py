@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs each layer is split over")
     pipeline_parallel_size: int = Field(1, ge=1, description="vLLM: stages the layers are split into")
     max_num_seqs: int | None = Field(None, ge=1, description="vLLM: requests in the running batch (default vLLM's)")
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None, description="vLLM: how workers start (default vLLM's choice); ray for workers on several nodes, which "
+                          "also opens the projection reports socket beyond loopback (messages stay signed)")
 
     @model_validator(mode="after")
     def _metrics_key_given(self):

@@ -168,23 +168,35 @@ def test_a_projection_that_never_came_is_null_and_kept_out_of_the_histogram(vllm
     assert after["axiscap_axis_projection_count", on] == before["axiscap_axis_projection_count", on]
 
 
-def test_stray_messages_on_the_reports_socket_are_ignored(vllm_server, caplog):
+def test_the_reports_socket_takes_only_this_starts_workers_messages(vllm_server, caplog):
+    """Loopback only (no Ray), and only messages signed with this start's key count: forged, tampered
+    or replayed ones are dropped and counted, malformed signed ones ignored, and projections flow on."""
+    import numpy as np
     import zmq
 
-    # The socket listens on the node's address (workers may run on other nodes), so anyone may send.
-    junk = zmq.Context.instance().socket(zmq.PUSH)
-    junk.setsockopt(zmq.LINGER, 1000)
-    junk.connect(vllm_server.state.engine.reports.address)
-    for frames in ([b"not json"], [b'{"ids": [["x"]], "monitor": true, "layers": []}', bytes(16)],
-                   [b'{"ids": ["a"], "monitor": true, "layers": [1]}', b"odd"], [b"[]", b""]):
-        junk.send_multipart(frames)
-    junk.close()
-    ignored = lambda: sum("malformed message" in r.getMessage() for r in caplog.records)  # noqa: E731
+    from axiscap.server.engines.vllm.transport import _signature, encode, new_key
+
+    reports = vllm_server.state.engine.reports
+    assert reports.address.startswith("tcp://127.0.0.1:")
+    forged_before = reports.forged
+    intruder = zmq.Context.instance().socket(zmq.PUSH)
+    intruder.setsockopt(zmq.LINGER, 1000)
+    intruder.connect(reports.address)
+    signed = encode(reports.key, "intruder-with-the-key", 0, ["nobody"], True, [], np.array([1.0, -99.0]))
+    for frames in ([b"not json"], [b'{"ids": ["a"], "monitor": true, "layers": [1]}', b"odd"],
+                   encode(new_key(), "intruder", 0, ["x"], True, [21], np.array([1.0, -99.0, 5.0])),
+                   [signed[0], np.array([1.0, -50.0]).tobytes(), signed[2]],  # tampered
+                   signed, signed,  # the second is a replay
+                   [b"{", b"", _signature(reports.key, b"{", b"")]):  # signed, but no JSON: ignored
+        intruder.send_multipart(frames)
+    intruder.close()
+    malformed = lambda: any("malformed" in r.getMessage() for r in caplog.records)  # noqa: E731
     for _ in range(50):
-        if ignored() == 4:
+        if reports.forged - forged_before == 5 and malformed():
             break
         time.sleep(0.1)
-    assert ignored() == 4
+    assert reports.forged - forged_before == 5  # 2 unsigned, 1 other key, 1 tampered, 1 replay
+    assert malformed()
     text, projections = ask(vllm_server.base_url, PROMPTS[1], True, max_tokens=4)
     assert len(projections) == 4 and all(isinstance(p, float) for p in projections)
 
@@ -277,20 +289,6 @@ def test_a_disconnected_client_aborts_its_vllm_request(vllm_server):
     assert not engine._active and vllm_requests() == 0
 
 
-def test_a_dead_engine_turns_health_into_503(vllm_server):
-    # Last in this module: it kills the engine the others share.
-    assert httpx.get(f"{vllm_server.base_url}/health").status_code == 200
-    core = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in " ".join(p.cmdline() or [p.name()])]
-    assert core, "no vLLM engine core process"
-    for process in core:
-        process.send_signal(signal.SIGKILL)
-    for _ in range(100):
-        if httpx.get(f"{vllm_server.base_url}/health").status_code == 503:
-            break
-        time.sleep(0.1)
-    assert httpx.get(f"{vllm_server.base_url}/health").status_code == 503
-
-
 def test_metrics_mean_the_same_on_both_backends(vllm_server, smollm2, smollm2_axis, monkeypatch):
     """The same scripted mix on each backend: the same outcomes, each request in exactly one counter, the
     same series names and labels, and the same counts of ended and refused requests."""
@@ -305,3 +303,18 @@ def test_metrics_mean_the_same_on_both_backends(vllm_server, smollm2, smollm2_ax
     for name, label in ((ENDED, "finish_reason"), (REJECTED, "status")):
         assert diff(*on_vllm[1:], name, label) == diff(*on_hf[1:], name, label)
     assert not vllm_server.state.engine._active
+
+
+def test_a_dead_engine_turns_health_into_503(vllm_server):
+    # Last in this module: it kills the engine the others share.
+    assert httpx.get(f"{vllm_server.base_url}/health").status_code == 200
+    core = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in " ".join(p.cmdline() or [p.name()])]
+    assert core, "no vLLM engine core process"
+    for process in core:
+        process.send_signal(signal.SIGKILL)
+    for _ in range(100):
+        if httpx.get(f"{vllm_server.base_url}/health").status_code == 503:
+            break
+        time.sleep(0.1)
+    assert httpx.get(f"{vllm_server.base_url}/health").status_code == 503
+

@@ -37,8 +37,8 @@ from axiscap.steering import AssistantAxis
 from ..base import (LOGPROB_FLOOR, Delta, GrammarError, Logprob, QueueFull, Request, SamplingParams,
                     StatLogger, StepStats, over_request_share)
 from ..grammar import GrammarCompiler
-from .transport import StepReport, decode
-from .worker import CAPPING_ARG, CONFIG_KEY, ID_ARG
+from .transport import Forged, Receiver, StepReport, new_key
+from .worker import CAPPING_ARG, ID_ARG, CappingConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class VllmOptions:
     max_model_len: int | None = None
     max_num_seqs: int | None = None
     dtype: str = "auto"
+    distributed_executor_backend: str | None = None  # "ray": workers may run on other nodes
 
 
 @dataclass
@@ -84,12 +85,16 @@ class VllmRequest(Request):
 class _Reports:
     """The front end's end of ``transport``: projections by request and position, cap hits to the stat logger."""
 
-    def __init__(self, record_cap_hits, cap_layers: list[int]):
+    def __init__(self, record_cap_hits, cap_layers: list[int], other_nodes: bool):
         self._record_cap_hits, self._cap_layers = record_cap_hits, cap_layers
+        self.key = new_key()
+        self._receiver = Receiver(self.key)
+        self.forged = 0  # messages dropped for a bad signature or a replayed sequence number
         self._socket = zmq.asyncio.Context.instance().socket(zmq.PULL)
         port = get_open_port()
-        self._socket.bind(f"tcp://*:{port}")
-        self.address = f"tcp://{get_ip()}:{port}"  # workers may run on other nodes
+        # Loopback unless workers may run on other nodes (Ray); either way only signed messages count.
+        self._socket.bind(f"tcp://*:{port}" if other_nodes else f"tcp://127.0.0.1:{port}")
+        self.address = f"tcp://{get_ip() if other_nodes else '127.0.0.1'}:{port}"
         self._projections: dict[str, dict[int, float]] = {}
         self._arrived: dict[str, asyncio.Event] = {}
         self._task: asyncio.Task | None = None
@@ -129,8 +134,12 @@ class _Reports:
         while True:
             frames = await self._socket.recv_multipart()
             try:
-                self._take_in(decode(frames))
-            except (ValueError, KeyError, TypeError, IndexError):  # not a worker's: the port is reachable
+                self._take_in(self._receiver.decode(frames))
+            except Forged as exc:  # another process on the port: never trusted, counted
+                self.forged += 1
+                log.warning("dropped a message on the projection reports socket that is not this server's "
+                            "workers' (%s; %d so far)", exc, self.forged)
+            except (ValueError, KeyError, TypeError, IndexError):
                 log.warning("ignored a malformed message on the projection reports socket")
 
     def _take_in(self, report: StepReport) -> None:
@@ -153,12 +162,14 @@ class VllmEngine:
         self.stat_logger, self.max_waiting = stat_logger, max_waiting
         self._running = self._waiting = 0
         self._active: set[VllmRequest] = set()
-        self.reports = _Reports(lambda hits: self._record(self._stats(cap_hits=[hits])), axis.cap_layers)
+        self.reports = _Reports(lambda hits: self._record(self._stats(cap_hits=[hits])), axis.cap_layers,
+                                other_nodes=options.distributed_executor_backend == "ray")
         if axis.path is None:
             raise ValueError("the vLLM backend needs the axis as a file: its workers load it themselves")
         axis_path = Path(axis.path).resolve()
+        axis_sha256 = hashlib.sha256(axis_path.read_bytes()).hexdigest()
         # Keyed by the axis's bytes: a new axis never meets KV cached under the old one.
-        self._salt = hashlib.sha256(axis_path.read_bytes()).hexdigest()[:16]
+        self._salt = axis_sha256[:16]
         args = AsyncEngineArgs(
             model=model_path, served_model_name=served_name, dtype=options.dtype,
             tensor_parallel_size=options.tensor_parallel_size,
@@ -168,7 +179,8 @@ class VllmEngine:
             # The logprobs axiscap reports are after penalties, bias and temperature, on both backends.
             logprobs_mode="processed_logprobs",
             worker_cls=f"{__package__}.worker.CappingWorker",
-            additional_config={CONFIG_KEY: {"axis": str(axis_path), "reports": self.reports.address}},
+            distributed_executor_backend=options.distributed_executor_backend,
+            additional_config=CappingConfig(str(axis_path), axis_sha256, self.reports.address, self.reports.key),
         )
         engine = self
 
@@ -187,8 +199,10 @@ class VllmEngine:
             def log_engine_initialized(self):
                 pass
 
-        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[SchedulerGauges])
-        config = self.llm.vllm_config
+        config = args.create_engine_config()
+        if refused := unsupported_settings(config):
+            raise ValueError("the vLLM backend cannot cap under " + "; ".join(refused))
+        self.llm = AsyncLLM.from_vllm_config(config, stat_loggers=[SchedulerGauges])
         self.max_num_seqs = config.scheduler_config.max_num_seqs
         # vLLM allocates KV blocks as tokens come, and preempts others when they run out: bound what one
         # request may come to hold, as the built-in engine bounds what it reserves.
@@ -321,6 +335,25 @@ class VllmEngine:
 
     def _record(self, stats: StepStats | None = None) -> None:
         self.stat_logger.record(stats or self._stats())
+
+
+def unsupported_settings(config) -> list[str]:
+    """vLLM settings under which the worker's per-token cap mask and projection rows would not follow
+    the batch's token layout (each names the setting and why)."""
+    parallel, refused = config.parallel_config, []
+    if config.speculative_config is not None:
+        refused.append("speculative decoding (--speculative-config): several logits rows per request")
+    if parallel.data_parallel_size > 1:
+        refused.append(f"data parallelism (--data-parallel-size {parallel.data_parallel_size}): "
+                       "engine cores the reports do not tell apart")
+    if parallel.use_ubatching:
+        refused.append("micro-batching (--enable-dbo / --ubatch-size): a step runs in parts the mask does not follow")
+    if parallel.prefill_context_parallel_size > 1 or parallel.decode_context_parallel_size > 1:
+        refused.append("context parallelism (--prefill-context-parallel-size / --decode-context-parallel-size): "
+                       "a request's tokens are split across ranks")
+    if config.cache_config.kv_sharing_fast_prefill:
+        refused.append("--kv-sharing-fast-prefill: prefill rows are skipped after the shared layers")
+    return refused
 
 
 def _finish_reason(reason: str | None) -> str:

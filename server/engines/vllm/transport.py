@@ -8,16 +8,25 @@ One message per forward step carries every request of the batch, so the cost doe
 the number of capped layers, and the worker sends it from a thread after an asynchronous copy to
 the host, so the step itself never waits on the device.
 
-A message is two frames: a JSON header and the float64 payload
+A message is three frames: a JSON header, the float64 payload
 ``[positions (n), projections (n), cap hits (k)]``, where row i belongs to ``ids[i]`` and
 ``positions[i]`` is the position of the token whose hidden state produced that request's next
-token. The front end keys projections by that position, so chunked prefills (whose rows are
-not sampled) and recomputation after preemption need no bookkeeping on the worker.
+token, and an HMAC-SHA256 of the first two under a key made for each start of the server. The
+front end keys projections by that position, so chunked prefills (whose rows are not sampled) and
+recomputation after preemption need no bookkeeping on the worker.
+
+The channel is private: the front end binds loopback unless workers run on other nodes, and takes
+only messages signed with this start's key, each sender's sequence numbers rising, so another
+process can neither forge projections and cap counts (which reach responses and /metrics) nor
+replay a real message.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -25,6 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import zmq
+
+
+class Forged(ValueError):
+    """A message whose signature or sequence number is wrong: not from this start's workers, or replayed."""
 
 
 @dataclass
@@ -35,26 +48,54 @@ class StepReport:
     hits: dict[int, float]  # capped layer -> positions it capped in this step, for the layers sent
 
 
-def encode(ids: list[str], monitor: bool, layers: list[int], payload: np.ndarray) -> list[bytes]:
-    header = {"ids": ids, "monitor": monitor, "layers": layers}
-    return [json.dumps(header).encode(), payload.astype(np.float64, copy=False).tobytes()]
+def new_key() -> str:
+    """A signing key for one start of the server (hex)."""
+    return os.urandom(32).hex()
 
 
-def decode(frames: list[bytes]) -> StepReport:
-    header = json.loads(frames[0])
-    values = np.frombuffer(frames[1], dtype=np.float64)
-    n = len(header["ids"])
-    positions = values[:n].astype(np.int64)
-    projections = values[n:2 * n] if header["monitor"] else None
-    hits = dict(zip(header["layers"], values[2 * n:].tolist()))
-    return StepReport(header["ids"], positions, projections, hits)
+def _signature(key: str, header: bytes, payload: bytes) -> bytes:
+    return hmac.new(bytes.fromhex(key), header + b"\0" + payload, hashlib.sha256).digest()
+
+
+def encode(key: str, sender: str, seq: int, ids: list[str], monitor: bool, layers: list[int],
+           payload: np.ndarray) -> list[bytes]:
+    header = json.dumps({"sender": sender, "seq": seq, "ids": ids, "monitor": monitor, "layers": layers}).encode()
+    values = payload.astype(np.float64, copy=False).tobytes()
+    return [header, values, _signature(key, header, values)]
+
+
+class Receiver:
+    """Checks and decodes messages: signed with this start's key, each sender's sequence rising."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self._last_seq: dict[str, int] = {}
+
+    def decode(self, frames: list[bytes]) -> StepReport:
+        """Raises Forged for a message that is not this start's workers' (or was seen before), and
+        ValueError, KeyError, TypeError or IndexError for one that is malformed."""
+        if len(frames) != 3 or not hmac.compare_digest(_signature(self.key, frames[0], frames[1]), frames[2]):
+            raise Forged("bad signature")
+        header = json.loads(frames[0])
+        sender, seq = str(header["sender"]), int(header["seq"])
+        if seq <= self._last_seq.get(sender, -1):
+            raise Forged(f"replayed message {sender}#{seq}")
+        self._last_seq[sender] = seq
+        values = np.frombuffer(frames[1], dtype=np.float64)
+        n = len(header["ids"])
+        positions = values[:n].astype(np.int64)
+        projections = values[n:2 * n] if header["monitor"] else None
+        hits = dict(zip(header["layers"], values[2 * n:].tolist()))
+        return StepReport(header["ids"], positions, projections, hits)
 
 
 class ReportSender:
-    """The worker's end: a thread that waits for each step's copy to land, then sends it."""
+    """The worker's end: a thread that waits for each step's copy to land, then signs and sends it."""
 
-    def __init__(self, address: str, monitor: bool, layers: list[int]):
-        self.monitor, self.layers = monitor, layers
+    def __init__(self, address: str, key: str, monitor: bool, layers: list[int], device: torch.device):
+        self.monitor, self.layers, self.key, self.device = monitor, layers, key, device
+        self.sender = os.urandom(8).hex()  # this worker's name in its messages' sequence numbers
+        self._seq = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._socket = zmq.Context.instance().socket(zmq.PUSH)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -66,8 +107,14 @@ class ReportSender:
         self._queue.put((ids, ready, host))
 
     def _run(self) -> None:
+        # A thread that waits on a device's events must bind that device first, or CUDA opens a second
+        # context on device 0 for it (vLLM's own threads do the same).
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         while True:
             ids, ready, host = self._queue.get()
             if ready is not None:
-                ready.synchronize()
-            self._socket.send_multipart(encode(ids, self.monitor, self.layers, host.numpy()))
+                ready.synchronize()  # a blocking event: the thread sleeps until the copy lands
+            self._socket.send_multipart(encode(self.key, self.sender, self._seq, ids, self.monitor, self.layers,
+                                               host.numpy()))
+            self._seq += 1

@@ -16,6 +16,7 @@ GPUs); ``_BatchLayout`` reads what capping needs from either.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,9 +33,29 @@ from .transport import ReportSender
 
 log = init_logger(f"vllm.{__name__}")  # under "vllm": the worker processes only configure vLLM's loggers
 
-CONFIG_KEY = "axiscap"  # in vLLM's additional_config: {"axis": path, "reports": zmq address}
 CAPPING_ARG = "axiscap_capping"  # in SamplingParams.extra_args: this request's capping switch
 ID_ARG = "axiscap_id"  # in SamplingParams.extra_args: the front end's id for the request
+# What the hook reads of Model Runner V2's InputBatch (prepare_inputs' result); tests check 0.32 has them.
+V2_BATCH_FIELDS = ("req_ids", "num_scheduled_tokens", "logits_indices", "positions")
+
+
+@dataclass(frozen=True)
+class CappingConfig:
+    """What the workers need, handed over as vLLM's ``additional_config``: the axis file, where to send
+    reports and the key that signs them.
+
+    vLLM keys its torch.compile cache by ``compute_hash()`` of this object: only what changes the
+    compiled graph (the axis file's bytes, hence its capped layers and vectors), never the reports
+    address or key, which are new at every start. So a restart reuses the compiled graphs.
+    """
+
+    axis: str
+    axis_sha256: str
+    reports: str
+    key: str
+
+    def compute_hash(self) -> str:
+        return hashlib.sha256(f"axiscap-capping-1:{self.axis_sha256}".encode()).hexdigest()[:32]
 
 
 def _platform_worker() -> type:
@@ -48,9 +69,9 @@ def _platform_worker() -> type:
 class CappingWorker(_platform_worker()):
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
-        settings = self.vllm_config.additional_config.get(CONFIG_KEY)
-        if settings:
-            self.batch_capping = BatchCapping(self.model_runner, settings, self.vllm_config)
+        config = self.vllm_config.additional_config
+        if isinstance(config, CappingConfig):
+            self.batch_capping = BatchCapping(self.model_runner, config, self.vllm_config)
 
 
 @dataclass
@@ -61,7 +82,7 @@ class _BatchLayout:
 
 
 class BatchCapping:
-    def __init__(self, runner, settings: dict, vllm_config):
+    def __init__(self, runner, config: CappingConfig, vllm_config):
         from vllm.distributed import get_tensor_model_parallel_rank
 
         model = runner.get_model()
@@ -69,7 +90,7 @@ class BatchCapping:
         inner = next(m for m in model.modules() if getattr(m, "layers", None) is layers)
         # A pipeline stage holds layers [start_layer, end_layer); the rest are placeholders.
         present = range(getattr(inner, "start_layer", 0), getattr(inner, "end_layer", len(layers)))
-        axis = load_axis(settings["axis"], len(layers), vllm_config.model_config.get_hidden_size())
+        axis = load_axis(config.axis, len(layers), vllm_config.model_config.get_hidden_size())
         dtype = vllm_config.model_config.dtype
         self.state = install_split_residual_caps(layers, axis, present, runner.max_num_tokens, runner.device, dtype)
         self.device = runner.device
@@ -82,7 +103,11 @@ class BatchCapping:
         # Tensor-parallel ranks compute the same values: the first one reports.
         self.sender = None
         if get_tensor_model_parallel_rank() == 0 and (held or monitor):
-            self.sender = ReportSender(settings["reports"], monitor, [axis.cap_layers[i] for i in held])
+            self.sender = ReportSender(config.reports, config.key, monitor, [axis.cap_layers[i] for i in held],
+                                       self.device)
+        # On a GPU the report's device-to-host copy runs on a stream of its own, ordered after the
+        # forward by an event, so the next step's kernels do not queue behind it.
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.held_slots = torch.tensor(held, dtype=torch.long, device=self.device)
         self._wrap(runner)
         log.info("axiscap: capping layers %s%s in this worker", [axis.cap_layers[i] for i in held],
@@ -105,8 +130,7 @@ class BatchCapping:
 
             def prepare_inputs(*args, **kwargs):
                 batch = prepare(*args, **kwargs)
-                self._before_forward(batch.req_ids, batch.num_scheduled_tokens, batch.logits_indices,
-                                     batch.positions)
+                self._before_forward(*(getattr(batch, field) for field in V2_BATCH_FIELDS))
                 return batch
 
             runner.prepare_inputs = prepare_inputs
@@ -153,9 +177,20 @@ class BatchCapping:
                  self.state.hits[self.held_slots].double()]
         packed = torch.cat(parts)
         host = torch.empty(packed.shape, dtype=torch.float64, pin_memory=self.pin)
-        host.copy_(packed, non_blocking=True)
         ready = None
-        if self.device.type != "cpu":
+        if self.copy_stream is not None:
+            forward_done = torch.cuda.Event()
+            forward_done.record()
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(forward_done)
+                packed.record_stream(self.copy_stream)  # not reused by the compute stream before the copy
+                host.copy_(packed, non_blocking=True)
+                ready = torch.cuda.Event(blocking=True)  # the sender sleeps on it instead of polling
+                ready.record(self.copy_stream)
+        elif self.device.type != "cpu":  # another accelerator: the compute stream, as vLLM's own copies
+            host.copy_(packed, non_blocking=True)
             ready = torch.Event(device=self.device.type)
             ready.record()
+        else:
+            host.copy_(packed)
         self.sender.put(layout.ids, ready, host)
