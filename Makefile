@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 VLLM_VENV ?= .venv-vllm
 VLLM_PIP := $(VLLM_VENV)/bin/python -m pip --disable-pip-version-check
 
-.PHONY: setup vllm-setup serve test bench tools clean
+.PHONY: setup vllm-setup serve test test-fast bench tools clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ serve: setup
 test: setup tools vllm-setup
 	$(PY) -m pytest
 	AXISCAP_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest tests/test_vllm_*.py
+
+# The unit tests alone (tiny random models, no SmolLM2, no vLLM): under a minute.
+test-fast: setup
+	$(PY) -m pytest -m "not model and not vllm"
 
 vllm-setup: $(VLLM_VENV)/.installed
 

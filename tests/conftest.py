@@ -13,6 +13,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHIPPED_AXIS = REPO / "axes" / "smollm2-135m-instruct.safetensors"
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that loads the real model (directly or through a server fixture) is marked ``model``."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.model)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded default model, loaded once (de-quantized into the user cache on first use)."""

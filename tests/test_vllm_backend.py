@@ -24,7 +24,7 @@ if os.environ.get("AXISCAP_REQUIRE_VLLM"):
 else:
     pytest.importorskip("vllm")
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.vllm
 
 MODEL = "smollm2-135m-instruct"
 MAX_NUM_SEQS, MAX_WAITING = 4, 2

@@ -24,7 +24,7 @@ if os.environ.get("AXISCAP_REQUIRE_VLLM"):
 else:
     pytest.importorskip("vllm")
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.vllm
 
 
 def tiny_checkpoint(family: str, folder, tokenizer):

@@ -19,6 +19,8 @@ else:
 
 from .conftest import SHIPPED_AXIS  # noqa: E402
 
+pytestmark = pytest.mark.vllm
+
 
 def test_the_pinned_vllm_is_the_one_installed():
     import tomllib
