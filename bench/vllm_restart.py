@@ -20,8 +20,9 @@ VLLM_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-util
 
 
 def compile_caches() -> set[str]:
+    # vLLM 0.32 keeps one folder per cache key under torch_compile_cache/<kind>/.
     root = Path(os.environ.get("VLLM_CACHE_ROOT", Path.home() / ".cache" / "vllm")) / "torch_compile_cache"
-    return {p.name for p in root.iterdir()} if root.is_dir() else set()
+    return {p.relative_to(root).as_posix() for p in root.glob("*/*") if p.is_dir()}
 
 
 def main() -> None:

@@ -136,13 +136,23 @@ def scrape(base_url: str) -> dict[tuple[str, tuple], float]:
 
 
 def test_metrics_count_tokens_projections_and_caps(vllm_server):
-    ask(vllm_server.base_url, PROMPTS[0], True, max_tokens=8)
-    samples = scrape(vllm_server.base_url)
-    capped = samples["axiscap_generation_tokens_total", (("capping", "on"), ("model", MODEL))]
-    assert capped >= 8
-    hits = sum(v for (name, _), v in samples.items() if name == "axiscap_cap_activations_total")
-    assert hits > 0
-    assert samples["axiscap_time_to_first_token_seconds_count", (("model", MODEL),)] > 0
+    # What this one request adds (other tests share the server): counts, not totals.
+    on, model = (("capping", "on"), ("model", MODEL)), (("model", MODEL),)
+    before = scrape(vllm_server.base_url)
+    _, projections = ask(vllm_server.base_url, PROMPTS[0], True, max_tokens=8)
+    after = scrape(vllm_server.base_url)
+
+    def added(name, labels=on):
+        return after.get((name, labels), 0) - before.get((name, labels), 0)
+
+    assert len(projections) == 8
+    assert added("axiscap_generation_tokens_total") == 8
+    assert added("axiscap_axis_projection_count") == 8
+    hits = sum(v - before.get((name, labels), 0) for (name, labels), v in after.items()
+               if name == "axiscap_cap_activations_total")
+    assert hits > 0  # the pirate prompt is capped: capping bites at some layer
+    assert added("axiscap_time_to_first_token_seconds_count", model) == 1
+    assert added("axiscap_requests_total", (("finish_reason", "length"), ("model", MODEL))) == 1
 
 
 def test_a_projection_that_never_came_is_null_and_kept_out_of_the_histogram(vllm_server, monkeypatch):
