@@ -14,6 +14,7 @@ import json
 import logging
 from collections.abc import Callable
 
+import h11
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -67,14 +68,22 @@ def read_timeout_protocol(seconds: float, on_timeout: Callable[[], None] = lambd
 
         def _too_slow(self, what: str) -> None:
             self._timer = None
-            if self.transport.is_closing() or (self.cycle is not None and self.cycle.response_started):
+            cycle = self.cycle
+            if self.transport.is_closing() or (cycle is not None and cycle.response_started
+                                               and not cycle.response_complete):
+                return  # it is being answered: the deadline was for reading it
+            if cycle is not None and cycle.response_complete and self.conn.their_state is h11.SEND_BODY:
+                # Answered before its body was read (a 413, a 401), and the rest still trickles in.
+                log.info("closing a connection from %s: the rest of an answered request's body took over %g s",
+                         self.client, seconds)
+                self.transport.close()
                 return
             log.info("closing a connection from %s: its request %s took over %g s", self.client, what, seconds)
             on_timeout()
             self._timed_out = True
-            if self.cycle is not None:  # the request's handler, waiting for its body, sees a disconnect
-                self.cycle.disconnected = True
-                self.cycle.message_event.set()
+            if cycle is not None and not cycle.response_complete:  # its handler, waiting for the body, sees a
+                cycle.disconnected = True                              # disconnect
+                cycle.message_event.set()
             message = f"the request's {what} did not arrive within this server's read timeout of {seconds:g} s"
             body = json.dumps(error_body(message, "invalid_request_error")).encode()
             self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"

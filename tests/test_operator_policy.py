@@ -228,6 +228,22 @@ def test_slow_headers_and_slow_bodies_get_408_and_lose_their_connection(smollm2,
         # A client that sends nothing at all is closed too; one that sends promptly is served.
         reply, seconds = slow_client(live.base_url, [b""], gap=0.5)
         assert reply.startswith(b"HTTP/1.1 408") and seconds < 10
+        # Answered early (413 for a declared size) while the body still trickles in: closed, not held.
+        import socket
+        import time
+
+        host, port = live.base_url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(head.replace(b"content-length: %d" % len(body), b"content-length: 3000000"))
+            assert sock.recv(1024).startswith(b"HTTP/1.1 413")
+            start, closed = time.monotonic(), False
+            while not closed and time.monotonic() - start < 15:
+                try:
+                    sock.sendall(b"x")
+                    time.sleep(0.25)
+                except OSError:
+                    closed = True
+            assert closed and time.monotonic() - start < 10
         rejected = {s.labels["status"]: s.value for family in text_string_to_metric_families(
             httpx.get(live.base_url + "/metrics").text) for s in family.samples
             if s.name == "axiscap_rejected_requests_total"}
