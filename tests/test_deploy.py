@@ -175,9 +175,17 @@ def test_prometheus_scrapes_the_real_server(deployed_server, tmp_path, replicas)
         assert layers == {str(l) for l in live_server.state.axis.cap_layers}
         assert len(scraped) == replicas
 
-        time.sleep(2.5)  # two rule evaluations on the scraped data
-        rules = [r for g in httpx.get(f"{api}/rules", timeout=5).json()["data"]["groups"] for r in g["rules"]]
-        assert len(rules) == 5
+        def current_rules() -> list[dict]:
+            return [r for g in httpx.get(f"{api}/rules", timeout=5).json()["data"]["groups"] for r in g["rules"]]
+
+        # Every rule evaluated on the scraped data: its last evaluation after the data reached Prometheus.
+        scraped_at, deadline = time.time(), time.monotonic() + 60
+        rules = current_rules()
+        while time.monotonic() < deadline and not (len(rules) == 5 and all(evaluated_after(r, scraped_at)
+                                                                             for r in rules)):
+            time.sleep(0.2)
+            rules = current_rules()
+        assert len(rules) == 5 and all(evaluated_after(r, scraped_at) for r in rules), rules
         assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
         for expr in dashboard_queries():
             if expr.startswith("label_values("):
@@ -188,6 +196,20 @@ def test_prometheus_scrapes_the_real_server(deployed_server, tmp_path, replicas)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def evaluated_after(rule: dict, moment: float) -> bool:
+    """Whether Prometheus last evaluated this rule after ``moment`` (a Unix time)."""
+    from datetime import datetime
+
+    found = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)",
+                         rule.get("lastEvaluation", ""))
+    if found is None:
+        return False
+    seconds, fraction, zone = found.groups()  # RFC 3339 with nanoseconds; datetime takes microseconds
+    when = datetime.fromisoformat(seconds + (f".{fraction[:6]}" if fraction else "") +
+                                  ("+00:00" if zone == "Z" else zone))
+    return when.timestamp() > moment
 
 
 def test_kubernetes_manifests_validate_against_the_schemas(scraped_names):

@@ -80,7 +80,8 @@ def test_request_admitted_mid_generation_matches_alone(smollm2, smollm2_axis):
     with running_engine(smollm2, smollm2_axis) as engine:
         async def staggered():
             first = asyncio.create_task(collect(engine, long_ids, long_p))
-            await asyncio.sleep(0.6)  # the long one is decoding by now
+            while not engine._rows or engine._rows[0].generated < 4:  # the long one is decoding
+                await asyncio.sleep(0.005)
             second = await collect(engine, short_ids, short_p)
             return await first, second, await collect(engine, long_ids, long_p), await collect(engine, short_ids, short_p)
         joined_long, joined_short, alone_long, alone_short = asyncio.run(staggered())
