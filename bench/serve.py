@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,11 +47,49 @@ def prompts(n: int) -> list[str]:
     return [f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]}." for i in range(n)]
 
 
+class PeakMemory:
+    """The peak resident memory of a process with all its children (vLLM's engine core, workers),
+    sampled twice a second from a thread."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.process, self.peak = psutil.Process(pid), 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.5):
+            try:
+                tree = [self.process, *self.process.children(recursive=True)]
+                total = 0
+                for p in tree:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:  # ended between listing and reading
+                        pass
+            except psutil.Error:  # the server itself ended
+                return
+            self.peak = max(self.peak, total)
+
+    def stop(self) -> float:
+        """The peak in MiB."""
+        self._stop.set()
+        self._thread.join()
+        return round(self.peak / 2**20, 1)
+
+
 @contextmanager
-def server(cmd: list[str], url: str, timeout: float = 300):
+def server(cmd: list[str], url: str, timeout: float = 300, memory: tuple[dict, str] | None = None):
+    """A server process, up and healthy; with ``memory=(figures, name)``, its peak resident memory
+    (MiB, children included) over its whole life lands in ``figures[name]``."""
     # Its log goes to a file: a pipe nobody reads fills up and stalls a chatty server (vLLM).
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    sampler = PeakMemory(proc.pid) if memory is not None else None
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -67,6 +106,9 @@ def server(cmd: list[str], url: str, timeout: float = 300):
             time.sleep(0.5)
         yield proc
     finally:
+        if sampler is not None:
+            figures, name = memory
+            figures[name] = sampler.stop()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)
             try:
@@ -256,7 +298,8 @@ def vllm_main(args, cache_dir: Path) -> None:
     vllm_args = args.vllm_args.split() + ["--max-num-seqs", str(max(args.concurrency))]
 
     report = Report(args.out, machine={**machine(), "vllm": vllm.__version__}, model=name, backend="vllm",
-                    vllm_args=vllm_args, max_tokens=args.max_tokens, rounds=args.rounds)
+                    vllm_args=vllm_args, max_tokens=args.max_tokens, rounds=args.rounds, peak_rss_mib={})
+    peak_rss = report["peak_rss_mib"]  # each server's, over its whole run
 
     def axiscap_runs() -> dict:
         port = free_port()
@@ -264,7 +307,7 @@ def vllm_main(args, cache_dir: Path) -> None:
                "--port", str(port), "--cache-dir", str(cache_dir), "--log-level", "warning", *vllm_args]
         if args.axis:
             cmd += ["--axis", args.axis]
-        with server(cmd, f"http://127.0.0.1:{port}/health", timeout=900):
+        with server(cmd, f"http://127.0.0.1:{port}/health", timeout=900, memory=(peak_rss, "axiscap")):
             return capping_off_and_on(port, name, args)
 
     def vllm_serve() -> list[dict]:
@@ -273,7 +316,7 @@ def vllm_main(args, cache_dir: Path) -> None:
         # of a distribution named "vllm" and exits, so the module is started directly.
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", weights,
                "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), *vllm_args]
-        with server(cmd, f"http://127.0.0.1:{port}/health", timeout=900):
+        with server(cmd, f"http://127.0.0.1:{port}/health", timeout=900, memory=(peak_rss, "vllm_serve")):
             return [best_of_rounds(port, name, c, args, {}) for c in args.concurrency]
 
     report.part("axiscap", axiscap_runs)
@@ -319,23 +362,25 @@ def main() -> None:
 
     report = Report(args.out, machine=machine(), model=MODEL, max_tokens=args.max_tokens,
                     requests_per_worker={c: requests_per_worker(args, c) for c in args.concurrency},
-                    rounds=args.rounds)
+                    rounds=args.rounds, peak_rss_mib={})
+    peak_rss = report["peak_rss_mib"]  # each server's, over its whole run
 
     def axiscap_runs() -> dict:
         port = free_port()
         cmd = [sys.executable, "-m", "axiscap.cli", "serve", "--port", str(port), "--device", args.device,
                "--max-batch-size", str(max(args.concurrency)), "--cache-dir", str(cache_dir),
                "--log-level", "warning"]
-        with server(cmd, f"http://127.0.0.1:{port}/health"):
+        with server(cmd, f"http://127.0.0.1:{port}/health", memory=(peak_rss, "axiscap")):
             return capping_off_and_on(port, MODEL, args)
 
-    def transformers_serve(flags: list[str]):
+    def transformers_serve(name: str, flags: list[str]):
         def runs() -> list[dict]:
             port = free_port()
             weights = str(cache_dir / "models" / MODEL)
             cmd = [beside_python("transformers"), "serve", weights, "--host", "127.0.0.1", "--port", str(port),
                    "--device", args.device, *flags]
-            with server(cmd, f"http://127.0.0.1:{port}/health"):  # its /v1/models needs the hub cache
+            # Its /v1/models needs the hub cache: the health check is the readiness probe.
+            with server(cmd, f"http://127.0.0.1:{port}/health", memory=(peak_rss, name)):
                 return [measure(port, weights, c, args, {}) for c in args.concurrency]
         return runs
 
@@ -346,7 +391,7 @@ def main() -> None:
         report.part("generate_no_hooks", lambda: generate_ceiling(args.concurrency, args.max_tokens, cache_dir))
     for peer, flags in [("transformers-serve", []), ("transformers-serve-cb", ["--continuous-batching"])]:
         if peer in args.peers:
-            report.part(peer.replace("-", "_"), transformers_serve(flags))
+            report.part(peer.replace("-", "_"), transformers_serve(peer.replace("-", "_"), flags))
 
     summary = {}
     if "axiscap_capping_on" in report:
