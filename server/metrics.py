@@ -15,6 +15,12 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.
 _GENERIC_PROJECTION_BUCKETS = (-50, -20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20, 50)
 
 
+def tau_edge(threshold: float) -> float:
+    """tau as the histogram's bucket edge (rounded like every edge), so the below-tau counter and the
+    le=tau bucket compare against the same value."""
+    return round(threshold, 4)
+
+
 def projection_buckets(mean: float | None, std: float | None, threshold: float | None) -> list[float]:
     """Buckets around the default-Assistant projection distribution, with tau as an exact edge
     so that the share of tokens below the threshold can be read off the histogram."""
@@ -24,7 +30,7 @@ def projection_buckets(mean: float | None, std: float | None, threshold: float |
         steps = (-6, -4, -3, -2.5, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4, 6)
         edges = {round(mean + s * std, 4) for s in steps}
     if threshold is not None:
-        edges.add(round(threshold, 4))
+        edges.add(tau_edge(threshold))
     return sorted(edges)
 
 
@@ -37,7 +43,6 @@ class ServingMetrics:
         from an open /metrics around its own request (``Settings.persona_metrics``)."""
         self.registry = registry or CollectorRegistry()
         r, m = self.registry, model
-        self.persona_series = persona_series
         # Unregistered when off: they exist so that the recording code needs no second path.
         pr = r if persona_series else None
         self.axis_projection = Histogram(
@@ -45,7 +50,7 @@ class ServingMetrics:
             "stream onto the unit Assistant Axis, before that layer's cap. Lower means further from the Assistant.",
             ["model", "capping"], buckets=buckets, registry=pr)
         self._projection = {on: self.axis_projection.labels(m, "on" if on else "off") for on in (True, False)}
-        self._threshold = monitor_threshold
+        self._below_edge = tau_edge(monitor_threshold) if monitor_threshold is not None else None
         self.below_threshold = Counter(
             f"{PREFIX}_tokens_below_threshold", "Generated tokens whose monitor-layer projection (before the cap) "
             "was at or below that layer's cap threshold tau: the same count as the projection histogram's "
@@ -125,7 +130,7 @@ class ServingMetrics:
         if projection is None:  # the engine lost it (a worker stopped reporting): counted, not measured
             return
         self._projection[capping].observe(projection)
-        if self._threshold is not None and projection <= round(self._threshold, 4):  # the bucket edge
+        if self._below_edge is not None and projection <= self._below_edge:
             self._below[capping].inc()
 
     def add_cap_hits(self, hits: list[float]) -> None:

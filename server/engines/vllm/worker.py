@@ -101,13 +101,14 @@ class BatchCapping:
         held = [i for i, l in enumerate(axis.cap_layers) if l in present]
         monitor = axis.monitor_layer in present
         # Tensor-parallel ranks compute the same values: the first one reports.
-        self.sender = None
+        self.sender, self.copy_stream = None, None
         if get_tensor_model_parallel_rank() == 0 and (held or monitor):
             self.sender = ReportSender(config.reports, config.key, monitor, [axis.cap_layers[i] for i in held],
                                        self.device)
-        # On a GPU the report's device-to-host copy runs on a stream of its own, ordered after the
-        # forward by an event, so the next step's kernels do not queue behind it.
-        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+            # On a GPU the report's device-to-host copy runs on a stream of its own, ordered after the
+            # forward by an event, so the next step's kernels do not queue behind it.
+            if self.device.type == "cuda":
+                self.copy_stream = torch.cuda.Stream(self.device)
         self.held_slots = torch.tensor(held, dtype=torch.long, device=self.device)
         self._wrap(runner)
         log.info("axiscap: capping layers %s%s in this worker", [axis.cap_layers[i] for i in held],
