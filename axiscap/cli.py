@@ -197,9 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "Assistant-ward axes and floors.")
     imp.add_argument("--axis-pt", required=True, type=Path, help="assistant_axis.pt")
     imp.add_argument("--config", required=True, type=Path, help="capping_config.pt")
-    imp.add_argument("--experiment", required=True, help="experiment id, e.g. layers_46:54-p0.25")
+    imp.add_argument("--experiment", required=True,
+                     help="experiment id, e.g. layers_46:54-p0.25, or its index in the config (0 is the first)")
     imp.add_argument("--model", required=True, help="the model the axis belongs to (recorded in the file)")
-    imp.add_argument("--monitor-layer", type=int, help="layer to monitor (default: middle of the capped band)")
+    imp.add_argument("--monitor-layer", type=int,
+                     help="layer to monitor (default: the paper's target layer for its models, else the "
+                          "middle of the capped band)")
     imp.add_argument("--out", required=True, type=Path, help="output .safetensors")
     imp.set_defaults(run=_import_paper)
 

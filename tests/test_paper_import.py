@@ -77,3 +77,46 @@ def test_cli_converts_to_a_loadable_axis_file(paper_files):
     axis = load_axis(out, n_layers=N_LAYERS, hidden_size=HIDDEN)
     assert axis.cap_layers == [6] and axis.cap_thresholds == [1.0]
     assert axis.model == "paper-model" and axis.percentile == 50.0
+
+
+def test_import_accepts_what_the_papers_loaders_accept(tmp_path, paper_files, caplog):
+    """numpy numbers in the config, a wrapped axis, an index for the experiment, a non-capping
+    intervention (skipped with a warning), and the paper's target layer as the monitor layer."""
+    import numpy as np
+
+    folder, assistant_axis, config = paper_files
+    steer = {"vector": "layer_5/contrast_role_pos3_default1", "coefficient": 1.0}  # no 'cap'
+    config["experiments"][0]["interventions"] = [
+        steer, *({**i, "cap": np.float32(i["cap"])} for i in config["experiments"][0]["interventions"])]
+    config["vectors"]["layer_6/contrast_role_pos3_default1"]["layer"] = np.int64(6)
+    torch.save(config, tmp_path / "numpy_config.pt")
+    torch.save({"axis": assistant_axis}, tmp_path / "wrapped_axis.pt")
+    with caplog.at_level("WARNING"):
+        axis = import_paper_axis(tmp_path / "wrapped_axis.pt", tmp_path / "numpy_config.pt", "0", "m")
+    assert axis.cap_layers == [5, 6] and axis.cap_thresholds == [-2.5, 1.0]
+    assert "has no 'cap'" in caplog.text
+    assert import_paper_axis(tmp_path / "wrapped_axis.pt", tmp_path / "numpy_config.pt", 1, "m").cap_layers == [6]
+    with pytest.raises(PaperFormatError, match="no experiment at index 2; it has 2"):
+        import_paper_axis(tmp_path / "wrapped_axis.pt", tmp_path / "numpy_config.pt", "2", "m")
+    # The paper's target layer for its models (its README's table) is monitored, unless told otherwise;
+    # a config that names one wins.
+    wide = torch.randn(48, HIDDEN)
+    torch.save(wide, tmp_path / "wide_axis.pt")
+    assert import_paper_axis(tmp_path / "wide_axis.pt", tmp_path / "numpy_config.pt", 0,
+                             "google/gemma-2-27b-it").monitor_layer == 22
+    assert import_paper_axis(tmp_path / "wide_axis.pt", tmp_path / "numpy_config.pt", 0, "google/gemma-2-27b-it",
+                             monitor_layer=5).monitor_layer == 5
+    torch.save({**config, "target_layer": 7}, tmp_path / "targeted.pt")
+    assert import_paper_axis(tmp_path / "wrapped_axis.pt", tmp_path / "targeted.pt", 0, "m").monitor_layer == 7
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path, paper_files):
+    folder, _, _ = paper_files
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    torch.save({"vectors": {}, "experiments": [], "x": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(PaperFormatError, match="cannot be read"):
+        import_paper_axis(folder / "assistant_axis.pt", tmp_path / "evil.pt", 0, "m")
