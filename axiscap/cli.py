@@ -7,8 +7,12 @@ import logging
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from axiscap.axes import axis_for
 from axiscap.evals.cli import add_parser as add_eval_parser
+from axiscap.server.config import Settings, cli_overrides
+from axiscap.server.config import add_arguments as add_settings_arguments
 from axiscap.steering import AxisFileError
 
 
@@ -16,10 +20,8 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from axiscap.server.app import create_app, load_state, uvicorn_config
-    from axiscap.server.config import Settings
 
-    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    settings = Settings(**overrides)
+    settings = Settings(**cli_overrides(args))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     axis_path = axis_for(settings.model, settings.axis)
     state = load_state(settings, axis_path)
@@ -102,91 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="serve a model over the OpenAI API",
         description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics. "
                     "Every flag can also be set as an AXISCAP_<FLAG> environment variable.")
-    serve.add_argument("--model", help="Hugging Face id or local path (default: the embedded "
-                                       "smollm2-135m-instruct)")
-    serve.add_argument("--axis", type=Path, help="axis file (default: the shipped axis of the embedded model)")
-    serve.add_argument("--served-model-name", help="name clients put in 'model'")
-    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument("--backend", choices=["transformers", "vllm"],
-                       help="transformers (default): the built-in engine, for CPU and the embedded model; "
-                            "vllm: vLLM's engine, for GPUs and large models")
-    serve.add_argument("--device", help="cpu, cuda, cuda:N, balanced (a model too large for one GPU, its "
-                                        "layers split over all visible GPUs) or auto (default)")
-    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="weights and activations (default: bfloat16 on CUDA, float32 on CPU)")
-    serve.add_argument("--capping-default", action=argparse.BooleanOptionalAction, default=None,
-                       help="cap requests that do not set 'capping' (default on)")
-    serve.add_argument("--max-batch-size", type=int, help="requests decoded together (default 16)")
-    serve.add_argument("--max-waiting", type=int, help="queued requests before 429 (default 64)")
-    serve.add_argument("--prefill-chunk-tokens", type=int,
-                       help="prompt tokens prefilled between two decode steps, so long prompts do not "
-                            "stall running streams (default 512)")
-    serve.add_argument("--default-max-tokens", type=int, help="budget when a request sets none (default 1024)")
-    serve.add_argument("--max-n", type=int, help="choices one request may ask for with 'n' (default 8)")
-    serve.add_argument("--max-prompt-logprobs-tokens", type=int,
-                       help="n x prompt tokens a completions request with echo and logprobs may ask logprobs for; "
-                            "each costs the output head over the whole vocabulary (default 4096)")
-    serve.add_argument("--cache-dir", type=Path, help="where the de-quantized default model is kept "
-                                                      "(default ~/.cache/axiscap)")
-    serve.add_argument("--log-level", help="debug, info, warning (default info)")
-
-    limits = serve.add_argument_group("memory and limits")
-    limits.add_argument("--max-model-len", type=int, help="prompt + completion tokens one request may use "
-                                                         "(default: the model's context window)")
-    limits.add_argument("--kv-cache-tokens", type=int,
-                        help="KV cache tokens for all running requests together; requests wait for room, and one "
-                             "that can never fit gets 400 (default: from free GPU memory, 65536 on CPU)")
-    limits.add_argument("--gpu-memory-utilization", type=float,
-                        help="share of the GPU memory free after loading that the KV cache may take (default 0.9)")
-    limits.add_argument("--max-request-kv-share", type=float,
-                        help="share of the KV cache one request (all its n choices, prompt + max_tokens) may reserve; "
-                             "a larger one gets 400, so one client cannot hold every other (default 0.5)")
-    limits.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 2 MiB)")
-    limits.add_argument("--read-timeout", type=float,
-                        help="seconds a client has to send a request's headers, and again its body; then it gets "
-                             "408 and its connection closes, so slow senders cannot hold connections (default 30)")
-    limits.add_argument("--request-timeout", type=float,
-                        help="seconds a request may take, queueing included; then it ends with a timeout "
-                             "error (default 600)")
-
-    vllm = serve.add_argument_group(
-        "vLLM backend", "With --backend vllm (pip install 'axiscap[vllm]'), vLLM runs the model: paged KV cache, "
-                        "CUDA graphs, tensor and pipeline parallelism; capping runs inside its workers. These "
-                        "flags and --gpu-memory-utilization, --max-model-len go to vLLM under vLLM's own names; "
-                        "--max-batch-size, --prefill-chunk-tokens, --kv-cache-tokens and --device do not apply.")
-    vllm.add_argument("--tensor-parallel-size", type=int, help="GPUs each layer is split over (default 1)")
-    vllm.add_argument("--pipeline-parallel-size", type=int, help="stages the layers are split into, on one or "
-                                                               "several nodes (default 1)")
-    vllm.add_argument("--max-num-seqs", type=int, help="requests in vLLM's running batch (default: vLLM's)")
-    vllm.add_argument("--distributed-executor-backend", choices=["mp", "ray"],
-                      help="how vLLM starts its workers (default: vLLM's choice); ray for several nodes, which also "
-                           "opens the projection reports socket beyond loopback (its messages stay signed)")
-
-    policy = serve.add_argument_group(
-        "operator policy", "What clients may do. A server in front of untrusted clients should set API keys, "
-                           "--capping-policy always and --no-allow-projections (the deploy/ files do).")
-    policy.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
-                        help="accept this Bearer key; repeat for several (env AXISCAP_API_KEYS, comma-separated). "
-                             "Without any, the API is open")
-    policy.add_argument("--protect-health", action=argparse.BooleanOptionalAction, default=None,
-                        help="require a key for /health too (default off, for probes)")
-    policy.add_argument("--metrics-key", metavar="KEY",
-                        help="the scrape credential: /metrics then answers only 'Authorization: Bearer KEY' (client "
-                             "keys do not open it); give Prometheus the same value. Under --no-allow-projections, "
-                             "the per-token persona series are exported only with it")
-    policy.add_argument("--protect-metrics", action=argparse.BooleanOptionalAction, default=None,
-                        help="refuse to start without --metrics-key, so /metrics is never left open (default off)")
-    policy.add_argument("--capping-policy", choices=["client", "always", "never"],
-                        help="client (default): a request's 'capping' field decides, else --capping-default; "
-                             "always / never: the server decides, and a response whose request asked otherwise "
-                             "says 'capping_overridden': true")
-    policy.add_argument("--allow-projections", action=argparse.BooleanOptionalAction, default=None,
-                        help="let clients ask for per-token axis projections with 'return_projections' "
-                             "(default on; off answers such requests 403: projections help tune jailbreaks)")
-    policy.add_argument("--playground", action=argparse.BooleanOptionalAction, default=None,
-                        help="serve /playground, a page that streams capped and uncapped answers side by side "
-                             "through the public API (default on; it holds no secrets: visitors need a key)")
+    add_settings_arguments(serve)
     serve.set_defaults(run=_serve)
 
     axes = commands.add_parser("axes", help="make axis files").add_subparsers(dest="axes_command", required=True)
@@ -237,6 +155,11 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
+    except ValidationError as exc:  # settings: one line per problem, named by its flag
+        for error in exc.errors():
+            flag = "--" + str(error["loc"][0]).replace("_", "-") + ": " if error["loc"] else ""
+            print(f"axiscap: error: {flag}{error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (AxisFileError, RuntimeError, ValueError, OSError) as exc:  # bad input, missing model or file
         print(f"axiscap: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
