@@ -1,7 +1,5 @@
-"""Forward hooks that cap and monitor the residual stream along the Assistant Axis.
-
-Capping at layer l (Lu et al. 2026): h <- h - v * min(<h, v> - tau_l, 0), v the unit axis, on the
-decoder layer's output, for every position. Everything here stays on the model's device: the hooks
+"""Forward hooks on transformers' decoder layers that cap (``steering.capping``) and monitor the
+residual stream along the Assistant Axis. Everything here stays on the model's device: the hooks
 never read a value back to the host, so a decode step costs no extra GPU sync.
 """
 
@@ -13,6 +11,7 @@ import torch
 from torch import nn
 
 from .axis import AssistantAxis
+from .capping import capping_plan, pull_up, shortfall
 
 # Where common causal-LM families keep their decoder layers.
 _LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers",
@@ -29,12 +28,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         if isinstance(node, nn.ModuleList):
             return node
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}; tried {_LAYER_PATHS}")
-
-
-def cap(h: torch.Tensor, v: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
-    """The capping formula on its own: v unit-norm, tau a floor on <h, v>."""
-    shortfall = ((h @ v) - tau).clamp(max=0)
-    return h - shortfall.unsqueeze(-1) * v
 
 
 def _hidden(output):
@@ -62,26 +55,15 @@ class AxisHooks:
         self.axis = axis
         self.monitor_layer = axis.monitor_layer
         self.cap_layers = list(axis.cap_layers)
-        watched = sorted({*self.cap_layers, self.monitor_layer})
-        # A model split across GPUs (device_map) has layers on several devices: keep each layer's
-        # vector where that layer runs.
-        where = {l: next(layers[l].parameters(), param).device for l in watched}
-        # Projections and their comparison with tau run in float32 whatever the model's dtype: in
-        # bfloat16 a projection of ~50 is only resolved to ~0.25, coarser than many taus' margins.
-        # The correction itself is applied in the model's dtype, with the unit vector in that dtype.
-        self._units32 = {l: axis.unit(l).to(where[l], torch.float32) for l in watched}
-        self._units = {l: axis.unit(l).to(where[l], self.dtype) for l in watched}
-        self._taus = {
-            l: torch.tensor(t, device=where[l], dtype=torch.float32)
-            for l, t in zip(axis.cap_layers, axis.cap_thresholds)
-        }
-        self._slot = {l: i for i, l in enumerate(self.cap_layers)}
+        # A model split across GPUs (device_map) has layers on several devices: each layer's vectors
+        # live where that layer runs.
+        plan = capping_plan(axis, self.dtype, lambda l: next(layers[l].parameters(), param).device)
         # Per capped layer, how many token positions the cap changed since the last reset.
         self.cap_hits = torch.zeros(len(self.cap_layers), dtype=torch.int64, device=self.device)
         # Projection onto the unit axis at the monitor layer, before that layer's cap: [batch, seq], float32.
         self.monitor_projection: torch.Tensor | None = None
         self._cap_mask: torch.Tensor | None = None
-        self._handles = [layers[l].register_forward_hook(self._make_hook(l)) for l in watched]
+        self._handles = [layers[l].register_forward_hook(self._make_hook(entry)) for l, entry in plan.items()]
 
     def set_cap_mask(self, mask: torch.Tensor | None) -> None:
         """Bool mask broadcastable to [batch, seq] of positions to cap; None caps nothing."""
@@ -92,11 +74,9 @@ class AxisHooks:
             handle.remove()
         self._handles = []
 
-    def _make_hook(self, layer: int):
-        v, v32 = self._units[layer], self._units32[layer]
-        tau = self._taus.get(layer)
-        hits = self.cap_hits[self._slot[layer]] if layer in self._slot else None  # a view: add_ lands in cap_hits
-        is_monitor = layer == self.monitor_layer
+    def _make_hook(self, entry):
+        v, v32, tau, is_monitor = entry.unit, entry.unit32, entry.tau, entry.monitor
+        hits = self.cap_hits[entry.slot] if entry.slot is not None else None  # a view: add_ lands in cap_hits
 
         def hook(module, args, output):
             # Few, fused ops: this runs at every capped layer on every decode step.
@@ -107,11 +87,9 @@ class AxisHooks:
             mask = self._cap_mask
             if tau is None or mask is None:
                 return None
-            # shortfall = min(<h,v> - tau, 0) where capping is on, and 0 elsewhere: h - 0*v keeps
-            # the rows with capping off exactly as the model computed them.
-            shortfall = (proj - tau).clamp_(max=0).mul_(mask.to(h.device, non_blocking=True))
-            hits.add_((shortfall < 0).sum().to(hits.device, non_blocking=True))
-            return _replace_hidden(output, torch.addcmul(h, shortfall.unsqueeze(-1).to(h.dtype), v, value=-1))
+            short = shortfall(proj, tau, mask.to(h.device, non_blocking=True))
+            hits.add_((short < 0).sum().to(hits.device, non_blocking=True))
+            return _replace_hidden(output, pull_up(h, short, v))
 
         return hook
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .axis import AssistantAxis
+from .capping import LayerCap, capping_plan, pull_up, shortfall
 
 
 class CapState(nn.Module):
@@ -35,28 +36,26 @@ class CapState(nn.Module):
 class SplitResidualCap(nn.Module):
     """A decoder layer returning ``(hidden, residual)``, capped and/or monitored at its output."""
 
-    def __init__(self, layer: nn.Module, unit: torch.Tensor, tau: float | None, slot: int | None,
-                 monitor: bool, state: CapState, dtype: torch.dtype):
+    def __init__(self, layer: nn.Module, plan: LayerCap, state: CapState):
         super().__init__()
         self.layer = layer
         self.state = state  # shared by every wrapped layer: one set of buffers per model
-        device = state.mask.device
-        self.register_buffer("unit32", unit.to(device, torch.float32), persistent=False)
-        self.register_buffer("unit", unit.to(device, dtype), persistent=False)
-        self.register_buffer("tau", torch.tensor(0.0 if tau is None else tau, device=device), persistent=False)
-        self.capped, self.slot, self.monitor = tau is not None, slot, monitor
+        # Buffers, so that torch.compile sees them as the module's state, not as constants.
+        self.register_buffer("unit32", plan.unit32, persistent=False)
+        self.register_buffer("unit", plan.unit, persistent=False)
+        self.register_buffer("tau", plan.tau if plan.tau is not None else plan.unit32.new_zeros(()), persistent=False)
+        self.capped, self.slot, self.monitor = plan.tau is not None, plan.slot, plan.monitor
 
     def forward(self, positions, hidden_states, residual, *args, **kwargs):
         hidden, residual = self.layer(positions, hidden_states, residual, *args, **kwargs)
         n = hidden.shape[0]
-        # In float32 whatever the model's dtype: bfloat16 resolves a projection of ~50 only to ~0.25.
         proj = (hidden.float() + residual.float()) @ self.unit32
         if self.monitor:
             self.state.projections[:n].copy_(proj)
         if self.capped:
-            shortfall = (proj - self.tau).clamp(max=0) * self.state.mask[:n]
-            self.state.hits[self.slot:self.slot + 1].add_((shortfall < 0).sum())
-            residual = residual - shortfall.unsqueeze(-1).to(residual.dtype) * self.unit
+            short = shortfall(proj, self.tau, self.state.mask[:n])
+            self.state.hits[self.slot:self.slot + 1].add_((short < 0).sum())
+            residual = pull_up(residual, short, self.unit)
         return hidden, residual
 
 
@@ -70,11 +69,7 @@ def install_split_residual_caps(layers: nn.ModuleList, axis: AssistantAxis, pres
     """
     axis.validate(len(layers))
     state = CapState(max_tokens, len(axis.cap_layers), device)
-    for layer in sorted({*axis.cap_layers, axis.monitor_layer}):
-        if layer not in present:
-            continue
-        tau = axis.threshold(layer)
-        slot = axis.cap_layers.index(layer) if tau is not None else None
-        layers[layer] = SplitResidualCap(layers[layer], axis.unit(layer), tau, slot,
-                                         layer == axis.monitor_layer, state, dtype)
+    for layer, plan in capping_plan(axis, dtype, lambda _: device).items():
+        if layer in present:
+            layers[layer] = SplitResidualCap(layers[layer], plan, state)
     return state
