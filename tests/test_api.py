@@ -228,15 +228,15 @@ def test_client_disconnect_stops_generation(live_server):
     with httpx.stream("POST", live_server.base_url + "/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         assert sum(1 for _, line in zip(range(6), lines) if line.startswith("data: ")) >= 2
-        assert len(engine._rows) == 1
-    assert wait_until(lambda: not engine._rows), "generation kept running after the client left"
+        assert len(engine.runner.rows) == 1
+    assert wait_until(lambda: not engine.runner.rows), "generation kept running after the client left"
     after = sample(scrape(live_server.base_url), "axiscap_requests_total", finish_reason="cancelled")
     assert after == before + 1
 
     # A non-streaming client that gives up is noticed too.
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(live_server.base_url + "/v1/chat/completions", json={**body, "stream": False}, timeout=1.0)
-    assert wait_until(lambda: not engine._rows), "non-stream generation kept running after the client left"
+    assert wait_until(lambda: not engine.runner.rows), "non-stream generation kept running after the client left"
 
 
 def noting_the_event_loop(function, on_loop: list[bool]):

@@ -80,7 +80,7 @@ def test_request_admitted_mid_generation_matches_alone(smollm2, smollm2_axis):
     with running_engine(smollm2, smollm2_axis) as engine:
         async def staggered():
             first = asyncio.create_task(collect(engine, long_ids, long_p))
-            while not engine._rows or engine._rows[0].generated < 4:  # the long one is decoding
+            while not engine.runner.rows or engine.runner.rows[0].generated < 4:  # the long one is decoding
                 await asyncio.sleep(0.005)
             second = await collect(engine, short_ids, short_p)
             return await first, second, await collect(engine, long_ids, long_p), await collect(engine, short_ids, short_p)
@@ -122,7 +122,7 @@ def test_cancel_frees_the_slot_within_a_step(smollm2, smollm2_axis):
         seen, last = asyncio.run(cancel_midway())
         assert last == "cancelled"
         assert seen < 10
-        assert engine._rows == []
+        assert engine.runner.rows == []
         assert engine.stat_logger.requests.labels(smollm2.name, "cancelled")._value.get() == 1
 
 
@@ -143,7 +143,7 @@ def test_the_choices_of_one_request_queue_all_or_none(smollm2, smollm2_axis):
             ids = chat_ids(smollm2.tokenizer, "hi")
             with pytest.raises(QueueFull):
                 await engine.submit_all(ids, [SamplingParams(4)] * 5)
-            assert len(engine._waiting) == 0  # none of the five was queued
+            assert len(engine.scheduler.waiting) == 0  # none of the five was queued
             assert len(await engine.submit_all(ids, [SamplingParams(4)] * 4)) == 4
         asyncio.run(fill())
 
@@ -211,7 +211,7 @@ def test_a_request_that_breaks_its_prefill_fails_alone_while_six_streams_finish(
         async def scenario():
             alone = [await collect(engine, ids, p) for ids, p in jobs]
             running = [asyncio.create_task(collect(engine, ids, p)) for ids, p in jobs]
-            await wait_for(lambda: len(engine._rows) == 6)
+            await wait_for(lambda: len(engine.runner.rows) == 6)
             poisoned = await collect(engine, poison, SamplingParams(8, temperature=0))
             return alone, await asyncio.gather(*running), poisoned
         alone, together, poisoned = asyncio.run(scenario())
@@ -281,7 +281,7 @@ def test_a_request_past_its_deadline_ends_with_timeout(smollm2, smollm2_axis):
             return tokens, last
         tokens, last = asyncio.run(late())
         assert last == "timeout" and 0 < tokens < 2000
-        assert engine._rows == []
+        assert engine.runner.rows == []
 
 
 def test_admission_keeps_the_kv_slots_within_their_budget(smollm2, smollm2_axis):
@@ -300,8 +300,8 @@ def test_admission_keeps_the_kv_slots_within_their_budget(smollm2, smollm2_axis)
             async def watch():
                 nonlocal peak, most_allocated
                 while True:
-                    peak = max(peak, len(engine._rows))
-                    most_allocated = max(most_allocated, engine._store.allocated_tokens())
+                    peak = max(peak, len(engine.runner.rows))
+                    most_allocated = max(most_allocated, engine.runner.store.allocated_tokens())
                     await asyncio.sleep(0.002)
 
             watcher = asyncio.create_task(watch())
@@ -314,7 +314,7 @@ def test_admission_keeps_the_kv_slots_within_their_budget(smollm2, smollm2_axis)
         async def refuse_then_idle():
             with pytest.raises(DoesNotFit):
                 await engine.submit(chat_ids(tok, "hi"), too_big)
-            await wait_for(lambda: engine._store.allocated_tokens() == 0)  # every class gave its memory back
+            await wait_for(lambda: engine.runner.store.allocated_tokens() == 0)  # every class gave its memory back
         asyncio.run(refuse_then_idle())
     assert peak == 4
     assert most_allocated == 4 * capacity
@@ -335,13 +335,13 @@ def test_a_long_request_does_not_widen_the_short_ones_kv(smollm2, smollm2_axis):
     with running_engine(smollm2, smollm2_axis, kv_cache_tokens=budget) as engine:
         async def scenario():
             long_request = await engine.submit(long_ids, long_params)
-            await wait_for(lambda: len(engine._rows) == 1)
+            await wait_for(lambda: len(engine.runner.rows) == 1)
             peak = 0
 
             async def watch():
                 nonlocal peak
                 while True:
-                    peak = max(peak, len(engine._rows))
+                    peak = max(peak, len(engine.runner.rows))
                     await asyncio.sleep(0.002)
 
             watcher = asyncio.create_task(watch())
@@ -397,16 +397,16 @@ def test_choices_share_one_computation_of_their_prompt_logprobs(smollm2, smollm2
     """echo + logprobs with n choices: the first choice computes the prompt logprobs alone, in slices of at
     most PROMPT_LOGPROBS_SLICE_TOKENS positions (each runs the vocabulary-wide head); every other choice
     gets the same list, complete in its first delta, without computing it again."""
-    from axiscap.server.engines.hf import engine as hf_engine
+    from axiscap.server.engines.hf import runner as hf_runner
 
     slices = []
-    compute = hf_engine.Engine._prompt_logprobs
+    compute = hf_runner.ModelRunner._prompt_logprobs
 
     def observed(self, group, logits, start, end):
         slices.append((len(group.requests), logits.shape[0] * logits.shape[1]))
         return compute(self, group, logits, start, end)
 
-    monkeypatch.setattr(hf_engine.Engine, "_prompt_logprobs", observed)
+    monkeypatch.setattr(hf_runner.ModelRunner, "_prompt_logprobs", observed)
     prompt = chat_ids(smollm2.tokenizer, "Tell me about lighthouses and the people who keep them. " * 24)
     choices = [SamplingParams(3, temperature=0.7, seed=seed, prompt_logprobs=2) for seed in range(3)]
     with running_engine(smollm2, smollm2_axis) as engine:
@@ -415,7 +415,7 @@ def test_choices_share_one_computation_of_their_prompt_logprobs(smollm2, smollm2
             return [[d async for d in r.deltas()] for r in requests]
         deltas = asyncio.run(run())
     first = [d[0].prompt_logprobs for d in deltas]
-    assert len(first[0]) == len(prompt) > 2 * hf_engine.PROMPT_LOGPROBS_SLICE_TOKENS
+    assert len(first[0]) == len(prompt) > 2 * hf_runner.PROMPT_LOGPROBS_SLICE_TOKENS
     assert first[1] == first[0] and first[2] == first[0]
-    assert all(rows == 1 and positions <= hf_engine.PROMPT_LOGPROBS_SLICE_TOKENS for rows, positions in slices)
-    assert len(slices) == -(-len(prompt) // hf_engine.PROMPT_LOGPROBS_SLICE_TOKENS)
+    assert all(rows == 1 and positions <= hf_runner.PROMPT_LOGPROBS_SLICE_TOKENS for rows, positions in slices)
+    assert len(slices) == -(-len(prompt) // hf_runner.PROMPT_LOGPROBS_SLICE_TOKENS)

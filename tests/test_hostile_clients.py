@@ -185,15 +185,15 @@ def test_a_client_that_leaves_a_non_stream_request_leaves_no_error_in_the_log(li
         async with httpx.AsyncClient(base_url=live_server.base_url, timeout=60) as http:
             sent = asyncio.create_task(http.post("/v1/completions", json={
                 "model": MODEL, "prompt": "Once upon a time", "n": 3, "max_tokens": 300, "ignore_eos": True}))
-            while len(engine._rows) < 3:
+            while len(engine.runner.rows) < 3:
                 await asyncio.sleep(0.01)
             sent.cancel()
 
     with caplog.at_level(logging.WARNING):
         asyncio.run(leave())
         deadline = time.monotonic() + 30
-        while engine._rows and time.monotonic() < deadline:
+        while engine.runner.rows and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not engine._rows  # the slots are free
+        assert not engine.runner.rows  # the slots are free
         gc.collect()  # a cancelled gather nobody retrieved is logged when it is collected
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

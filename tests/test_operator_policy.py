@@ -69,7 +69,7 @@ def test_locked_down_server(smollm2, smollm2_axis):
         error = assert_openai_error(httpx.post(base + "/v1/chat/completions", json={**long, "stream": False},
                                                headers=key, timeout=60), 504)
         assert error["type"] == "timeout_error"
-        assert live.state.engine._rows == []
+        assert live.state.engine.runner.rows == []
 
 
 def test_capping_policy_never_and_projections_allowed(smollm2, smollm2_axis):
@@ -170,7 +170,7 @@ def test_one_large_request_cannot_hold_every_other_client(smollm2, smollm2_axis)
             first = asyncio.create_task(stream_big("first"))
             await first_chunk.wait()
             second = asyncio.create_task(stream_big("second"))
-            while len(engine._waiting) < 4:  # the second cannot fit beside the first: it waits
+            while len(engine.scheduler.waiting) < 4:  # the second cannot fit beside the first: it waits
                 await asyncio.sleep(0.01)
             statuses = await asyncio.gather(*[small(i) for i in range(8)])
             await asyncio.gather(first, second)

@@ -1,0 +1,58 @@
+"""What the transformers engine keeps per request, declared on the request itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..base import Logprob, Request, SamplingParams
+from .text_output import IncrementalDetokenizer, StopMatcher
+
+
+@dataclass
+class Row:
+    """Host-side state of one request, from submission to its end: its place in the batch, what it
+    generated, and what waits to be sent."""
+
+    request: EngineRequest
+    detok: IncrementalDetokenizer
+    stops: StopMatcher
+    generator: torch.Generator | None
+    matcher: Any  # its grammar's matcher (response_format), or None
+    capacity: int  # KV columns of its slot (see kv_slots)
+    slot: int = -1
+    length: int = 0  # tokens in its KV cache
+    generated_ids: list[int] = field(default_factory=list)
+    prefilled: bool = False  # its prompt tokens were counted
+    strikes: int = 0  # failed steps it was part of
+    alone: bool = False  # prefill it in a group of its own (its group failed once)
+    pending_ids: list[int] = field(default_factory=list)
+    pending_projections: list[float] = field(default_factory=list)
+    pending_logprobs: list[Logprob] = field(default_factory=list)
+    prompt_logprobs: list[Logprob | None] | None = None  # filled by the prefill when asked for
+    prompt_logprobs_sent: bool = False  # they go out with its first delta
+    prompt_logprobs_from: EngineRequest | None = None  # the choice whose prompt logprobs this one shares
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.request.prompt_ids
+
+    @property
+    def generated(self) -> int:
+        return len(self.generated_ids)
+
+    def context_ids(self) -> list[int]:
+        """What a (re-)prefill feeds the model: the prompt and every token generated so far."""
+        return self.request.prompt_ids + self.generated_ids
+
+
+class EngineRequest(Request):
+    """The seam's request handle, with the engine's state of it (set in ``Engine.submit_all``)."""
+
+    row: Row
