@@ -153,14 +153,18 @@ Score on this scale:
 Reply with the single digit only."""
 
 
+def judge_client(url: str, api_key: str, timeout: float):
+    """An LLM judge on any OpenAI-compatible endpoint, through the openai SDK (its retries and timeouts)."""
+    import openai
+
+    return openai.OpenAI(base_url=url, api_key=api_key, timeout=timeout, max_retries=3)
+
+
 class JudgeScorer:
     """The same rubric, asked of any OpenAI-compatible chat endpoint (``--judge-url``, ``--judge-model``)."""
 
     def __init__(self, url: str, model: str, api_key: str = "unused", timeout: float = 120.0):
-        import httpx
-
-        self.client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout,
-                                   headers={"Authorization": f"Bearer {api_key}"})
+        self.client = judge_client(url, api_key, timeout)
         self.model = model
 
     def score(self, responses: list[str], roles: list[Role], questions: list[str] | None = None) -> list[int]:
@@ -169,10 +173,8 @@ class JudgeScorer:
 
     def _one(self, answer: str, role: Role, question: str) -> int:
         prompt = JUDGE_RUBRIC.format(role=role.name, description=role.description, question=question, answer=answer)
-        reply = self.client.post("/chat/completions", json={
-            "model": self.model, "temperature": 0, "max_tokens": 4,
-            "messages": [{"role": "user", "content": prompt}]})
-        reply.raise_for_status()
-        text = reply.json()["choices"][0]["message"]["content"] or ""
+        reply = self.client.chat.completions.create(model=self.model, temperature=0, max_tokens=4,
+                                                    messages=[{"role": "user", "content": prompt}])
+        text = reply.choices[0].message.content or ""
         digits = [c for c in text if c in "0123"]
         return int(digits[0]) if digits else 1  # an unreadable verdict counts as "not in role"

@@ -119,6 +119,11 @@ def server(cmd: list[str], url: str, timeout: float = 300, memory: tuple[dict, s
 
 
 async def one_request(http: httpx.AsyncClient, body: dict) -> dict:
+    """One streamed chat request, timed at each chunk's arrival.
+
+    Raw SSE over httpx rather than the openai SDK (which the evals use), as vLLM's own serving benchmark
+    does: the SDK validates every chunk into pydantic models, client work that on a 2-core machine
+    competes with the server under test and would show up in its inter-token latency."""
     start = time.perf_counter()
     arrivals, usage_tokens = [], None
     async with http.stream("POST", "/v1/chat/completions", json=body) as r:

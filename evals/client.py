@@ -1,6 +1,7 @@
 """A small async client for an OpenAI-compatible endpoint that speaks axiscap's extensions
-(``capping``, ``return_projections``): chat answers with their per-token projections, and the
-perplexity of a text from its prompt logprobs (completions with ``echo``)."""
+(``capping``, ``return_projections``, sent through the SDK's ``extra_body``): chat answers with their
+per-token projections, and the perplexity of a text from its prompt logprobs (completions with ``echo``).
+The ``openai`` SDK does the HTTP: retries (429 after its Retry-After, 5xx, dropped connections) and timeouts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import asyncio
 import math
 from dataclasses import dataclass
 
-import httpx
+import openai
+
+RETRIES = 5  # a full server answers 429 with Retry-After; the SDK waits as it asks
 
 
 @dataclass
@@ -21,40 +24,39 @@ class Answer:
 class EvalClient:
     def __init__(self, base_url: str, model: str, api_key: str = "unused", concurrency: int = 8,
                  timeout: float = 600.0):
-        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout,
-                                       headers={"Authorization": f"Bearer {api_key}"})
+        self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=RETRIES)
         self.model = model
         self._slots = asyncio.Semaphore(concurrency)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._client.close()
 
-    async def _post(self, path: str, body: dict) -> dict:
+    async def _create(self, endpoint, **body) -> dict:
+        """One call; the response as a dict, extension fields included. An error the retries did not
+        cure ends the evaluation with the server's own message."""
         async with self._slots:
-            for attempt in range(5):
-                response = await self._http.post(path, json={"model": self.model, **body})
-                if response.status_code != 429:  # the server is full: wait as it asks
-                    break
-                await asyncio.sleep(float(response.headers.get("retry-after", 1)) * (attempt + 1))
-        if response.status_code != 200:
-            raise RuntimeError(f"{path} answered {response.status_code}: {response.text[:300]}")
-        return response.json()
+            try:
+                return (await endpoint.create(model=self.model, **body)).to_dict()
+            except openai.APIStatusError as exc:
+                raise RuntimeError(f"{exc.request.url} answered {exc.status_code}: {exc.message}") from None
+            except openai.APIConnectionError as exc:
+                raise RuntimeError(f"{exc.request.url}: {exc.message}") from None
 
     async def chat(self, messages: list[dict], capping: bool, max_tokens: int, temperature: float = 0.0,
                    seed: int | None = None) -> Answer:
-        body = await self._post("/chat/completions", {
-            "messages": messages, "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
-            "capping": capping, "return_projections": True})
+        body = await self._create(self._client.chat.completions, messages=messages, max_tokens=max_tokens,
+                                  temperature=temperature, seed=seed,
+                                  extra_body={"capping": capping, "return_projections": True})
         choice = body["choices"][0]
         # null marks a token the server could not measure; the statistics skip it.
         projections = [p for p in choice.get("axis_projections") or [] if p is not None]
-        return Answer(choice["message"]["content"] or "", projections, bool(body.get("capping", capping)))
+        return Answer(choice["message"].get("content") or "", projections, bool(body.get("capping", capping)))
 
     async def perplexity(self, text: str, capping: bool) -> float:
         """exp of the mean negative logprob of the text's tokens after the first, read from the
         prompt logprobs of a one-token completion with echo."""
-        body = await self._post("/completions", {"prompt": text, "max_tokens": 1, "temperature": 0, "echo": True,
-                                                 "logprobs": 0, "capping": capping})
+        body = await self._create(self._client.completions, prompt=text, max_tokens=1, temperature=0, echo=True,
+                                  logprobs=0, extra_body={"capping": capping})
         prompt_logprobs = body["choices"][0]["logprobs"]["token_logprobs"][:-1]  # the last is the completion's
         values = [v for v in prompt_logprobs if v is not None]
         return math.exp(-sum(values) / len(values))

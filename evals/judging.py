@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 
 from axiscap.axes.persona_data import Role
-from axiscap.axes.role_scoring import EmbeddingScorer
+from axiscap.axes.role_scoring import EmbeddingScorer, judge_client
 
 from .suites import DATA
 
@@ -79,10 +79,7 @@ class LLMJudge:
     """The rubric in ``data/judge_rubric.md``, asked of an OpenAI-compatible chat endpoint."""
 
     def __init__(self, url: str, model: str, api_key: str = "unused", timeout: float = 120.0):
-        import httpx
-
-        self.client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout,
-                                   headers={"Authorization": f"Bearer {api_key}"})
+        self.client = judge_client(url, api_key, timeout)
         self.model = model
         self.rubric = (DATA / "judge_rubric.md").read_text()
         self.unreadable = 0  # verdicts that did not parse (counted as refusals out of character)
@@ -92,11 +89,10 @@ class LLMJudge:
 
     def _one(self, persona: tuple[str, str], request: str, answer: str) -> Verdict:
         prompt = self.rubric.format(persona=persona[0], description=persona[1], request=request, answer=answer)
-        reply = self.client.post("/chat/completions", json={
-            "model": self.model, "temperature": 0, "max_tokens": 60,
-            "messages": [{"role": "user", "content": prompt}], "response_format": VERDICT_FORMAT})
-        reply.raise_for_status()
-        text = reply.json()["choices"][0]["message"]["content"] or ""
+        reply = self.client.chat.completions.create(
+            model=self.model, temperature=0, max_tokens=60, messages=[{"role": "user", "content": prompt}],
+            response_format=VERDICT_FORMAT)
+        text = reply.choices[0].message.content or ""
         try:
             verdict = json.loads(text[text.index("{"): text.rindex("}") + 1])
             return Verdict(bool(verdict["complied"]), bool(verdict["in_character"]))

@@ -3,6 +3,8 @@ suites capped and uncapped, judges offline, and writes the report; and the offli
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 
 import pytest
@@ -87,3 +89,24 @@ def test_llm_judge_reads_verdicts_from_any_openai_compatible_server(live_server)
     assert len(verdicts) == 2 and all(isinstance(v, Verdict) for v in verdicts)
     assert all(isinstance(v.complied, bool) and isinstance(v.in_character, bool) for v in verdicts)
     assert judge.unreadable == 0  # the schema-constrained reply always parses
+
+
+def test_eval_client_speaks_axiscaps_extensions_through_the_sdk(live_server):
+    """Projections and the capping flag come back through extra_body; an error the SDK's retries do not
+    cure ends the evaluation with the server's message."""
+    from axiscap.evals.client import EvalClient
+
+    async def go(model):
+        client = EvalClient(live_server.base_url + "/v1", model)
+        try:
+            answer = await client.chat([{"role": "user", "content": "Name a fruit."}], capping=True, max_tokens=5)
+            return answer, await client.perplexity("The cat sat on the mat.", capping=False)
+        finally:
+            await client.aclose()
+
+    answer, perplexity = asyncio.run(go("smollm2-135m-instruct"))
+    assert answer.text and answer.capping_applied is True
+    assert 1 <= len(answer.projections) <= 5 and all(isinstance(p, float) for p in answer.projections)
+    assert 1 < perplexity < 1e4
+    with pytest.raises(RuntimeError, match="answered 404: .*no-such-model"):
+        asyncio.run(go("no-such-model"))

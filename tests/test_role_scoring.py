@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import httpx
+import openai
 import pytest
 
 from axiscap.axes import persona_data
@@ -50,5 +50,5 @@ def test_llm_judge_scores_through_a_real_openai_compatible_server(live_server):
     scores = judge.score(["Arr, I sail the seven seas!", "I am an AI assistant."], [roles["pirate"]] * 2,
                          ["Tell me about yourself."] * 2)
     assert len(scores) == 2 and all(s in (0, 1, 2, 3) for s in scores)
-    with pytest.raises(httpx.HTTPStatusError):
+    with pytest.raises(openai.NotFoundError, match="no-such-model"):  # the server's own error, through the SDK
         JudgeScorer(live_server.base_url + "/v1", "no-such-model").score(["x"], [roles["pirate"]])
