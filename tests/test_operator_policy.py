@@ -97,12 +97,27 @@ def test_memory_limits_answer_400_before_queueing(smollm2, smollm2_axis):
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] > 0
 
 
-def test_health_is_503_once_the_engine_is_dead(smollm2, smollm2_axis):
+class _ThreadKiller(BaseException):
+    """Escapes the engine loop's ``except Exception``, as a crash of the thread itself would."""
+
+
+def test_health_is_503_once_the_engine_is_dead(smollm2, smollm2_axis, monkeypatch):
     with server(smollm2, smollm2_axis) as live:
+        engine = live.state.engine
         assert httpx.get(live.base_url + "/health").json()["status"] == "ok"
-        live.state.engine.stop()  # as if the engine thread had died
+
+        def crash():
+            raise _ThreadKiller()
+
+        monkeypatch.setattr(engine, "_drop_ended", crash)  # the thread's next iteration dies
+        with engine.scheduler.lock:
+            engine.scheduler.waiting.append(object())  # work, so that the thread wakes up
+            engine.scheduler.lock.notify()
+        engine._thread.join(timeout=30)
+        assert not engine._thread.is_alive() and not engine._stopping  # died, not stopped
         r = httpx.get(live.base_url + "/health")
         assert r.status_code == 503 and r.json()["status"] == "unavailable"
+        engine.scheduler.waiting.clear()
 
 
 def test_protect_metrics_without_a_scrape_credential_refuses_to_start():
