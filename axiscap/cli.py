@@ -19,7 +19,8 @@ from axiscap.steering import AxisFileError
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from axiscap.server.app import create_app, load_state, uvicorn_config
+    from axiscap.server.app import create_app, uvicorn_config
+    from axiscap.server.state import load_state
 
     settings = Settings(**cli_overrides(args))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

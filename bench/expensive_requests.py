@@ -72,7 +72,8 @@ async def measure(base_url: str) -> list[dict]:
 
 def main() -> None:
     from axiscap.axes import axis_for
-    from axiscap.server.app import create_app, load_state, serve_in_background
+    from axiscap.server.app import create_app, serve_in_background
+    from axiscap.server.state import load_state
     from axiscap.server.config import Settings
 
     settings = Settings()

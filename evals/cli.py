@@ -44,7 +44,8 @@ def add_parser(commands) -> None:
 def local_server(model: str, axis_path: Path | None, device: str):
     """A real axiscap server on a free loopback port, in this process; yields its API's base URL."""
     from axiscap.axes import axis_for
-    from axiscap.server.app import create_app, load_state, serve_in_background
+    from axiscap.server.app import create_app, serve_in_background
+    from axiscap.server.state import load_state
     from axiscap.server.config import Settings
 
     settings = Settings(model=model, device=device, max_waiting=1024, log_level="warning")

@@ -18,11 +18,11 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator,
                       model_serializer, model_validator)
 
-from .engines import MAX_LOGPROBS
 
 # A seed is handed to torch.Generator.manual_seed, which takes a 64-bit value: bound it as vLLM does.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_MESSAGES = 512  # a chat longer than this is refused before its template is rendered
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI bounds top_logprobs
 _TOKEN_ID = re.compile(r"-?[0-9]+")
 
 

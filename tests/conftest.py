@@ -55,7 +55,8 @@ def assert_openai_error(response, status: int, param=...) -> dict:
 @contextmanager
 def server(smollm2, smollm2_axis, **overrides):
     """A live server with its own settings (short completions unless told otherwise)."""
-    from axiscap.server.app import build_state, create_app, serve_in_background
+    from axiscap.server.app import create_app, serve_in_background
+    from axiscap.server.state import build_state
     from axiscap.server.config import Settings
 
     state = build_state(Settings(**{"default_max_tokens": 16, **overrides}), smollm2, smollm2_axis)

@@ -322,14 +322,14 @@ def test_metrics_move_after_requests(live_server, client):
     assert rejected == sample(after, "axiscap_rejected_requests_total", status="400") + 1
 
 
-@pytest.mark.parametrize("path, method, body", [
-    ("/v1/chat/completions", "chat_prompt_ids", {"messages": [{"role": "user", "content": "hi " * 9000}]}),
-    ("/v1/completions", "completion_prompt_ids", {"prompt": "x" * 200_000}),
-    ("/tokenize", "tokenize", {"prompt": "x" * 200_000}),
+@pytest.mark.parametrize("path, family, method, body", [
+    ("/v1/chat/completions", "chat", "chat_prompt_ids", {"messages": [{"role": "user", "content": "hi " * 9000}]}),
+    ("/v1/completions", "completion", "completion_prompt_ids", {"prompt": "x" * 200_000}),
+    ("/tokenize", "tokenization", "tokenize", {"prompt": "x" * 200_000}),
 ], ids=["chat", "completions", "tokenize"])
-def test_prompts_are_tokenized_off_the_event_loop(live_server, monkeypatch, path, method, body):
+def test_prompts_are_tokenized_off_the_event_loop(live_server, monkeypatch, path, family, method, body):
     # A megabyte of prompt takes the tokenizer a second; on the event loop every stream would stall.
-    serving, on_loop = live_server.state.serving, []
+    serving, on_loop = getattr(live_server.state, family), []
     monkeypatch.setattr(serving, method, noting_the_event_loop(getattr(serving, method), on_loop))
     response = httpx.post(live_server.base_url + path, json={"model": MODEL, "max_tokens": 1, **body}, timeout=120)
     assert on_loop == [False]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -326,6 +327,15 @@ def test_the_image_builds_from_its_own_build_context(tmp_path):
     wheel = next(wheels.glob("axiscap-*.whl"))
     target = tmp_path / "site"
     run(sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel))
+    # Every package of the source tree is in the wheel (pyproject lists them one by one).
+    installed = {str(p.parent.relative_to(target)) for p in target.glob("axiscap/**/__init__.py")}
+    top = {"server": "axiscap/server", "steering": "axiscap/steering", "axes": "axiscap/axes", "evals": "axiscap/evals",
+           "axiscap": "axiscap"}
+    for init in context.glob("*/**/__init__.py"):
+        folder = init.parent.relative_to(context)
+        if folder.parts[0] not in top:  # pip's own build/ folder
+            continue
+        assert str(pathlib.PurePosixPath(top[folder.parts[0]], *folder.parts[1:])) in installed, folder
     probe = ("import sys; sys.path.insert(0, sys.argv[1]); import axiscap.cli, axiscap.evals.suites; "
              "from axiscap.axes import axis_for; print(axiscap.cli.__file__, axis_for('smollm2-135m-instruct', None))")
     out = run(sys.executable, "-c", probe, str(target)).stdout

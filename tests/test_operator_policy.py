@@ -101,6 +101,7 @@ class _ThreadKiller(BaseException):
     """Escapes the engine loop's ``except Exception``, as a crash of the thread itself would."""
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the crash is the point
 def test_health_is_503_once_the_engine_is_dead(smollm2, smollm2_axis, monkeypatch):
     with server(smollm2, smollm2_axis) as live:
         engine = live.state.engine

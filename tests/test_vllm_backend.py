@@ -40,7 +40,8 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def vllm_server():
-    from axiscap.server.app import build_vllm_state, create_app, serve_in_background
+    from axiscap.server.app import create_app, serve_in_background
+    from axiscap.server.state import build_vllm_state
     from axiscap.server.config import Settings
 
     settings = Settings(backend="vllm", dtype="float32", max_model_len=1024, gpu_memory_utilization=0.5,

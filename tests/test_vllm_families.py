@@ -68,7 +68,8 @@ def assert_bf16_agrees(got: tuple[list[str], list[float]], want: tuple[list[str]
 
 
 def assert_vllm_matches_the_hooks(family: str, tmp_path, tokenizer, dtype: str = "float32", **vllm_settings):
-    from axiscap.server.app import build_vllm_state, create_app, serve_in_background
+    from axiscap.server.app import create_app, serve_in_background
+    from axiscap.server.state import build_vllm_state
     from axiscap.server.config import Settings
     from axiscap.server.engines.hf.model_loading import load_model
     from axiscap.steering import load_axis, save_axis

@@ -1,7 +1,7 @@
 """The engines behind one interface (``base.EngineClient``), apart from the HTTP layer."""
 
-from .base import (LOGPROB_FLOOR, MAX_LOGPROBS, Delta, DoesNotFit, EngineClient, GrammarError, Logprob, QueueFull,
+from .base import (LOGPROB_FLOOR, Delta, DoesNotFit, EngineClient, GrammarError, Logprob, QueueFull,
                    Request, SamplingParams, ServedModel, StatLogger, StepStats)
 
-__all__ = ["LOGPROB_FLOOR", "MAX_LOGPROBS", "Delta", "DoesNotFit", "EngineClient", "GrammarError", "Logprob",
+__all__ = ["LOGPROB_FLOOR", "Delta", "DoesNotFit", "EngineClient", "GrammarError", "Logprob",
            "QueueFull", "Request", "SamplingParams", "ServedModel", "StatLogger", "StepStats"]

@@ -17,7 +17,6 @@ from typing import Protocol
 
 from transformers import PreTrainedTokenizerBase
 
-MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI bounds top_logprobs
 # Every finish_reason an engine reports; the first two end a completion the client asked for.
 FINISH_REASONS = ("stop", "length", "cancelled", "timeout", "error")
 FINISHED_GENERATING = FINISH_REASONS[:2]

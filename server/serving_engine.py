@@ -1,4 +1,6 @@
-"""Serving logic behind the routes: prompts, budgets, engine submission and response shapes."""
+"""What every OpenAI endpoint family shares: the model's tokenizer and limits, request checks, engine
+submission, and streamed or whole responses. One subclass per family beside it (``serving_chat``,
+``serving_completion``, ``serving_tokenization``, ``serving_models``), as vLLM lays its serving out."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import functools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import Request as HTTPRequest
@@ -19,11 +20,7 @@ from .chat_template import ChatTemplateError, chat_prompt_ids
 from .config import Settings
 from .engines import (Delta, DoesNotFit, EngineClient, GrammarError, Logprob, QueueFull, Request,
                       SamplingParams, ServedModel)
-from .protocol import (APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
-                       ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatMessage, ChatTokenLogprob, Completion,
-                       CompletionChoice, CompletionLogprobs, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
-                       ModelCard, ModelList, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse,
-                       TopLogprob, Usage, VersionResponse, _GenerationBody, error_body, new_id, now)
+from .protocol import (APIError, ChatMessage, CompletionRequest, Usage, _GenerationBody, error_body, new_id, now)
 
 _END_ERRORS = {
     "error": ("generation failed on the server", "server_error", 500),
@@ -32,7 +29,7 @@ _END_ERRORS = {
 
 
 @dataclass
-class _ChoiceText:
+class ChoiceText:
     """One choice's output so far: what a non-stream response holds, or one stream chunk's share."""
 
     index: int
@@ -53,7 +50,7 @@ class _ChoiceText:
         self.finish_reason = delta.finish_reason
 
 
-class _Shape:
+class Shape:
     """What differs between /v1/chat/completions and /v1/completions: the response types."""
 
     id_prefix = ""
@@ -61,87 +58,14 @@ class _Shape:
     def __init__(self, serving: OpenAIServing, body: _GenerationBody, prompt_ids: list[int]):
         self.serving, self.body, self.prompt_ids = serving, body, prompt_ids
 
-    def choice(self, out: _ChoiceText, first: bool, streaming: bool):
+    def choice(self, out: ChoiceText, first: bool, streaming: bool):
         raise NotImplementedError
 
     def response(self, streaming: bool, **fields):
         raise NotImplementedError
 
-    def _extras(self, out: _ChoiceText) -> dict[str, Any]:
+    def _extras(self, out: ChoiceText) -> dict[str, Any]:
         return {"axis_projections": out.projections} if self.body.return_projections else {}
-
-
-class ChatShape(_Shape):
-    id_prefix = "chatcmpl"
-
-    def choice(self, out: _ChoiceText, first: bool, streaming: bool):
-        logprobs = None
-        if self.body.logprobs:
-            logprobs = ChatLogprobs(content=[self._token_logprob(lp) for lp in out.logprobs])
-        if streaming:
-            delta = ChatDelta(role="assistant", content=out.text) if first else \
-                (ChatDelta(content=out.text) if out.text else ChatDelta())
-            return ChatChunkChoice(index=out.index, delta=delta, logprobs=logprobs, finish_reason=out.finish_reason,
-                                   **self._extras(out))
-        return ChatChoice(index=out.index, message=AssistantMessage(content=out.text), logprobs=logprobs,
-                          finish_reason=out.finish_reason, **self._extras(out))
-
-    def _token_logprob(self, lp: Logprob) -> ChatTokenLogprob:
-        token = self.serving.token_text
-        top = [TopLogprob(token=token(i), logprob=v, bytes=list(token(i).encode())) for i, v in lp.top]
-        return ChatTokenLogprob(token=token(lp.token_id), logprob=lp.logprob, bytes=list(token(lp.token_id).encode()),
-                                top_logprobs=top)
-
-    def response(self, streaming: bool, **fields):
-        return (ChatCompletionChunk if streaming else ChatCompletion)(**fields)
-
-
-class CompletionShape(_Shape):
-    """Legacy completions; ``echo`` puts the prompt (and its logprobs) before the completion."""
-
-    id_prefix = "cmpl"
-
-    def __init__(self, serving: OpenAIServing, body: _GenerationBody, prompt_ids: list[int]):
-        super().__init__(serving, body, prompt_ids)
-        self._offsets: dict[int, int] = {}  # per choice, characters sent so far (logprobs' text_offset)
-
-    def prompt_text(self) -> str:
-        prompt = self.body.prompt
-        return prompt if isinstance(prompt, str) else self.serving.tokenizer.decode(self.prompt_ids)
-
-    def choice(self, out: _ChoiceText, first: bool, streaming: bool):
-        text, logprobs = out.text, None
-        if self.body.echo and first:
-            text = self.prompt_text() + text
-        if self.body.logprobs is not None:
-            entries = list(out.prompt_logprobs or []) if self.body.echo and first else []
-            entries += out.logprobs
-            logprobs = self._logprobs(out.index, entries, first)
-        return CompletionChoice(index=out.index, text=text, logprobs=logprobs, finish_reason=out.finish_reason,
-                                **self._extras(out))
-
-    def _logprobs(self, index: int, entries: list[Logprob | None], first: bool) -> CompletionLogprobs:
-        token = self.serving.token_text
-        ids = self.prompt_ids if self.body.echo and first else []
-        offset = self._offsets.get(index, 0)
-        tokens, values, tops, offsets = [], [], [], []
-        for k, entry in enumerate(entries):
-            text = token(entry.token_id) if entry is not None else token(ids[k])
-            tokens.append(text)
-            offsets.append(offset)
-            offset += len(text)
-            if entry is None:  # the prompt's first token: nothing predicts it
-                values.append(None)
-                tops.append(None)
-                continue
-            values.append(entry.logprob)
-            # As OpenAI and vLLM: the top alternatives and the chosen token, so up to logprobs + 1.
-            tops.append({token(i): v for i, v in [*entry.top, (entry.token_id, entry.logprob)]})
-        self._offsets[index] = offset
-        return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
-
-    def response(self, streaming: bool, **fields):
-        return Completion(**fields)
 
 
 class OpenAIServing:
@@ -153,10 +77,17 @@ class OpenAIServing:
         # A token's own text, as logprobs name it (vLLM decodes each id alone too).
         self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda i: self.tokenizer.decode([i]))
 
-    def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.served.name, created=self.created)])
+    # --- checks and prompts ------------------------------------------------------------------
 
-    # --- prompts ----------------------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.served.name:
+            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.served.name}'",
+                           param="model", code="model_not_found")
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.served.vocab_size  # the embedding's rows: any other id cannot be looked up
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"token ids must lie in 0..{vocab - 1}", param=param)
 
     def chat_prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         rendered = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
@@ -164,45 +95,6 @@ class OpenAIServing:
             return chat_prompt_ids(self.tokenizer, rendered, add_generation_prompt)
         except ChatTemplateError as exc:
             raise APIError(400, str(exc), param="messages") from None
-
-    def completion_prompt_ids(self, body: CompletionRequest) -> list[int]:
-        if isinstance(body.prompt, list):
-            self._check_token_ids(body.prompt, "prompt")
-            return list(body.prompt)
-        return self.tokenizer(body.prompt, add_special_tokens=True)["input_ids"]
-
-    def _check_token_ids(self, ids: list[int], param: str) -> None:
-        vocab = self.served.vocab_size  # the embedding's rows: any other id cannot be looked up
-        if any(not 0 <= t < vocab for t in ids):
-            raise APIError(400, f"token ids must lie in 0..{vocab - 1}", param=param)
-
-    # --- tokenizer endpoints (vLLM's) -------------------------------------------------------
-
-    def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.served.name:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.served.name}'",
-                           param="model", code="model_not_found")
-
-    def tokenize(self, body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
-        self._check_model(body.model)
-        if isinstance(body, TokenizeChatRequest):
-            ids = self.chat_prompt_ids(body.messages, body.add_generation_prompt)
-        else:
-            ids = self.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
-        strs = self.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
-        return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids, token_strs=strs)
-
-    def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
-        self._check_model(body.model)
-        self._check_token_ids(body.tokens, "tokens")
-        return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
-
-    @staticmethod
-    def version() -> VersionResponse:
-        try:
-            return VersionResponse(version=version("axiscap"))
-        except PackageNotFoundError:  # run from a source tree that was never installed
-            return VersionResponse(version="0+unknown")
 
     # --- submission ---------------------------------------------------------------------------
 
@@ -215,7 +107,7 @@ class OpenAIServing:
 
     def sampling_params(self, body: _GenerationBody, prompt_ids: list[int]) -> SamplingParams:
         """Check the request against this server and model; the per-choice parameters."""
-        self._check_model(body.model)
+        self.check_model(body.model)
         if body.return_projections and not self.settings.allow_projections:
             raise APIError(403, "this server does not return axis projections", type="permission_error",
                            param="return_projections", code="projections_disabled")
@@ -238,7 +130,7 @@ class OpenAIServing:
             raise APIError(400, f"min_tokens ({body.min_tokens}) is above max_tokens ({max_tokens})",
                            param="min_tokens")
         bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
-        self._check_token_ids(list(bias), "logit_bias")
+        self.check_token_ids(list(bias), "logit_bias")
         echo_logprobs = isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None
         if echo_logprobs and body.n * len(prompt_ids) > self.settings.max_prompt_logprobs_tokens:
             raise APIError(400, f"echo with logprobs on {body.n} choice(s) of a {len(prompt_ids)}-token prompt asks "
@@ -272,7 +164,7 @@ class OpenAIServing:
 
     # --- responses ----------------------------------------------------------------------------
 
-    async def respond(self, shape: _Shape, http: HTTPRequest):
+    async def respond(self, shape: Shape, http: HTTPRequest):
         body, prompt_ids = shape.body, shape.prompt_ids
         params = self.sampling_params(body, prompt_ids)
         requests = await self.submit(body, prompt_ids, params)
@@ -280,13 +172,13 @@ class OpenAIServing:
             return EventSourceResponse(self._stream(shape, requests), ping=15)
         return await self._full(shape, requests, http)
 
-    def _envelope(self, shape: _Shape, rid: str, created: int, capping: bool) -> dict[str, Any]:
+    def _envelope(self, shape: Shape, rid: str, created: int, capping: bool) -> dict[str, Any]:
         envelope = {"id": rid, "created": created, "model": self.served.name, "capping": capping}
         if shape.body.capping is not None and shape.body.capping != capping:  # the operator's policy overrode it
             envelope["capping_overridden"] = True
         return envelope
 
-    async def _stream(self, shape: _Shape, requests: list[Request]) -> AsyncIterator[str]:
+    async def _stream(self, shape: Shape, requests: list[Request]) -> AsyncIterator[str]:
         body = shape.body
         rid, created, capping = new_id(shape.id_prefix), now(), requests[0].params.capping
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -298,7 +190,7 @@ class OpenAIServing:
                     yield json.dumps(error_body(message, kind))
                     break  # still ends with [DONE], so clients waiting for it stop reading
                 n_generated += len(delta.token_ids)
-                out = _ChoiceText(index)
+                out = ChoiceText(index)
                 out.add(delta)
                 choice = shape.choice(out, index not in started, streaming=True)
                 started.add(index)
@@ -316,7 +208,7 @@ class OpenAIServing:
             for request in requests:
                 request.cancel()
 
-    async def _full(self, shape: _Shape, requests: list[Request], http: HTTPRequest) -> JSONResponse:
+    async def _full(self, shape: Shape, requests: list[Request], http: HTTPRequest) -> JSONResponse:
         collected = asyncio.ensure_future(asyncio.gather(*(_collect(i, r) for i, r in enumerate(requests))))
         gone = asyncio.ensure_future(_wait_for_disconnect(http))
         try:
@@ -331,7 +223,7 @@ class OpenAIServing:
                 collected.add_done_callback(lambda f: f.cancelled() or f.exception())
         if not collected.done() or collected.cancelled():
             return JSONResponse(error_body("client closed the request", "invalid_request_error"), status_code=499)
-        outs: list[_ChoiceText] = collected.result()
+        outs: list[ChoiceText] = collected.result()
         for out in outs:
             if out.finish_reason in _END_ERRORS:
                 # Not an APIError: the engine counted this request by its finish reason already, and a
@@ -375,8 +267,8 @@ async def _merged(requests: list[Request]) -> AsyncIterator[tuple[int, Delta]]:
             task.cancel()
 
 
-async def _collect(index: int, request: Request) -> _ChoiceText:
-    out = _ChoiceText(index)
+async def _collect(index: int, request: Request) -> ChoiceText:
+    out = ChoiceText(index)
     async for delta in request.deltas():
         out.add(delta)
     return out

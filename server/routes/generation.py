@@ -1,0 +1,20 @@
+"""POST /v1/chat/completions and /v1/completions."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from ..auth import require_api_key
+from ..protocol import ChatCompletionRequest, CompletionRequest
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, http: Request):
+    return await http.app.state.axiscap.chat.create(body, http)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, http: Request):
+    return await http.app.state.axiscap.completion.create(body, http)
