@@ -10,8 +10,8 @@ class ChatTemplateError(ValueError):
     """The model's chat template refuses these messages."""
 
 
-def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
-                    add_generation_prompt: bool = True) -> list[int]:
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
     """Render ``messages`` with the model's chat template, ready for the assistant's turn (unless
     ``add_generation_prompt`` is off).
 
@@ -22,7 +22,7 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str,
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant:" if add_generation_prompt else "")
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     render = lambda ms: tokenizer.apply_chat_template(  # noqa: E731
-        ms, tokenize=False, add_generation_prompt=add_generation_prompt)
+        ms, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
     try:
         text = render(messages)
     except TemplateError as exc:
@@ -30,7 +30,7 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str,
             raise ChatTemplateError(f"the chat template rejected these messages: {exc}") from None
         system, first, *rest = messages
         try:
-            text = render([{"role": first["role"], "content": f"{system['content']}\n\n{first['content']}"}, *rest])
+            text = render([{**first, "content": f"{system['content']}\n\n{first['content']}"}, *rest])
         except TemplateError as exc:
             raise ChatTemplateError(f"the chat template rejected these messages: {exc}") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     max_prompt_logprobs_tokens: int = Field(
         4096, ge=1, description="n x prompt tokens a completions request with echo and logprobs may ask logprobs "
                                 "for; each costs the output head over the whole vocabulary")
+    tool_call_parser: Literal["hermes", "llama3_json"] = Field(
+        "hermes", description="how tool calls are found in output under tool_choice auto, as vLLM's flag: hermes "
+                              "(<tool_call> JSON; Hermes, Qwen 2/3, and models whose template has no tool syntax, "
+                              "which are told the hermes form) or llama3_json (Llama 3.x)")
     cache_dir: Path = Field(Path.home() / ".cache" / "axiscap",
                             description="where the de-quantized default model is kept (default ~/.cache/axiscap)")
     log_level: str = Field("info", description="debug, info, warning")

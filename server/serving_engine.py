@@ -21,6 +21,7 @@ from .config import Settings
 from .engines import (Delta, DoesNotFit, EngineClient, GrammarError, Logprob, QueueFull, Request,
                       SamplingParams, ServedModel)
 from .protocol import (APIError, ChatMessage, CompletionRequest, Usage, _GenerationBody, error_body, new_id, now)
+from .tool_calling import render_messages, template_knows_tools
 
 _END_ERRORS = {
     "error": ("generation failed on the server", "server_error", 500),
@@ -89,10 +90,16 @@ class OpenAIServing:
         if any(not 0 <= t < vocab for t in ids):
             raise APIError(400, f"token ids must lie in 0..{vocab - 1}", param=param)
 
-    def chat_prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        rendered = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    def chat_prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                        tools: list[dict] | None = None) -> list[int]:
+        """The chat template's rendering of ``messages``, with ``tools`` where the request offers them."""
+        openai_messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+                            **({"tool_calls": [c.model_dump() for c in m.tool_calls]} if m.tool_calls else {}),
+                            **({"tool_call_id": m.tool_call_id} if m.tool_call_id else {})} for m in messages]
+        native = template_knows_tools(self.tokenizer.chat_template)
+        rendered = render_messages(openai_messages, tools, native)
         try:
-            return chat_prompt_ids(self.tokenizer, rendered, add_generation_prompt)
+            return chat_prompt_ids(self.tokenizer, rendered, add_generation_prompt, tools if native else None)
         except ChatTemplateError as exc:
             raise APIError(400, str(exc), param="messages") from None
 

@@ -34,7 +34,7 @@ def test_the_openapi_document_describes_every_body(fuzzed_server):
         body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert body["$ref"].split("/")[-1] in document["components"]["schemas"]
     chat = document["components"]["schemas"]["ChatCompletionRequest"]
-    assert {"messages", "capping", "return_projections", "seed"} <= set(chat["properties"])
+    assert {"messages", "capping", "return_projections", "seed", "tools", "tool_choice"} <= set(chat["properties"])
 
 
 def test_fuzzed_requests_never_get_a_5xx_or_a_non_openai_error(api_schema, fuzzed_server):

@@ -9,6 +9,7 @@ test`` sets it for the run in its vLLM environment), so CI cannot pass by skippi
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -266,6 +267,21 @@ def test_min_tokens_past_the_end_of_a_grammar_is_served(vllm_server):
                                                   "json_schema": {"name": "b", "schema": {"type": "boolean"}}}}
     response = httpx.post(f"{vllm_server.base_url}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 200, response.text
+
+
+def test_a_forced_tool_call_fits_its_schema_here_too(vllm_server):
+    """tool_choice with a named function or "required" constrains vLLM's sampling with the functions' schema."""
+    add = {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}}}
+    for choice in ({"type": "function", "function": {"name": "add"}}, "required"):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "What is 2 plus 3?"}], "max_tokens": 40,
+                "temperature": 0, "tools": [add], "tool_choice": choice, "parallel_tool_calls": False}
+        response = httpx.post(f"{vllm_server.base_url}/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        choice_out = response.json()["choices"][0]
+        assert choice_out["finish_reason"] == "tool_calls"
+        (call,) = choice_out["message"]["tool_calls"]
+        assert call["function"]["name"] == "add" and set(json.loads(call["function"]["arguments"])) == {"a", "b"}
 
 
 def test_queue_bound_answers_429_with_retry_after(vllm_server):
