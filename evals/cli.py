@@ -33,6 +33,8 @@ def add_parser(commands) -> None:
     ev.add_argument("--quick", action="store_true", help="a few items per suite (CI, smoke runs)")
     ev.add_argument("--max-tokens", type=int, default=96, help="tokens per answer (default 96)")
     ev.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    ev.add_argument("--api", choices=["chat", "responses"], default="chat",
+                    help="ask through /v1/chat/completions (default) or /v1/responses")
     ev.add_argument("--judge-url", help="judge jailbreak answers with an LLM at this OpenAI-compatible base URL "
                                         "(default: the offline classifier and role scorer)")
     ev.add_argument("--judge-model", default="gpt-4o-mini", help="the judge's model name")
@@ -79,7 +81,7 @@ def evaluate(url: str, args) -> Path:
     started = time.monotonic()
 
     async def go():
-        client = EvalClient(url, args.model, args.api_key, args.concurrency)
+        client = EvalClient(url, args.model, args.api_key, args.concurrency, api=args.api)
         try:
             return await run_all(client, cfg, judge)
         finally:
@@ -87,7 +89,8 @@ def evaluate(url: str, args) -> Path:
 
     results = asyncio.run(go())
     meta = {"model": args.model, "endpoint": url if args.url else "a local server on the embedded model",
-            "judge": judge_name, "judge_validation": validation, "quick": args.quick, "max_tokens": args.max_tokens,
+            "judge": judge_name, "judge_validation": validation, "api": args.api, "quick": args.quick,
+            "max_tokens": args.max_tokens,
             "wall_seconds": time.monotonic() - started, "monitor_tau": info.get("monitor_tau"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"}
     return write_report(args.out, results, meta)

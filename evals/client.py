@@ -22,10 +22,14 @@ class Answer:
 
 
 class EvalClient:
+    """``api``: "chat" asks through /v1/chat/completions, "responses" through /v1/responses (the same
+    conversations, so the report shows both APIs cap alike)."""
+
     def __init__(self, base_url: str, model: str, api_key: str = "unused", concurrency: int = 8,
-                 timeout: float = 600.0):
+                 timeout: float = 600.0, api: str = "chat"):
         self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=RETRIES)
         self.model = model
+        self.api = api
         self._slots = asyncio.Semaphore(concurrency)
 
     async def aclose(self) -> None:
@@ -44,6 +48,14 @@ class EvalClient:
 
     async def chat(self, messages: list[dict], capping: bool, max_tokens: int, temperature: float = 0.0,
                    seed: int | None = None) -> Answer:
+        if self.api == "responses":  # no seed there: the suites ask at temperature 0
+            body = await self._create(self._client.responses, input=messages, max_output_tokens=max_tokens,
+                                      temperature=temperature,
+                                      extra_body={"capping": capping, "return_projections": True})
+            text = "".join(part["text"] for item in body["output"] if item["type"] == "message"
+                           for part in item["content"] if part["type"] == "output_text")
+            projections = [p for p in body.get("axis_projections") or [] if p is not None]
+            return Answer(text, projections, bool(body.get("capping", capping)))
         body = await self._create(self._client.chat.completions, messages=messages, max_tokens=max_tokens,
                                   temperature=temperature, seed=seed,
                                   extra_body={"capping": capping, "return_projections": True})

@@ -97,11 +97,14 @@ class ChatShape(Shape):
 
 
 class OpenAIServingChat(OpenAIServing):
-    async def create(self, body: ChatCompletionRequest, http: HTTPRequest):
-        # Tokenizing runs in a thread (the tokenizer lets go of the GIL): a megabyte of prompt takes a
-        # second, and on the event loop every stream would stall for it.
+    async def prompt_ids(self, body: ChatCompletionRequest) -> list[int]:
+        """The prompt, tools included. Tokenizing runs in a thread (the tokenizer lets go of the GIL): a
+        megabyte of prompt takes a second, and on the event loop every stream would stall for it."""
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tool_mode()[0] != "none" else None
-        prompt_ids = await asyncio.to_thread(self.chat_prompt_ids, body.messages, True, tools)
+        return await asyncio.to_thread(self.chat_prompt_ids, body.messages, True, tools)
+
+    async def create(self, body: ChatCompletionRequest, http: HTTPRequest):
+        prompt_ids = await self.prompt_ids(body)
         try:
             return await self.respond(ChatShape(self, body, prompt_ids), http)
         except APIError as exc:

@@ -23,7 +23,7 @@ from .engines import (Delta, DoesNotFit, EngineClient, GrammarError, Logprob, Qu
 from .protocol import (APIError, ChatMessage, CompletionRequest, Usage, _GenerationBody, error_body, new_id, now)
 from .tool_calling import render_messages, template_knows_tools
 
-_END_ERRORS = {
+END_ERRORS = {
     "error": ("generation failed on the server", "server_error", 500),
     "timeout": ("the request took longer than this server allows", "timeout_error", 504),
 }
@@ -192,8 +192,8 @@ class OpenAIServing:
         n_generated, started = 0, set()
         try:
             async for index, delta in _merged(requests):
-                if delta.finish_reason in _END_ERRORS:
-                    message, kind, _ = _END_ERRORS[delta.finish_reason]
+                if delta.finish_reason in END_ERRORS:
+                    message, kind, _ = END_ERRORS[delta.finish_reason]
                     yield json.dumps(error_body(message, kind))
                     break  # still ends with [DONE], so clients waiting for it stop reading
                 n_generated += len(delta.token_ids)
@@ -216,27 +216,9 @@ class OpenAIServing:
                 request.cancel()
 
     async def _full(self, shape: Shape, requests: list[Request], http: HTTPRequest) -> JSONResponse:
-        collected = asyncio.ensure_future(asyncio.gather(*(_collect(i, r) for i, r in enumerate(requests))))
-        gone = asyncio.ensure_future(_wait_for_disconnect(http))
-        try:
-            await asyncio.wait({collected, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not collected.done():
-                for request in requests:
-                    request.cancel()
-                collected.cancel()
-                # Retrieved, so asyncio does not log the cancelled gather as an error nobody saw.
-                collected.add_done_callback(lambda f: f.cancelled() or f.exception())
-        if not collected.done() or collected.cancelled():
-            return JSONResponse(error_body("client closed the request", "invalid_request_error"), status_code=499)
-        outs: list[ChoiceText] = collected.result()
-        for out in outs:
-            if out.finish_reason in _END_ERRORS:
-                # Not an APIError: the engine counted this request by its finish reason already, and a
-                # request ends in one counter, never also in the rejected ones.
-                message, kind, status = _END_ERRORS[out.finish_reason]
-                return JSONResponse(error_body(message, kind), status_code=status)
+        outs = await collect(requests, http)
+        if isinstance(outs, JSONResponse):
+            return outs
         envelope = self._envelope(shape, new_id(shape.id_prefix), now(), requests[0].params.capping)
         result = shape.response(False, **envelope, choices=[shape.choice(out, True, streaming=False) for out in outs],
                                 usage=Usage.of(len(shape.prompt_ids), sum(len(o.token_ids) for o in outs)))
@@ -272,6 +254,33 @@ async def _merged(requests: list[Request]) -> AsyncIterator[tuple[int, Delta]]:
     finally:
         for task in pumps:
             task.cancel()
+
+
+async def collect(requests: list[Request], http: HTTPRequest) -> list[ChoiceText] | JSONResponse:
+    """Every choice's whole output; or, where the client left first or the generation failed, the error
+    response (the requests are cancelled once the client has gone)."""
+    collected = asyncio.ensure_future(asyncio.gather(*(_collect(i, r) for i, r in enumerate(requests))))
+    gone = asyncio.ensure_future(_wait_for_disconnect(http))
+    try:
+        await asyncio.wait({collected, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not collected.done():
+            for request in requests:
+                request.cancel()
+            collected.cancel()
+            # Retrieved, so asyncio does not log the cancelled gather as an error nobody saw.
+            collected.add_done_callback(lambda f: f.cancelled() or f.exception())
+    if not collected.done() or collected.cancelled():
+        return JSONResponse(error_body("client closed the request", "invalid_request_error"), status_code=499)
+    outs: list[ChoiceText] = collected.result()
+    for out in outs:
+        if out.finish_reason in END_ERRORS:
+            # Not an APIError: the engine counted this request by its finish reason already, and a
+            # request ends in one counter, never also in the rejected ones.
+            message, kind, status = END_ERRORS[out.finish_reason]
+            return JSONResponse(error_body(message, kind), status_code=status)
+    return outs
 
 
 async def _collect(index: int, request: Request) -> ChoiceText:

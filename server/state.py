@@ -19,6 +19,7 @@ from .metrics import ServingMetrics, projection_buckets
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
 from .serving_models import OpenAIServingModels
+from .serving_responses import OpenAIServingResponses
 from .serving_tokenization import OpenAIServingTokenization
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,14 @@ class ServerState:
     completion: OpenAIServingCompletion
     tokenization: OpenAIServingTokenization
     models: OpenAIServingModels
+    responses: OpenAIServingResponses
 
     @classmethod
     def around(cls, settings: Settings, model: ServedModel, axis: AssistantAxis, metrics: ServingMetrics,
                engine: EngineClient) -> ServerState:
         servings = (kind(engine, model, settings) for kind in (OpenAIServingChat, OpenAIServingCompletion,
-                                                               OpenAIServingTokenization, OpenAIServingModels))
+                                                               OpenAIServingTokenization, OpenAIServingModels,
+                                                               OpenAIServingResponses))
         return cls(settings, model, axis, metrics, engine, *servings)
 
 

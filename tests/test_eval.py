@@ -110,3 +110,26 @@ def test_eval_client_speaks_axiscaps_extensions_through_the_sdk(live_server):
     assert 1 < perplexity < 1e4
     with pytest.raises(RuntimeError, match="answered 404: .*no-such-model"):
         asyncio.run(go("no-such-model"))
+
+
+def test_both_apis_cap_alike(live_server):
+    """axiscap eval --api responses asks the same conversations through /v1/responses: greedy answers and
+    their projections equal the chat endpoint's, capped and not (floats within the tolerance of two
+    batch compositions)."""
+    from axiscap.evals.client import EvalClient
+
+    conversation = [{"role": "system", "content": "You are an ancient oracle."},
+                    {"role": "user", "content": "Will I be happy?"}]
+
+    async def ask(api, capping):
+        client = EvalClient(live_server.base_url + "/v1", "smollm2-135m-instruct", api=api)
+        try:
+            return await client.chat(conversation, capping=capping, max_tokens=12)
+        finally:
+            await client.aclose()
+
+    for capping in (True, False):
+        chat, responses = asyncio.run(ask("chat", capping)), asyncio.run(ask("responses", capping))
+        assert responses.text == chat.text and responses.capping_applied is chat.capping_applied is capping
+        assert len(responses.projections) == len(chat.projections) > 0
+        assert all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(responses.projections, chat.projections))

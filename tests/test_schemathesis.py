@@ -30,7 +30,7 @@ def test_the_openapi_document_describes_every_body(fuzzed_server):
     import httpx
 
     document = httpx.get(fuzzed_server.base_url + "/openapi.json").json()
-    for path in ("/v1/chat/completions", "/v1/completions"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
         body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert body["$ref"].split("/")[-1] in document["components"]["schemas"]
     chat = document["components"]["schemas"]["ChatCompletionRequest"]
@@ -41,7 +41,8 @@ def test_fuzzed_requests_never_get_a_5xx_or_a_non_openai_error(api_schema, fuzze
     # Each operation's cases come from its own hypothesis strategy (schemathesis' pytest plugin
     # does not load under this pytest); both valid and invalid bodies are generated.
     operations = [result.ok() for result in api_schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"}
+    assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models",
+                                              "/health"}
     called = []
 
     for operation in operations:

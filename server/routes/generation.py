@@ -1,11 +1,11 @@
-"""POST /v1/chat/completions and /v1/completions."""
+"""POST /v1/chat/completions, /v1/completions and /v1/responses."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
 from ..auth import require_api_key
-from ..protocol import ChatCompletionRequest, CompletionRequest
+from ..protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -18,3 +18,8 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, http: Request):
     return await http.app.state.axiscap.completion.create(body, http)
+
+
+@router.post("/v1/responses")
+async def responses(body: ResponsesRequest, http: Request):
+    return await http.app.state.axiscap.responses.create(body, http)

@@ -1,0 +1,250 @@
+"""POST /v1/responses: OpenAI's Responses API over the chat machinery.
+
+A Responses request becomes a chat completion request (``ResponsesRequest.chat_request``), so its
+prompt, sampling, tool calls, capping and checks are the chat endpoint's; this module gives the
+output the Responses shape: output items (a message with ``output_text``, ``function_call`` items),
+and, streamed, the typed events (``response.created``, ``response.output_text.delta``, ...,
+``response.completed``).
+
+``previous_response_id`` continues a stored conversation: responses are kept in memory (``store``,
+on by default as OpenAI's), the oldest dropped beyond ``STORE_CHARS`` of text, each readable only
+with the API key that made it. They live in one server process: behind several replicas a
+continuation must reach the same one, or it gets a 404.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sse_starlette import EventSourceResponse
+
+from .engines import Request
+from .protocol import APIError, ChatCompletionRequest, ResponsesRequest, Usage, new_id, now
+from .serving_chat import ChatShape, OpenAIServingChat
+from .serving_engine import END_ERRORS, ChoiceText, collect
+from .tool_calling import Call
+
+STORE_CHARS = 32 * 1024 * 1024  # text kept for previous_response_id, all conversations together
+
+
+class ResponseStore:
+    """Conversations by response id (the request's messages and the answer), least recent dropped first."""
+
+    def __init__(self, max_chars: int = STORE_CHARS):
+        self.max_chars, self.chars = max_chars, 0
+        self._entries: OrderedDict[str, tuple[str, list[dict], int]] = OrderedDict()
+
+    def get(self, response_id: str, owner: str) -> list[dict]:
+        entry = self._entries.get(response_id)
+        if entry is None or entry[0] != owner:  # another key's response does not exist for this one
+            raise APIError(404, f"Previous response with id '{response_id}' not found.",
+                           param="previous_response_id", code="previous_response_not_found")
+        self._entries.move_to_end(response_id)
+        return [dict(m) for m in entry[1]]
+
+    def put(self, response_id: str, owner: str, messages: list[dict]) -> None:
+        size = len(json.dumps(messages))
+        if size > self.max_chars:
+            return
+        self._entries[response_id] = (owner, messages, size)
+        self.chars += size
+        while self.chars > self.max_chars:
+            _, (_, _, dropped) = self._entries.popitem(last=False)
+            self.chars -= dropped
+
+
+class OpenAIServingResponses(OpenAIServingChat):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.store = ResponseStore()
+
+    async def create(self, body: ResponsesRequest, http: HTTPRequest):
+        owner = hashlib.sha256(http.headers.get("authorization", "").encode()).hexdigest()
+        history = self.store.get(body.previous_response_id, owner) if body.previous_response_id else []
+        try:
+            chat = body.chat_request(history)
+        except ValidationError as exc:  # what the chat request refuses (tool_choice without tools, ...)
+            error = exc.errors()[0]
+            raise APIError(400, error["msg"].removeprefix("Value error, ")) from None
+        prompt_ids = await self.prompt_ids(chat)
+        try:
+            params = self.sampling_params(chat, prompt_ids)
+            (request,) = await self.submit(chat, prompt_ids, params)
+        except APIError as exc:
+            exc.param = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text.format"}.get(
+                exc.param, exc.param)
+            if exc.param == "text.format" and chat.tool_mode()[0] in ("named", "required"):
+                exc.param = "tools"
+            raise
+        answer = _Answer(self, body, chat, prompt_ids, request, owner)
+        if body.stream:
+            return EventSourceResponse(answer.events(), ping=15)
+        outs = await collect([request], http)
+        if isinstance(outs, JSONResponse):
+            return outs
+        out = outs[0]
+        content, calls = answer.shape._split(out.text)
+        answer.projections = out.projections
+        return JSONResponse(answer.finish(content, calls, out.finish_reason, len(out.token_ids)))
+
+
+class _Answer:
+    """One response being made: its id, its output items, and the conversation it stores."""
+
+    def __init__(self, serving: OpenAIServingResponses, body: ResponsesRequest, chat: ChatCompletionRequest,
+                 prompt_ids: list[int], request: Request, owner: str):
+        self.serving, self.body, self.chat, self.request, self.owner = serving, body, chat, request, owner
+        self.shape = ChatShape(serving, chat, prompt_ids)
+        self.n_prompt = len(prompt_ids)
+        self.id, self.created = new_id("resp"), now()
+        self.capping = request.params.capping
+        self.projections: list[float | None] = []
+        self._seq = 0
+
+    def response(self, status: str, output: list[dict], usage: Usage | None = None,
+                 finish_reason: str | None = None) -> dict[str, Any]:
+        body = self.body
+        fields = {
+            "id": self.id, "object": "response", "created_at": self.created, "status": status,
+            "model": self.serving.served.name, "output": output,
+            "usage": None if usage is None else {
+                "input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": usage.total_tokens},
+            "incomplete_details": {"reason": "max_output_tokens"} if finish_reason == "length" else None,
+            "error": None, "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+            "temperature": body.temperature, "top_p": body.top_p, "parallel_tool_calls": body.parallel_tool_calls,
+            "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
+            "tool_choice": body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump")
+            else (body.tool_choice or "auto"),
+            "text": {"format": body.text.format.model_dump(by_alias=True, exclude_none=True)}
+            if body.text is not None and body.text.format is not None else {"format": {"type": "text"}},
+            "previous_response_id": body.previous_response_id, "store": body.store, "metadata": {},
+            "capping": self.capping,
+        }
+        if body.capping is not None and body.capping != self.capping:
+            fields["capping_overridden"] = True
+        if body.return_projections:
+            fields["axis_projections"] = self.projections
+        return fields
+
+    def finish(self, content: str, calls: list[Call], finish_reason: str, n_generated: int,
+               items: list[dict] | None = None) -> dict[str, Any]:
+        """The final response (and the conversation stored for a continuation)."""
+        if items is None:
+            items = ([_message(new_id("msg"), content, "completed")] if content or not calls else []) + \
+                    [_function_call(new_id("fc"), Call.new_id(), c.name, c.arguments, "completed") for c in calls]
+        status = "incomplete" if finish_reason == "length" else "completed"
+        if self.body.store:
+            said = [{"role": "assistant", "content": content or None,
+                     **({"tool_calls": [{"id": i["call_id"], "type": "function",
+                                         "function": {"name": i["name"], "arguments": i["arguments"]}}
+                                        for i in items if i["type"] == "function_call"]} if calls else {})}]
+            asked = [m.model_dump(exclude_none=True) for m in self.chat.messages]
+            # This request's instructions are its own: a continuation brings its own, as OpenAI's does.
+            messages = (asked[1:] if self.body.instructions else asked) + said
+            self.serving.store.put(self.id, self.owner, messages)
+        return self.response(status, items, Usage.of(self.n_prompt, n_generated), finish_reason)
+
+    def _event(self, kind: str, **fields) -> dict[str, str]:
+        self._seq += 1
+        return {"event": kind, "data": json.dumps({"type": kind, "sequence_number": self._seq - 1, **fields})}
+
+    async def events(self) -> AsyncIterator[dict[str, str]]:
+        """Responses' typed events; the text streams as it comes, a call's arguments too (as chat's)."""
+        shape, items, n_generated = self.shape, [], 0
+        message: dict | None = None  # the open message item
+        call: dict | None = None  # the open function_call item
+        yield self._event("response.created", response=self.response("in_progress", []))
+        yield self._event("response.in_progress", response=self.response("in_progress", []))
+        try:
+            first = True
+            async for delta in self.request.deltas():
+                if delta.finish_reason in END_ERRORS:
+                    message_text, kind, _ = END_ERRORS[delta.finish_reason]
+                    failed = self.response("failed", items)
+                    failed["error"] = {"code": kind, "message": message_text}
+                    yield self._event("response.failed", response=failed)
+                    return
+                n_generated += len(delta.token_ids)
+                self.projections += delta.projections
+                out = ChoiceText(0)
+                out.add(delta)
+                chunk = shape.choice(out, first, streaming=True)
+                first = False
+                extra = {"axis_projections": delta.projections} if self.body.return_projections else {}
+                if chunk.delta.content:
+                    if message is None:
+                        message = _message(new_id("msg"), "", "in_progress")
+                        items.append(message)
+                        yield self._event("response.output_item.added", output_index=len(items) - 1, item=message)
+                        yield self._event("response.content_part.added", item_id=message["id"],
+                                          output_index=len(items) - 1, content_index=0, part=_text_part(""))
+                    message["content"][0]["text"] += chunk.delta.content
+                    yield self._event("response.output_text.delta", item_id=message["id"],
+                                      output_index=items.index(message), content_index=0,
+                                      delta=chunk.delta.content, logprobs=[], **extra)
+                for tool_call in chunk.delta.tool_calls or []:
+                    if tool_call.id is not None:  # a new call: what was open is done
+                        async for event in self._close(items, message, call):
+                            yield event
+                        message = None
+                        call = _function_call(new_id("fc"), tool_call.id, tool_call.function.name, "", "in_progress")
+                        items.append(call)
+                        yield self._event("response.output_item.added", output_index=len(items) - 1, item=call)
+                    if tool_call.function.arguments:
+                        call["arguments"] += tool_call.function.arguments
+                        yield self._event("response.function_call_arguments.delta", item_id=call["id"],
+                                          output_index=items.index(call), delta=tool_call.function.arguments)
+                if chunk.finish_reason is not None:
+                    if not items:  # nothing was said: an empty message, as the whole response has
+                        message = _message(new_id("msg"), "", "in_progress")
+                        items.append(message)
+                        yield self._event("response.output_item.added", output_index=0, item=message)
+                        yield self._event("response.content_part.added", item_id=message["id"], output_index=0,
+                                          content_index=0, part=_text_part(""))
+                    async for event in self._close(items, message, call):
+                        yield event
+                    content = "".join(i["content"][0]["text"] for i in items if i["type"] == "message")
+                    calls = [Call(i["name"], i["arguments"]) for i in items if i["type"] == "function_call"]
+                    final = self.finish(content, calls, delta.finish_reason, n_generated, items)
+                    yield self._event("response.completed" if final["status"] == "completed" else
+                                      "response.incomplete", response=final)
+        finally:
+            self.request.cancel()  # the client may have gone: the engine frees the slot next step
+
+    async def _close(self, items: list[dict], message: dict | None, call: dict | None) -> AsyncIterator[dict]:
+        if message is not None and message["status"] == "in_progress":
+            index, text = items.index(message), message["content"][0]["text"]
+            message["status"] = "completed"
+            yield self._event("response.output_text.done", item_id=message["id"], output_index=index,
+                              content_index=0, text=text, logprobs=[])
+            yield self._event("response.content_part.done", item_id=message["id"], output_index=index,
+                              content_index=0, part=_text_part(text))
+            yield self._event("response.output_item.done", output_index=index, item=message)
+        if call is not None and call["status"] == "in_progress":
+            index = items.index(call)
+            call["status"] = "completed"
+            yield self._event("response.function_call_arguments.done", item_id=call["id"], output_index=index,
+                              arguments=call["arguments"])
+            yield self._event("response.output_item.done", output_index=index, item=call)
+
+
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": []}
+
+
+def _message(item_id: str, text: str, status: str) -> dict:
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": [_text_part(text)]}
+
+
+def _function_call(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
+    return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments,
+            "status": status}
