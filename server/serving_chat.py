@@ -9,7 +9,7 @@ import json
 
 from fastapi import Request as HTTPRequest
 
-from .engines import Logprob, SamplingParams
+from .engines import GrammarError, Logprob, SamplingParams
 from .protocol import (APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                        ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatTokenLogprob, DeltaToolCall,
                        ResponseFunction, ResponseToolCall, TopLogprob)
@@ -100,7 +100,14 @@ class OpenAIServingChat(OpenAIServing):
     async def prompt_ids(self, body: ChatCompletionRequest) -> list[int]:
         """The prompt, tools included. Tokenizing runs in a thread (the tokenizer lets go of the GIL): a
         megabyte of prompt takes a second, and on the event loop every stream would stall for it."""
-        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tool_mode()[0] != "none" else None
+        mode = body.tool_mode()[0]
+        if mode == "auto":  # a forced call's schema is compiled with its grammar; here it is only checked
+            schema = forced_schema([t.function.model_dump() for t in body.tools], None, True)
+            try:
+                await asyncio.to_thread(self.engine.grammars.compile, "json_schema", json.dumps(schema))
+            except GrammarError as exc:
+                raise APIError(400, f"tools: {exc}", param="tools") from None
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if mode != "none" else None
         return await asyncio.to_thread(self.chat_prompt_ids, body.messages, True, tools)
 
     async def create(self, body: ChatCompletionRequest, http: HTTPRequest):

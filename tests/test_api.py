@@ -314,7 +314,10 @@ def test_metrics_move_after_requests(live_server, client):
         sample(before, "axiscap_e2e_request_latency_seconds_count") == 2
     assert sample(after, "axiscap_inter_token_latency_seconds_count") > \
         sample(before, "axiscap_inter_token_latency_seconds_count")
-    assert sample(after, "axiscap_requests_total", finish_reason="length") >= 2
+    for reason in ("length", "stop"):  # each request counted once, under its own finish reason
+        ended = sum(r.choices[0].finish_reason == reason for r in results.values())
+        assert sample(after, "axiscap_requests_total", finish_reason=reason) - \
+            sample(before, "axiscap_requests_total", finish_reason=reason) == ended
     assert ("axiscap_requests_running", (("model", MODEL),)) in after
     assert ("axiscap_requests_waiting", (("model", MODEL),)) in after
     assert httpx.post(live_server.base_url + "/v1/completions", json={"model": MODEL}).status_code == 400

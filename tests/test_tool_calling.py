@@ -189,6 +189,7 @@ def test_tool_errors_are_openai_errors(live_server):
         "x": {"type": "no-such-type"}}}}}
     cases = [
         ({"tools": [bad_schema], "tool_choice": "required"}, "tools"),
+        ({"tools": [bad_schema]}, "tools"),  # auto: checked all the same
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "add"}}}, None),
         ({"tool_choice": "required"}, None),
         ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, None),

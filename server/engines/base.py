@@ -13,9 +13,12 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from .grammar import GrammarCompiler
 
 # Every finish_reason an engine reports; the first two end a completion the client asked for.
 FINISH_REASONS = ("stop", "length", "cancelled", "timeout", "error")
@@ -196,6 +199,7 @@ class EngineClient(Protocol):
     """What the HTTP layer needs of an engine."""
 
     device_error: str | None  # set once the device itself has failed (/health answers 503)
+    grammars: GrammarCompiler  # the response formats' compiler, which also checks tool schemas
 
     def start(self) -> None: ...
 
