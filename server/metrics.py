@@ -13,6 +13,12 @@ PREFIX = "axiscap"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
                     10.0, 20.0, 40.0, 80.0)
 _GENERIC_PROJECTION_BUCKETS = (-50, -20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20, 50)
+# Conversation depth of a request's previous assistant turn (the k-th of its conversation), bucketed.
+DEPTHS = ("1", "2-3", "4-7", "8+")
+
+
+def depth_bucket(turn: int) -> str:
+    return "1" if turn <= 1 else "2-3" if turn <= 3 else "4-7" if turn <= 7 else "8+"
 
 
 def tau_edge(threshold: float) -> float:
@@ -64,6 +70,18 @@ class ServingMetrics:
             f"{PREFIX}_cap_activations", "Token positions whose activation the cap changed, by decoder layer.",
             ["model", "layer"], registry=pr)
         self._cap = [self.cap_activations.labels(m, str(l)) for l in cap_layers]
+        # Drift over turns, for live traffic: each chat request observes its prompt's last assistant turn once.
+        self.previous_turn = Histogram(
+            f"{PREFIX}_previous_turn_projection", "Per chat request whose prompt holds an assistant turn: the mean "
+            "monitor-layer projection of the last such turn's tokens, by that turn's depth in the conversation "
+            "(1, 2-3, 4-7, 8+). Falling with depth is the paper's persona drift.", ["model", "depth"],
+            buckets=buckets, registry=pr)
+        self.previous_turn_below = Counter(
+            f"{PREFIX}_previous_turns_below_threshold", "Previous assistant turns (as in previous_turn_projection) "
+            "whose mean projection was at or below tau, by depth.", ["model", "depth"], registry=pr)
+        for depth in DEPTHS:  # every depth exported from the start, so rates and alerts work before traffic
+            self.previous_turn.labels(m, depth)
+            self.previous_turn_below.labels(m, depth)
         self.time_to_first_token = Histogram(
             f"{PREFIX}_time_to_first_token_seconds", "Per engine request (one per choice) that generated a "
             "token: from its arrival to its first generated token.",
@@ -132,6 +150,12 @@ class ServingMetrics:
         self._projection[capping].observe(projection)
         if self._below_edge is not None and projection <= self._below_edge:
             self._below[capping].inc()
+
+    def observe_previous_turn(self, turn: int, mean: float) -> None:
+        depth = depth_bucket(turn)
+        self.previous_turn.labels(self.model, depth).observe(mean)
+        if self._below_edge is not None and mean <= self._below_edge:
+            self.previous_turn_below.labels(self.model, depth).inc()
 
     def add_cap_hits(self, hits: list[float]) -> None:
         for counter, n in zip(self._cap, hits):

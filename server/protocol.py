@@ -514,12 +514,42 @@ class _Completion(_Response):
     usage: Usage | None = None
 
 
-class ChatCompletion(_Completion):
+class MessageProjection(_Response):
+    """One prompt message's monitor projections (its own tokens; the template's around it left out)."""
+
+    role: str
+    tokens: int
+    mean: float | None  # None for a message with no tokens of its own
+    p10: float | None
+
+
+class ConversationDrift(_Response):
+    """The assistant turns' drift statistics (``steering.drift``)."""
+
+    assistant_turns: int
+    ewma: float | None
+    cusum: float
+    tau: float
+    ewma_lambda: float
+    cusum_slack: float
+
+
+class PromptProjections(_Response):
+    messages: list[MessageProjection]
+    drift: ConversationDrift
+
+
+class _ChatCompletion(_Completion):
+    _only_if_set = _Completion._only_if_set | {"prompt_projections"}
+    prompt_projections: PromptProjections | None = None  # with return_projections (extension)
+
+
+class ChatCompletion(_ChatCompletion):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
 
 
-class ChatCompletionChunk(_Completion):
+class ChatCompletionChunk(_ChatCompletion):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChatChunkChoice]
 

@@ -9,10 +9,13 @@ import json
 
 from fastapi import Request as HTTPRequest
 
+from axiscap.steering.drift import conversation_drift
+
 from .engines import GrammarError, Logprob, SamplingParams
 from .protocol import (APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                        ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatTokenLogprob, DeltaToolCall,
-                       ResponseFunction, ResponseToolCall, TopLogprob)
+                       PromptProjections, ResponseFunction, ResponseToolCall, TopLogprob)
+from .chat_template import ChatPrompt, MessageSpan
 from .serving_engine import ChoiceText, OpenAIServing, Shape
 from .tool_calling import Call, forced_calls, forced_schema, held_from, parse_calls
 
@@ -20,8 +23,11 @@ from .tool_calling import Call, forced_calls, forced_schema, held_from, parse_ca
 class ChatShape(Shape):
     id_prefix = "chatcmpl"
 
-    def __init__(self, serving: OpenAIServingChat, body: ChatCompletionRequest, prompt_ids: list[int]):
-        super().__init__(serving, body, prompt_ids)
+    def __init__(self, serving: OpenAIServingChat, body: ChatCompletionRequest, prompt: ChatPrompt):
+        super().__init__(serving, body, prompt.ids)
+        self.spans = prompt.spans
+        self._prompt_figures: PromptProjections | None = None
+        self._figures_sent = False
         self.mode, self.named = body.tool_mode()
         self.functions = [t.function.model_dump() for t in body.tools or []]
         self.parser = serving.settings.tool_call_parser
@@ -30,6 +36,11 @@ class ChatShape(Shape):
         self._sent: dict[int, int] = {}
 
     def choice(self, out: ChoiceText, first: bool, streaming: bool):
+        if out.prompt_projections is not None and self._prompt_figures is None and self.spans is not None:
+            self._prompt_figures = figures = prompt_figures(out.prompt_projections, self.spans, self.serving.axis_stats)
+            turns = [m for m in figures.messages if m.role == "assistant"]
+            if turns and turns[-1].mean is not None:  # once per request: drift over turns, for live traffic
+                self.serving.metrics.observe_previous_turn(len(turns), turns[-1].mean)
         logprobs = None
         if self.body.logprobs:
             logprobs = ChatLogprobs(content=[self._token_logprob(lp) for lp in out.logprobs])
@@ -86,6 +97,13 @@ class ChatShape(Shape):
         fields = {**role, **({"content": rest} if rest else {}), **({"tool_calls": deltas} if deltas else {})}
         return ChatDelta(**fields)
 
+    def envelope_extras(self) -> dict:
+        """The prompt's per-message projections, once: in the whole response, or in the first chunk."""
+        if self._prompt_figures is None or self._figures_sent or not self.body.return_projections:
+            return {}
+        self._figures_sent = True
+        return {"prompt_projections": self._prompt_figures}
+
     def _token_logprob(self, lp: Logprob) -> ChatTokenLogprob:
         token = self.serving.token_text
         top = [TopLogprob(token=token(i), logprob=v, bytes=list(token(i).encode())) for i, v in lp.top]
@@ -97,7 +115,14 @@ class ChatShape(Shape):
 
 
 class OpenAIServingChat(OpenAIServing):
-    async def prompt_ids(self, body: ChatCompletionRequest) -> list[int]:
+    @property
+    def axis_stats(self) -> tuple[float, float | None]:
+        """tau at the monitor layer, and the default Assistant's spread there where the axis file has it."""
+        axis = self.axis
+        std = axis.extra.get("monitor_std")
+        return axis.threshold(axis.monitor_layer), float(std) if std is not None else None
+
+    async def prompt(self, body: ChatCompletionRequest) -> ChatPrompt:
         """The prompt, tools included. Tokenizing runs in a thread (the tokenizer lets go of the GIL): a
         megabyte of prompt takes a second, and on the event loop every stream would stall for it."""
         mode = body.tool_mode()[0]
@@ -108,12 +133,12 @@ class OpenAIServingChat(OpenAIServing):
             except GrammarError as exc:
                 raise APIError(400, f"tools: {exc}", param="tools") from None
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if mode != "none" else None
-        return await asyncio.to_thread(self.chat_prompt_ids, body.messages, True, tools)
+        return await asyncio.to_thread(self.chat_prompt, body.messages, True, tools)
 
     async def create(self, body: ChatCompletionRequest, http: HTTPRequest):
-        prompt_ids = await self.prompt_ids(body)
+        prompt = await self.prompt(body)
         try:
-            return await self.respond(ChatShape(self, body, prompt_ids), http)
+            return await self.respond(ChatShape(self, body, prompt), http)
         except APIError as exc:
             if exc.param == "response_format" and body.tool_mode()[0] in ("named", "required"):
                 exc.param = "tools"  # the grammar came from a function's parameters
@@ -121,8 +146,25 @@ class OpenAIServingChat(OpenAIServing):
 
     def sampling_params(self, body: ChatCompletionRequest, prompt_ids: list[int]) -> SamplingParams:
         params = super().sampling_params(body, prompt_ids)
+        # The prompt's projections too: for its per-message figures, and for the previous-turn metric.
+        watched = self.settings.persona_metrics and any(m.role == "assistant" for m in body.messages)
+        if body.return_projections or watched:
+            params = dataclasses.replace(params, prompt_projections=True)
         mode, named = body.tool_mode()
         if mode in ("named", "required"):  # sampling follows the calls' JSON schema
             schema = forced_schema([t.function.model_dump() for t in body.tools], named, body.parallel_tool_calls)
             params = dataclasses.replace(params, response_format=("json_schema", json.dumps(schema)))
         return params
+
+
+def prompt_figures(projections: list[float], spans: list[MessageSpan], axis_stats: tuple[float, float | None]
+                   ) -> PromptProjections:
+    """Each prompt message's mean and 10th percentile, and the drift of its assistant turns."""
+    tau, assistant_std = axis_stats
+    messages = []
+    for span in spans:
+        own = sorted(projections[span.start:span.end])
+        messages.append({"role": span.role, "tokens": len(own), "mean": sum(own) / len(own) if own else None,
+                         "p10": own[int(0.1 * (len(own) - 1))] if own else None})
+    turns = [m["mean"] for m in messages if m["role"] == "assistant" and m["mean"] is not None]
+    return PromptProjections(messages=messages, drift=conversation_drift(turns, tau, assistant_std).as_dict())

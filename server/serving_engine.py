@@ -16,8 +16,11 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from .chat_template import ChatTemplateError, chat_prompt_ids
+from axiscap.steering import AssistantAxis
+
+from .chat_template import ChatPrompt, ChatTemplateError, render_chat
 from .config import Settings
+from .metrics import ServingMetrics
 from .engines import (Delta, DoesNotFit, EngineClient, GrammarError, Logprob, QueueFull, Request,
                       SamplingParams, ServedModel)
 from .protocol import (APIError, ChatMessage, CompletionRequest, Usage, _GenerationBody, error_body, new_id, now)
@@ -39,6 +42,7 @@ class ChoiceText:
     projections: list[float | None] = field(default_factory=list)
     logprobs: list[Logprob] = field(default_factory=list)
     prompt_logprobs: list[Logprob | None] | None = None
+    prompt_projections: list[float] | None = None
     finish_reason: str | None = None
 
     def add(self, delta: Delta) -> None:
@@ -48,6 +52,8 @@ class ChoiceText:
         self.logprobs += delta.logprobs or []
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs = delta.prompt_logprobs
+        if delta.prompt_projections is not None:
+            self.prompt_projections = delta.prompt_projections
         self.finish_reason = delta.finish_reason
 
 
@@ -68,10 +74,15 @@ class Shape:
     def _extras(self, out: ChoiceText) -> dict[str, Any]:
         return {"axis_projections": out.projections} if self.body.return_projections else {}
 
+    def envelope_extras(self) -> dict[str, Any]:
+        """Top-level fields a response or chunk adds (once the choices so far are built)."""
+        return {}
+
 
 class OpenAIServing:
-    def __init__(self, engine: EngineClient, served: ServedModel, settings: Settings):
-        self.engine, self.served, self.settings = engine, served, settings
+    def __init__(self, engine: EngineClient, served: ServedModel, settings: Settings, axis: AssistantAxis,
+                 metrics: ServingMetrics):
+        self.engine, self.served, self.settings, self.axis, self.metrics = engine, served, settings, axis, metrics
         self.tokenizer = served.tokenizer
         self.created = now()
         self.max_model_len = min(settings.max_model_len or served.context_length, served.context_length)
@@ -90,16 +101,20 @@ class OpenAIServing:
         if any(not 0 <= t < vocab for t in ids):
             raise APIError(400, f"token ids must lie in 0..{vocab - 1}", param=param)
 
-    def chat_prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                        tools: list[dict] | None = None) -> list[int]:
-        """The chat template's rendering of ``messages``, with ``tools`` where the request offers them."""
+    def chat_prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        return self.chat_prompt(messages, add_generation_prompt, spans=False).ids
+
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None, spans: bool = True) -> ChatPrompt:
+        """The chat template's rendering of ``messages``, with ``tools`` where the request offers them,
+        and where each message's tokens lie."""
         openai_messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
                             **({"tool_calls": [c.model_dump() for c in m.tool_calls]} if m.tool_calls else {}),
                             **({"tool_call_id": m.tool_call_id} if m.tool_call_id else {})} for m in messages]
         native = template_knows_tools(self.tokenizer.chat_template)
         rendered = render_messages(openai_messages, tools, native)
         try:
-            return chat_prompt_ids(self.tokenizer, rendered, add_generation_prompt, tools if native else None)
+            return render_chat(self.tokenizer, rendered, add_generation_prompt, tools if native else None, spans)
         except ChatTemplateError as exc:
             raise APIError(400, str(exc), param="messages") from None
 
@@ -183,7 +198,7 @@ class OpenAIServing:
         envelope = {"id": rid, "created": created, "model": self.served.name, "capping": capping}
         if shape.body.capping is not None and shape.body.capping != capping:  # the operator's policy overrode it
             envelope["capping_overridden"] = True
-        return envelope
+        return {**envelope, **shape.envelope_extras()}
 
     async def _stream(self, shape: Shape, requests: list[Request]) -> AsyncIterator[str]:
         body = shape.body
@@ -219,8 +234,9 @@ class OpenAIServing:
         outs = await collect(requests, http)
         if isinstance(outs, JSONResponse):
             return outs
+        choices = [shape.choice(out, True, streaming=False) for out in outs]
         envelope = self._envelope(shape, new_id(shape.id_prefix), now(), requests[0].params.capping)
-        result = shape.response(False, **envelope, choices=[shape.choice(out, True, streaming=False) for out in outs],
+        result = shape.response(False, **envelope, choices=choices,
                                 usage=Usage.of(len(shape.prompt_ids), sum(len(o.token_ids) for o in outs)))
         return JSONResponse(result.model_dump(mode="json"))
 

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
+from .chat_template import ChatPrompt
 from .engines import Request
 from .protocol import APIError, ChatCompletionRequest, ResponsesRequest, Usage, new_id, now
 from .serving_chat import ChatShape, OpenAIServingChat
@@ -73,7 +74,8 @@ class OpenAIServingResponses(OpenAIServingChat):
         except ValidationError as exc:  # what the chat request refuses (tool_choice without tools, ...)
             error = exc.errors()[0]
             raise APIError(400, error["msg"].removeprefix("Value error, ")) from None
-        prompt_ids = await self.prompt_ids(chat)
+        prompt = await self.prompt(chat)
+        prompt_ids = prompt.ids
         try:
             params = self.sampling_params(chat, prompt_ids)
             (request,) = await self.submit(chat, prompt_ids, params)
@@ -83,7 +85,7 @@ class OpenAIServingResponses(OpenAIServingChat):
             if exc.param == "text.format" and chat.tool_mode()[0] in ("named", "required"):
                 exc.param = "tools"
             raise
-        answer = _Answer(self, body, chat, prompt_ids, request, owner)
+        answer = _Answer(self, body, chat, prompt, request, owner)
         if body.stream:
             return EventSourceResponse(answer.events(), ping=15)
         outs = await collect([request], http)
@@ -99,10 +101,10 @@ class _Answer:
     """One response being made: its id, its output items, and the conversation it stores."""
 
     def __init__(self, serving: OpenAIServingResponses, body: ResponsesRequest, chat: ChatCompletionRequest,
-                 prompt_ids: list[int], request: Request, owner: str):
+                 prompt: ChatPrompt, request: Request, owner: str):
         self.serving, self.body, self.chat, self.request, self.owner = serving, body, chat, request, owner
-        self.shape = ChatShape(serving, chat, prompt_ids)
-        self.n_prompt = len(prompt_ids)
+        self.shape = ChatShape(serving, chat, prompt)
+        self.n_prompt = len(prompt.ids)
         self.id, self.created = new_id("resp"), now()
         self.capping = request.params.capping
         self.projections: list[float | None] = []

@@ -42,7 +42,7 @@ class ServerState:
     @classmethod
     def around(cls, settings: Settings, model: ServedModel, axis: AssistantAxis, metrics: ServingMetrics,
                engine: EngineClient) -> ServerState:
-        servings = (kind(engine, model, settings) for kind in (OpenAIServingChat, OpenAIServingCompletion,
+        servings = (kind(engine, model, settings, axis, metrics) for kind in (OpenAIServingChat, OpenAIServingCompletion,
                                                                OpenAIServingTokenization, OpenAIServingModels,
                                                                OpenAIServingResponses))
         return cls(settings, model, axis, metrics, engine, *servings)

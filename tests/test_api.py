@@ -326,7 +326,7 @@ def test_metrics_move_after_requests(live_server, client):
 
 
 @pytest.mark.parametrize("path, family, method, body", [
-    ("/v1/chat/completions", "chat", "chat_prompt_ids", {"messages": [{"role": "user", "content": "hi " * 9000}]}),
+    ("/v1/chat/completions", "chat", "chat_prompt", {"messages": [{"role": "user", "content": "hi " * 9000}]}),
     ("/v1/completions", "completion", "completion_prompt_ids", {"prompt": "x" * 200_000}),
     ("/tokenize", "tokenization", "tokenize", {"prompt": "x" * 200_000}),
 ], ids=["chat", "completions", "tokenize"])

@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from axiscap.server.chat_template import ChatPrompt
 from axiscap.server.serving_chat import ChatShape
 from axiscap.server.serving_engine import ChoiceText
 from axiscap.server.protocol import ChatCompletionRequest
@@ -169,7 +170,7 @@ def test_streamed_auto_output_holds_back_calls_and_sends_them_whole(live_server)
     """The streaming side of ``auto``, fed the deltas a model would produce (the 135M model seldom
     calls on its own): content streams up to the tag, the call arrives whole at the end."""
     body = ChatCompletionRequest(model=MODEL, messages=ASK, tools=[WEATHER])
-    shape = ChatShape(live_server.state.chat, body, [1])
+    shape = ChatShape(live_server.state.chat, body, ChatPrompt([1], None))
     pieces = ["Let me ", "check. <tool", '_call>{"name": "get_weather", ', '"arguments": {"city": "Paris"}}</tool_call>']
     deltas = []
     for k, piece in enumerate(pieces):

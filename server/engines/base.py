@@ -43,6 +43,7 @@ class SamplingParams:
     ignore_eos: bool = False  # end-of-sequence does not end the completion (fixed-length benchmarks)
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and its top k alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token (completions' echo)
+    prompt_projections: bool = False  # every prompt token's monitor projection, in the first delta
     response_format: tuple[str, str | None] | None = None  # ("json_object" | "json_schema", schema JSON)
 
     @property
@@ -87,6 +88,9 @@ class Delta:
     logprobs: list[Logprob] | None = None  # one per token id, when the request asked for them
     # In the first delta of a request that asked: one per prompt token (None for the first).
     prompt_logprobs: list[Logprob | None] | None = None
+    # In the first delta of a request that asked: each prompt token's monitor projection (an engine
+    # that cannot measure them leaves this None).
+    prompt_projections: list[float] | None = None
 
 
 class Request:

@@ -128,7 +128,8 @@ class OutputProcessor:
         if text or finish:
             self.send(request, Delta(text, row.pending_ids, row.pending_projections, finish,
                                      row.pending_logprobs if params.logprobs is not None else None,
-                                     None if row.prompt_logprobs_sent else row.prompt_logprobs))
+                                     None if row.first_delta_sent else row.prompt_logprobs,
+                                     None if row.first_delta_sent else row.prompt_projections))
             row.pending_ids, row.pending_projections, row.pending_logprobs = [], [], []
-            row.prompt_logprobs_sent = True
+            row.first_delta_sent = True
         return finish is not None

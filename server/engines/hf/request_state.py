@@ -32,7 +32,8 @@ class Row:
     pending_projections: list[float] = field(default_factory=list)
     pending_logprobs: list[Logprob] = field(default_factory=list)
     prompt_logprobs: list[Logprob | None] | None = None  # filled by the prefill when asked for
-    prompt_logprobs_sent: bool = False  # they go out with its first delta
+    prompt_projections: list[float] | None = None  # filled at the end of its prefill when asked for
+    first_delta_sent: bool = False  # the prompt's logprobs and projections go out with its first delta
     prompt_logprobs_from: EngineRequest | None = None  # the choice whose prompt logprobs this one shares
 
     @property

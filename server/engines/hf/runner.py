@@ -46,6 +46,10 @@ class PrefillGroup:
         # Rows that asked for their prompt's logprobs and have not had them yet (not a re-prefill); a later
         # choice takes its first choice's, once that one has them (see Engine.submit_all).
         self.prompt_logprob_rows: list[int] = []
+        # Rows that asked for their prompt's projections (not on a re-prefill), and each slice's, on the device.
+        self.projection_rows = [i for i, r in enumerate(requests)
+                                if r.params.prompt_projections and r.row.generated == 0]
+        self.projection_slices: list[torch.Tensor] = []
         for i, request in enumerate(requests):
             row = request.row
             if request.params.prompt_logprobs is None or row.generated != 0:
@@ -120,6 +124,9 @@ class ModelRunner:
                              kv_store=group.store, use_cache=True,
                              logits_to_keep=0 if every_column else (last if ending else 1))
         logits = out.logits
+        if group.projection_rows and self.hooks is not None:
+            rows = torch.tensor(group.projection_rows, device=self.hooks.monitor_projection.device)
+            group.projection_slices.append(self.hooks.monitor_projection.index_select(0, rows))
         if every_column:
             self._prompt_logprobs(group, logits, start, end)
             if ending:
@@ -137,6 +144,10 @@ class ModelRunner:
         if end < group.width:
             return None
         rows = [r.row for r in group.requests]
+        if group.projection_slices:  # one host transfer for the whole prompt: prefill work, once per group
+            whole = torch.cat(group.projection_slices, dim=1).tolist()
+            for i, projections in zip(group.projection_rows, whole):
+                rows[i].prompt_projections = projections[:group.lengths[i]]
         self._add_to_store(rows, group)
         try:  # sample only the new rows, with their own parameters
             sampler = self.new_sampler()
