@@ -11,11 +11,11 @@ from fastapi import Request as HTTPRequest
 
 from axiscap.steering.drift import conversation_drift
 
+from .chat_template import ChatPrompt, MessageSpan
 from .engines import GrammarError, Logprob, SamplingParams
 from .protocol import (APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                        ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatTokenLogprob, DeltaToolCall,
                        PromptProjections, ResponseFunction, ResponseToolCall, TopLogprob)
-from .chat_template import ChatPrompt, MessageSpan
 from .serving_engine import ChoiceText, OpenAIServing, Shape
 from .tool_calling import Call, forced_calls, forced_schema, held_from, parse_calls
 
@@ -50,7 +50,7 @@ class ChatShape(Shape):
             return ChatChunkChoice(index=out.index, delta=delta, logprobs=logprobs,
                                    finish_reason=self._finish(out, calls), **self._extras(out))
         content, calls = self._split(out.text)
-        message = AssistantMessage(content=content or None if calls else content)
+        message = AssistantMessage(content=content.strip() or None if calls else content)
         if calls:
             message.tool_calls = [ResponseToolCall(id=Call.new_id(), type="function",
                                                    function=ResponseFunction(name=c.name, arguments=c.arguments))

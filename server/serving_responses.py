@@ -94,6 +94,8 @@ class OpenAIServingResponses(OpenAIServingChat):
         out = outs[0]
         content, calls = answer.shape._split(out.text)
         answer.projections = out.projections
+        if calls:  # what surrounds the calls, as a message of its own
+            content = content.strip()
         return JSONResponse(answer.finish(content, calls, out.finish_reason, len(out.token_ids)))
 
 

@@ -136,8 +136,7 @@ def parse_calls(parser: str, text: str, functions: list[dict]) -> tuple[str, lis
             last = match.end()
             calls.append(call)
         kept.append(text[last:])
-        content = "".join(kept).strip() if calls else text
-        return content, calls
+        return "".join(kept), calls  # unstripped: a stream has sent a prefix of it already
     if parser == "llama3_json":
         stripped = text.strip().removeprefix("<|python_tag|>")
         call = _call_from(stripped, "parameters", known) if stripped.startswith("{") else None

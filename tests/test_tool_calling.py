@@ -210,3 +210,15 @@ def test_the_readmes_agent_loop_runs(live_server, capsys, monkeypatch):
     exec(compile(block, "README agent loop", "exec"), {"__name__": "readme"})
     assert capsys.readouterr().out.strip()  # the final answer, after the tool's result
     assert os.environ["AXISCAP_URL"].startswith("http://127.0.0.1:")
+
+
+def test_streamed_auto_output_keeps_text_around_a_call_whole(live_server):
+    """Leading whitespace and text after the call: what streams as content, plus what comes at the end,
+    is the output with the call taken out, character for character."""
+    body = ChatCompletionRequest(model=MODEL, messages=ASK, tools=[WEATHER])
+    shape = ChatShape(live_server.state.chat, body, ChatPrompt([1], None))
+    pieces = ["  Checking", ' <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>', " done."]
+    deltas = [shape.choice(ChoiceText(0, text=piece, finish_reason="stop" if k == 2 else None), first=k == 0,
+                           streaming=True) for k, piece in enumerate(pieces)]
+    assert "".join(d.delta.content or "" for d in deltas) == "  Checking  done."
+    assert deltas[-1].delta.tool_calls[0].function.arguments == '{"city": "Oslo"}'
