@@ -147,9 +147,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _only_settings_the_backend_reads(self):
+        fields = type(self).model_fields
         ignored = [name for name in sorted(self.model_fields_set)
-                   if (extra := type(self).model_fields[name].json_schema_extra or {}).get("backend")
-                   not in (None, self.backend)]
+                   if (fields[name].json_schema_extra or {}).get("backend") not in (None, self.backend)]
         if ignored:
             flags = ", ".join(f"--{n.replace('_', '-')} (AXISCAP_{n.upper()})" for n in ignored)
             raise ValueError(f"the {self.backend} backend does not read {flags}; unset it, or choose the backend "
