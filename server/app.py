@@ -28,8 +28,10 @@ _UNION_TAGS = {"str", "int", "bool", "float", "dict", "list", "none"}
 
 
 def _validation_message(errors) -> tuple[str, str | None]:
-    """The first error as OpenAI puts it: a message and the parameter's dotted path."""
-    first = errors[0]
+    """One error as OpenAI puts it: a message and the parameter's dotted path. Where a union's members
+    each failed, a constraint one breaks ("at most 512 items") says more than "not a string": the first
+    error that is not a mere type mismatch, else the first."""
+    first = next((e for e in errors if not e.get("type", "").endswith("_type")), errors[0])
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     # pydantic names the union member it tried ("str", "function-after[...]"): not part of the path.

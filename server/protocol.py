@@ -316,7 +316,9 @@ class ResponsesRequest(_Body):
     chat completion request (``chat_request``), so it is served, capped and checked as one."""
 
     model: Text
-    input: Text | list[InputMessage | FunctionCallItem | FunctionCallOutputItem] = Field(max_length=MAX_MESSAGES)
+    # At most MAX_MESSAGES items; a text input is bounded by the body size alone.
+    input: Text | Annotated[list[InputMessage | FunctionCallItem | FunctionCallOutputItem],
+                            Field(max_length=MAX_MESSAGES)]
     instructions: Text | None = None
     max_output_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)

@@ -123,6 +123,15 @@ def test_json_schema_text_format(client):
     assert r.status == "completed" and "city" in json.loads(r.output_text)
 
 
+def test_a_long_text_input_is_one_message_and_many_items_are_refused(client, live_server):
+    long = "Tell me about lighthouses. " * 40  # over 512 characters: a text is not bounded like the item list
+    assert create(client, input=long, max_output_tokens=2).usage.input_tokens > 200
+    items = [{"role": "user", "content": "hi"}] * 513
+    error = assert_openai_error(httpx.post(live_server.base_url + "/v1/responses",
+                                           json={"model": MODEL, "input": items}, timeout=60), 400)
+    assert "512" in error["message"]
+
+
 def test_errors_are_openai_errors(live_server):
     url = live_server.base_url + "/v1/responses"
     cases = [({"input": "hi", "tools": [{"type": "web_search"}]}, None),
