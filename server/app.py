@@ -17,28 +17,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .limits import BodySizeLimit, read_timeout_protocol
-from .protocol import APIError, error_body
+from .protocol import APIError, error_body, validation_message
 from .routes import generation, models, operations, tokenization
 from .state import ServerState
 
 log = logging.getLogger(__name__)
-
-
-_UNION_TAGS = {"str", "int", "bool", "float", "dict", "list", "none"}
-
-
-def _validation_message(errors) -> tuple[str, str | None]:
-    """One error as OpenAI puts it: a message and the parameter's dotted path. Where a union's members
-    each failed, a constraint one breaks ("at most 512 items") says more than "not a string": the first
-    error that is not a mere type mismatch, else the first."""
-    first = next((e for e in errors if not e.get("type", "").endswith("_type")), errors[0])
-    if first.get("type") == "json_invalid":
-        return "the request body is not valid JSON", None
-    # pydantic names the union member it tried ("str", "function-after[...]"): not part of the path.
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and str(p) not in _UNION_TAGS and "[" not in str(p)]
-    param = ".".join(loc) or None
-    msg = first["msg"].removeprefix("Value error, ")
-    return (f"{param}: {msg}" if param else msg), param
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -72,7 +55,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        message, param = _validation_message(exc.errors())
+        message, param = validation_message(exc.errors())
         return reject(400, error_body(message, "invalid_request_error", param))
 
     @app.exception_handler(StarletteHTTPException)

@@ -55,6 +55,23 @@ def _encodable(text: str) -> str:
 Text = Annotated[str, AfterValidator(_encodable)]
 
 
+_UNION_TAGS = {"str", "int", "bool", "float", "dict", "list", "none"}
+
+
+def validation_message(errors) -> tuple[str, str | None]:
+    """One error as OpenAI puts it: a message and the parameter's dotted path. Where a union's members
+    each failed, a constraint one breaks ("at most 512 items") says more than "not a string": the first
+    error that is not a mere type mismatch, else the first."""
+    first = next((e for e in errors if not e.get("type", "").endswith("_type")), errors[0])
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    # pydantic names the union member it tried ("str", "function-after[...]"): not part of the path.
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and str(p) not in _UNION_TAGS and "[" not in str(p)]
+    param = ".".join(loc) or None
+    msg = first["msg"].removeprefix("Value error, ")
+    return (f"{param}: {msg}" if param else msg), param
+
+
 class _Body(BaseModel):
     # The SDK sends fields we do not use (user, metadata, ...): accept and ignore them. JSON's NaN
     # and Infinity (Python's json reads them) are refused as what they are, not as out of range.
@@ -219,6 +236,10 @@ class ChatCompletionRequest(_GenerationBody):
                 and self.response_format.type != "text":
             raise ValueError("a forced tool call and response_format cannot constrain the same output")
         return self
+
+    def functions(self) -> list[dict]:
+        """The offered functions' definitions, as the tool-calling code reads them."""
+        return [t.function.model_dump() for t in self.tools or []]
 
     def tool_mode(self) -> tuple[str, str | None]:
         """("none" | "auto" | "required" | "named", the named function). No tools: none; tools without

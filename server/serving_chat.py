@@ -29,7 +29,7 @@ class ChatShape(Shape):
         self._prompt_figures: PromptProjections | None = None
         self._figures_sent = False
         self.mode, self.named = body.tool_mode()
-        self.functions = [t.function.model_dump() for t in body.tools or []]
+        self.functions = body.functions()
         self.parser = serving.settings.tool_call_parser
         # Streaming with tools: per choice, the text so far and how much of it went out as content.
         self._text: dict[int, str] = {}
@@ -127,7 +127,7 @@ class OpenAIServingChat(OpenAIServing):
         megabyte of prompt takes a second, and on the event loop every stream would stall for it."""
         mode = body.tool_mode()[0]
         if mode == "auto":  # a forced call's schema is compiled with its grammar; here it is only checked
-            schema = forced_schema([t.function.model_dump() for t in body.tools], None, True)
+            schema = forced_schema(body.functions(), None, True)
             try:
                 await asyncio.to_thread(self.engine.grammars.compile, "json_schema", json.dumps(schema))
             except GrammarError as exc:
@@ -152,7 +152,7 @@ class OpenAIServingChat(OpenAIServing):
             params = dataclasses.replace(params, prompt_projections=True)
         mode, named = body.tool_mode()
         if mode in ("named", "required"):  # sampling follows the calls' JSON schema
-            schema = forced_schema([t.function.model_dump() for t in body.tools], named, body.parallel_tool_calls)
+            schema = forced_schema(body.functions(), named, body.parallel_tool_calls)
             params = dataclasses.replace(params, response_format=("json_schema", json.dumps(schema)))
         return params
 

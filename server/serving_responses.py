@@ -27,7 +27,7 @@ from sse_starlette import EventSourceResponse
 
 from .chat_template import ChatPrompt
 from .engines import Request
-from .protocol import APIError, ChatCompletionRequest, ResponsesRequest, Usage, new_id, now
+from .protocol import APIError, ChatCompletionRequest, ResponsesRequest, Usage, new_id, now, validation_message
 from .serving_chat import ChatShape, OpenAIServingChat
 from .serving_engine import END_ERRORS, ChoiceText, collect
 from .tool_calling import Call
@@ -72,8 +72,8 @@ class OpenAIServingResponses(OpenAIServingChat):
         try:
             chat = body.chat_request(history)
         except ValidationError as exc:  # what the chat request refuses (tool_choice without tools, ...)
-            error = exc.errors()[0]
-            raise APIError(400, error["msg"].removeprefix("Value error, ")) from None
+            message, param = validation_message(exc.errors())
+            raise APIError(400, message, param=param) from None
         prompt = await self.prompt(chat)
         prompt_ids = prompt.ids
         try:
