@@ -93,7 +93,7 @@ def test_memory_limits_answer_400_before_queueing(smollm2, smollm2_axis):
         # Within max_model_len but over the whole KV cache: it could never run.
         error = assert_openai_error(httpx.post(url, json={"model": MODEL, "prompt": "Hi", "max_tokens": 110}), 400)
         assert "KV cache" in error["message"]
-        ok = httpx.post(url, json={"model": MODEL, "prompt": "Hi", "max_tokens": 20})
+        ok = httpx.post(url, json={"model": MODEL, "prompt": "Hi", "max_tokens": 20}, timeout=60)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] > 0
 
 
