@@ -14,6 +14,7 @@ from .config import Settings
 from .engines import EngineClient, ServedModel
 from .engines.hf.engine import Engine
 from .engines.hf.model_loading import LoadedModel, kv_cache_budget, load_model
+from .engines.hf.threads import reserve_threads_for_engine
 from .engines.model_source import model_source
 from .metrics import ServingMetrics, projection_buckets
 from .serving_chat import OpenAIServingChat
@@ -78,6 +79,7 @@ def load_state(settings: Settings, axis_path: Path) -> ServerState:
         raise AxisFileError(axis_path, "no such file")
     if settings.backend == "vllm":
         return build_vllm_state(settings, axis_path)
+    reserve_threads_for_engine()
     loaded = load_model(settings.model, settings.device, settings.dtype, settings.cache_dir,
                         settings.served_model_name)
     axis = load_axis(axis_path, loaded.n_layers, loaded.model.config.get_text_config().hidden_size)

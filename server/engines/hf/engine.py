@@ -39,6 +39,7 @@ from .runner import ModelRunner
 from .sampling import BatchSampler
 from .scheduler import Scheduler
 from .structured_output import new_matcher
+from .threads import take_reserved_threads
 from .text_output import IncrementalDetokenizer, StopMatcher
 
 if TYPE_CHECKING:
@@ -155,6 +156,7 @@ class Engine:
     # --- engine thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
+        take_reserved_threads()
         runner, lock = self.runner, self.scheduler.lock
         while True:
             with lock:
