@@ -8,8 +8,10 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # everything else works without vLLM.
 VLLM_VENV ?= .venv-vllm
 VLLM_PIP := $(VLLM_VENV)/bin/python -m pip --disable-pip-version-check
+# llama.cpp's server (llama-cpp-python, built from source: about 10 min on 2 cores) for the benchmark only.
+LLAMACPP_VENV ?= .venv-llamacpp
 
-.PHONY: setup vllm-setup serve test test-fast bench tools clean
+.PHONY: setup vllm-setup llamacpp-setup serve test test-fast bench tools clean
 
 setup: $(VENV)/.installed
 
@@ -51,8 +53,18 @@ tools:
 	@command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && sh tests/install-chromium.sh; } || \
 		echo "chromium not installed: the playground's browser test will be skipped"
 
-bench: setup
+# One interleaved run of both backends and every peer; a peer whose environment could not be
+# built is reported as such in the results, and the rest are measured.
+bench: setup vllm-setup
+	@$(MAKE) --no-print-directory llamacpp-setup || echo "llama-cpp-python could not be built: its rows will say so"
 	$(PY) bench/serve.py
 
+llamacpp-setup: $(LLAMACPP_VENV)/.installed
+
+$(LLAMACPP_VENV)/.installed:
+	python3 -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_VENV)/bin/python -m pip --disable-pip-version-check install -q 'llama-cpp-python[server]==0.3.36'
+	touch $@
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMACPP_VENV) build *.egg-info

@@ -1,7 +1,7 @@
 """A against B: the built-in engine's serving figures at two git revisions, taking turns.
 
 For a refactor that must not change speed: each revision's wheel is built into a folder of its own
-and put first on PYTHONPATH, and ``bench/serve.py --peers none`` (this tree's) measures it; the two
+and put first on PYTHONPATH, and ``bench/serve.py --peers axiscap`` (this tree's) measures it; the two
 revisions alternate for ``--rounds`` rounds, so both see the same machine load, and each round's
 B/A ratio of output tokens/s is computed within that round.
 
@@ -39,12 +39,12 @@ def install(revision: str, folder: Path) -> Path:
 
 def measure(site: Path, args, out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(site)}
-    subprocess.run([sys.executable, str(REPO / "bench" / "serve.py"), "--peers", "none", "--rounds", "1",
+    subprocess.run([sys.executable, str(REPO / "bench" / "serve.py"), "--peers", "axiscap", "--rounds", "1",
                     "--max-tokens", str(args.max_tokens), "--out", str(out),
                     "--concurrency", *map(str, args.concurrency)], env=env, check=True, capture_output=True)
     report = json.loads(out.read_text())
-    return {f"{mode}_c{row['concurrency']}": row["output_tokens_per_s"]
-            for mode in ("capping_off", "capping_on") for row in report[f"axiscap_{mode}"]}
+    return {f"{run['contender'].removeprefix('axiscap_')}_c{run['concurrency']}": run["output_tokens_per_s"]
+            for run in report["runs"]}
 
 
 def main() -> None:

