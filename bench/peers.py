@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,6 @@ class Peer:
     contenders: dict[str, dict]
     health: str = "/health"
     start_timeout: float = 300
-    env: dict[str, str] = field(default_factory=dict)
 
     def argv(self, port: int) -> list[str]:
         return [str(self.python), *(part.replace("{port}", str(port)) for part in self.command)]

@@ -93,7 +93,7 @@ class PeakMemory:
 
 @contextmanager
 def server(cmd: list[str], url: str, timeout: float = 300, memory: tuple[dict, str] | None = None,
-           env: dict | None = None, log_path: Path | None = None):
+           log_path: Path | None = None):
     """A server process, up and healthy; with ``memory=(figures, name)``, its peak resident memory
     (MiB, children included) over its whole life lands in ``figures[name]``. Its output goes to
     ``log_path`` (kept, to read why a server died mid-run) or to a temporary file."""
@@ -101,8 +101,7 @@ def server(cmd: list[str], url: str, timeout: float = 300, memory: tuple[dict, s
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "w+") if log_path is not None else tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     sampler = PeakMemory(proc.pid) if memory is not None else None
     try:
         deadline = time.monotonic() + timeout
@@ -260,7 +259,7 @@ def start_servers(stack: ExitStack, chosen, report: Report, logs: Path) -> dict:
             entry["log"] = str(logs / f"{peer.name}.log")
             try:
                 stack.enter_context(server(peer.argv(port), f"http://127.0.0.1:{port}{peer.health}",
-                                           peer.start_timeout, memory=(entry, "peak_rss_mib"), env=peer.env,
+                                           peer.start_timeout, memory=(entry, "peak_rss_mib"),
                                            log_path=logs / f"{peer.name}.log"))
                 entry["start_s"] = round(time.perf_counter() - begun, 1)
                 up[peer.name] = (peer, port)
