@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # everything else works without vLLM.
 VLLM_VENV ?= .venv-vllm
 VLLM_PIP := $(VLLM_VENV)/bin/python -m pip --disable-pip-version-check
-# llama.cpp's server (llama-cpp-python, built from source: about 10 min on 2 cores) for the benchmark only.
+# llama.cpp's server (llama-cpp-python, built from source: 3.5–7 min on 2 cores) for the benchmark only.
 LLAMACPP_VENV ?= .venv-llamacpp
 
 .PHONY: setup vllm-setup llamacpp-setup serve test test-fast bench tools clean
