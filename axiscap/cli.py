@@ -41,8 +41,9 @@ def _import_paper(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: capped layers {axis.cap_layers}, monitor layer {axis.monitor_layer}")
 
 
-def engine_generate(loaded, max_batch_size: int = 16):
-    """The server's engine, without an axis, as the builder's batched generate function."""
+def engine_generate(loaded, max_batch_size: int = 16, axis=None):
+    """The server's engine as the axis tools' batched generate function: without an axis (building
+    one), or capping every request with ``axis`` (calibrating)."""
     import asyncio
     import itertools
 
@@ -51,7 +52,7 @@ def engine_generate(loaded, max_batch_size: int = 16):
     from axiscap.server.metrics import ServingMetrics
     from axiscap.server.engines import SamplingParams
 
-    engine = Engine(loaded, None, ServingMetrics(loaded.name, [], [0.0]), max_batch_size=max_batch_size,
+    engine = Engine(loaded, axis, ServingMetrics(loaded.name, [], [0.0]), max_batch_size=max_batch_size,
                     max_waiting=1 << 20)
     seeds = itertools.count()
 
@@ -91,6 +92,35 @@ def _build(args: argparse.Namespace) -> None:
     finally:
         engine.stop()
     print(f"wrote {path} (stages in {cfg.work})")
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from contextlib import contextmanager
+
+    from axiscap.axes.calibrate import CalibrateConfig, calibrate
+    from axiscap.axes.role_scoring import EmbeddingScorer
+    from axiscap.server.engines.hf.model_loading import load_model
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = CalibrateConfig(model_name=args.model, axis_in=args.axis, out=args.out, quick=args.quick,
+                          starts=tuple(args.starts) if args.starts else None,
+                          capability_budget=args.capability_budget, max_new_tokens=args.max_new_tokens,
+                          **({"widths": tuple(args.widths)} if args.widths else {}),
+                          **({"percentiles": tuple(args.percentiles)} if args.percentiles else {}))
+    loaded = load_model(args.model, device=args.device, cache_dir=args.cache_dir)
+
+    @contextmanager
+    def generator_for(axis):
+        engine, generate = engine_generate(loaded, axis=axis)
+        engine.start()
+        try:
+            yield generate
+        finally:
+            engine.stop()
+
+    score = None if args.no_role_scoring else EmbeddingScorer().score
+    path = calibrate(cfg, loaded.model, loaded.tokenizer, generator_for, score)
+    print(f"wrote {path} (report in {cfg.report}, stages in {cfg.work})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +177,34 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--device", default="auto", help="cpu, cuda or auto")
     build.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/axiscap)")
     build.set_defaults(run=_build)
+
+    cal = axes.add_parser(
+        "calibrate", help="choose the capped band and tau of an axis file by a sweep (resumable)",
+        description="Sweep the capped band (first layer, width) and the tau percentile of an axis file (built "
+                    "or imported; its direction is kept). tau comes from the model's own answers to ordinary "
+                    "Assistant prompts (axes/data/calibration_prompts.json, train split). Each point is scored "
+                    "by the share of validation prompts whose greedy answer capping leaves identical, and by "
+                    "how far capping lifts role-play answers at the monitor layer; the point with the largest "
+                    "lift inside --capability-budget is written to OUT, then checked by generating for real. "
+                    "Writes OUT, a report (OUT's .calibration folder: table, Pareto plot) and stages in OUT's "
+                    ".calibrate folder; finished stages and measured points are skipped on a rerun.")
+    cal.add_argument("--axis", required=True, type=Path, help="the axis file to calibrate")
+    cal.add_argument("--model", default="smollm2-135m-instruct", help="model id or path (the axis's model)")
+    cal.add_argument("--out", required=True, type=Path, help="output axis file (may be the input file)")
+    cal.add_argument("--capability-budget", type=float, default=0.9,
+                     help="least share of validation answers that must stay identical with capping (default 0.9)")
+    cal.add_argument("--starts", type=int, nargs="+",
+                     help="first capped layers to try (default: every other layer from a third of the model "
+                          "to the monitor layer)")
+    cal.add_argument("--widths", type=int, nargs="+", help="band widths to try (default 2 4 6 8)")
+    cal.add_argument("--percentiles", type=float, nargs="+", help="tau percentiles to try (default 1 5 10 25)")
+    cal.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default 64)")
+    cal.add_argument("--no-role-scoring", action="store_true",
+                     help="skip the in-character share (needs the offline role scorer)")
+    cal.add_argument("--quick", action="store_true", help="a tiny slice of every stage (tests, smoke runs)")
+    cal.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    cal.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/axiscap)")
+    cal.set_defaults(run=_calibrate)
 
     add_eval_parser(commands)
     return parser

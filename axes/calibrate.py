@@ -1,0 +1,441 @@
+"""Choose an axis file's capped band and thresholds by sweeping them (``axiscap axes calibrate``).
+
+The axis direction stays as it is (built or imported); what is chosen is where to cap and how low:
+the band (first layer, width) and the percentile that sets tau at each capped layer. tau comes from
+ordinary Assistant work (``calibration_data``, train split), not from the persona data, so a point
+is judged on what capping costs ordinary answers and what it does to role-play:
+
+  capability  share of validation prompts whose greedy answer capping leaves identical, and the
+              change in perplexity of those answers
+  persona     lift of role-play answers' projection at the axis's monitor layer (as the server
+              reports it) when capped, on role prompts from the persona data
+
+Both are measured by teacher forcing: the uncapped greedy answer is run through the model once
+with and once without capping. A greedy answer is unchanged by capping exactly when capping changes
+no greedy choice along it (including where it ended), so one forward pass per point replaces a
+generation per point; capped and uncapped choices are compared within one kernel path.
+
+Stages (each writes one file in ``OUT.calibrate/``; a finished stage is skipped, and the sweep keeps
+every measured point, so an interrupted run continues where it stopped):
+  answers      answers.jsonl           greedy uncapped answers to calibration and role prompts (engine)
+  projections  projections.safetensors per-layer projections of the train answers' tokens
+  sweep        sweep.jsonl             one line per (band, percentile)
+  choose       OUT                     the point with the largest lift inside --capability-budget
+  verify       verify.json             the chosen and the input axis generating for real (engine)
+  report       calibration.md, pareto.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from axiscap.steering import AssistantAxis, AxisHooks, decoder_layers, load_axis, record_layer_outputs, save_axis
+
+from . import persona_data
+from .calibration_data import calibration_prompts
+from .pipeline import GenerateFn, ScoreFn, _stage
+
+log = logging.getLogger(__name__)
+
+# A running engine that generates with an axis (capping every request), or with none, for the block.
+GeneratorFor = Callable[[AssistantAxis | None], AbstractContextManager[GenerateFn]]
+
+
+@dataclass
+class CalibrateConfig:
+    model_name: str
+    axis_in: Path
+    out: Path
+    quick: bool = False
+    starts: tuple[int, ...] | None = None  # None: every other layer from a third of the model to the monitor layer
+    widths: tuple[int, ...] = (2, 4, 6, 8)
+    percentiles: tuple[float, ...] = (1.0, 5.0, 10.0, 25.0)
+    capability_budget: float = 0.9  # least share of validation answers capping must leave identical
+    max_new_tokens: int = 64
+    build_questions: int = 10  # role prompts ask the build's questions; the report's held-out ones stay unseen
+    held_out_roles: tuple[str, ...] = ("oracle",)
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if not 0 <= self.capability_budget <= 1:
+            raise ValueError(f"--capability-budget is a share between 0 and 1, not {self.capability_budget}")
+        if self.quick:
+            self.max_new_tokens, self.widths, self.percentiles = 8, (2,), (5.0, 25.0)
+
+    @property
+    def work(self) -> Path:
+        return self.out.parent / f"{self.out.stem}.calibrate"
+
+    @property
+    def input_copy(self) -> Path:
+        return self.work / "input.safetensors"
+
+    @property
+    def chosen(self) -> Path:
+        return self.work / "chosen.safetensors"
+
+    @property
+    def report(self) -> Path:
+        return self.out.parent / f"{self.out.stem}.calibration"
+
+
+@dataclass(frozen=True)
+class Point:
+    start: int
+    width: int
+    percentile: float
+
+    @property
+    def band(self) -> list[int]:
+        return list(range(self.start, self.start + self.width))
+
+    @property
+    def key(self) -> str:
+        return f"{self.start}:{self.start + self.width - 1}@p{self.percentile:g}"
+
+
+def sweep_points(cfg: CalibrateConfig, n_layers: int, monitor_layer: int) -> list[Point]:
+    """Bands end at or before the monitor layer, where the persona effect is read."""
+    starts = cfg.starts or tuple(range(n_layers // 3, monitor_layer, 2))
+    if cfg.quick:
+        starts = (max(0, monitor_layer - 2),)
+    return [Point(s, w, p) for s in starts for w in cfg.widths if s + w - 1 <= monitor_layer
+            for p in cfg.percentiles]
+
+
+def _rows(cfg: CalibrateConfig) -> list[dict]:
+    """Calibration prompts (train, validation) and one role prompt per role that is not held out."""
+    prompts = calibration_prompts()
+    if cfg.quick:
+        prompts = [p for split in ("train", "validation") for p in [q for q in prompts if q.split == split][:4]]
+    rows = [{"kind": p.split, "id": p.id, "messages": list(p.messages)} for p in prompts]
+    questions = persona_data.questions()[:cfg.build_questions]
+    roles = [r for r in persona_data.roles() if r.kind != "assistant-like" and r.name not in cfg.held_out_roles]
+    if cfg.quick:
+        roles = roles[:3]
+    for i, role in enumerate(roles):
+        question = questions[i % len(questions)]
+        rows.append({"kind": "role", "id": role.name, "question": question, "messages": [
+            {"role": "system", "content": role.system_prompts[0]}, {"role": "user", "content": question}]})
+    return rows
+
+
+def _generate_rows(generate: GenerateFn, rows: list[dict], max_new_tokens: int, desc: str) -> list[dict]:
+    out, chunk = [], 64
+    for start in tqdm(range(0, len(rows), chunk), desc=desc, unit="chunk"):
+        part = rows[start:start + chunk]
+        for row, (prompt_ids, answer_ids) in zip(part, generate([r["messages"] for r in part], 0.0, 1.0,
+                                                                 max_new_tokens)):
+            # Fewer tokens than allowed: the answer ended with end-of-sequence, which is a greedy choice too.
+            out.append({**row, "prompt_ids": prompt_ids, "answer_ids": answer_ids,
+                        "ended": len(answer_ids) < max_new_tokens})
+    return out
+
+
+def _answers(cfg: CalibrateConfig, generate: GenerateFn, path: Path) -> None:
+    rows = _generate_rows(generate, _rows(cfg), cfg.max_new_tokens, "answers (uncapped)")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _load_answers(cfg: CalibrateConfig) -> list[dict]:
+    return [json.loads(line) for line in (cfg.work / "answers.jsonl").read_text().splitlines()]
+
+
+@torch.inference_mode()
+def teacher_forced(model, rows: list[dict], axis: AssistantAxis, capping: bool, batch_size: int = 8,
+                   layers: list[int] | None = None) -> dict:
+    """Run each prompt + answer once, every position capped by ``axis`` or none. Per row: the greedy
+    choices along the answer (and after it, where it ended), the answer's summed NLL, and the mean
+    monitor-layer projection over the answer (before that layer's own cap, as the server reports it);
+    with ``layers``, also every answer token's projection onto each of those layers' axis."""
+    device = next(model.parameters()).device
+    hooks = AxisHooks(model, axis)
+    hooks.set_cap_mask(torch.ones(1, 1, dtype=torch.bool, device=device) if capping else None)
+    units = torch.stack([axis.unit(l) for l in layers]).to(device) if layers else None
+    choices, nll, monitor, per_layer = [], [], [], []
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            seqs = [r["prompt_ids"] + r["answer_ids"] for r in batch]
+            width = max(map(len, seqs))
+            ids = torch.tensor([[0] * (width - len(s)) + s for s in seqs], device=device)
+            mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+            with record_layer_outputs(model, layers or []) as store:
+                logits = model(input_ids=ids, attention_mask=mask,
+                               position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits.float()
+            for row, r in enumerate(batch):
+                n = len(r["answer_ids"])
+                steps = logits[row, width - n - 1:width - (0 if r["ended"] else 1)]  # position i chooses token i
+                choices.append(steps.argmax(-1).tolist())
+                target = torch.tensor(r["answer_ids"], device=device, dtype=torch.long)
+                nll.append((torch.logsumexp(steps[:n], -1) - steps[:n].gather(-1, target[:, None])[:, 0]).sum().item())
+                span = slice(width - max(n, 1), width)
+                monitor.append(hooks.monitor_projection[row, span].mean().item())
+                if layers:
+                    h = torch.stack([store[l][0][row, span].float() for l in layers])  # [layers, tokens, hidden]
+                    per_layer.append((h * units[:, None]).sum(-1).cpu())
+    finally:
+        hooks.remove()
+    return {"choices": choices, "nll": nll, "monitor": monitor, "per_layer": per_layer}
+
+
+def _projections(cfg: CalibrateConfig, model, axis: AssistantAxis, path: Path) -> None:
+    """Per-layer projections of the train answers' tokens, and the uncapped baseline of the checked rows."""
+    rows = _load_answers(cfg)
+    train = [r for r in rows if r["kind"] == "train"]
+    layers = list(range(axis.n_layers))
+    tokens = teacher_forced(model, train, axis, capping=False, batch_size=cfg.batch_size, layers=layers)["per_layer"]
+    checked = [r for r in rows if r["kind"] != "train"]
+    base = teacher_forced(model, checked, axis, capping=False, batch_size=cfg.batch_size)
+    save_file({"train": torch.cat(tokens, dim=1).contiguous()}, str(path),
+              metadata={"baseline": json.dumps({k: base[k] for k in ("choices", "nll", "monitor")})})
+
+
+def point_axis(axis: AssistantAxis, point: Point, train_projections: torch.Tensor) -> AssistantAxis:
+    """The input axis with this point's band, tau = the percentile of train-token projections per layer."""
+    q = point.percentile / 100
+    return dataclasses.replace(
+        axis, cap_layers=point.band, cap_thresholds=[torch.quantile(train_projections[l], q).item() for l in point.band],
+        percentile=point.percentile, n_samples=train_projections.shape[1], path=None)
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a share."""
+    if n == 0:
+        return (0.0, 1.0)
+    p, d = successes / n, 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mean_ci(values: list[float], z: float = 1.96) -> tuple[float, float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("inf")
+    return mean, mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n)
+
+
+def measure(rows: list[dict], baseline: dict, capped: dict) -> dict:
+    """Capability cost on the validation rows and persona effect on the role rows, capped vs uncapped."""
+    validation = [i for i, r in enumerate(rows) if r["kind"] == "validation"]
+    roles = [i for i, r in enumerate(rows) if r["kind"] == "role"]
+    same = sum(capped["choices"][i] == baseline["choices"][i] for i in validation)
+    tokens = sum(len(rows[i]["answer_ids"]) for i in validation) or 1
+    ppl = [math.exp(sum(run["nll"][i] for i in validation) / tokens) for run in (baseline, capped)]
+    lift, lo, hi = mean_ci([capped["monitor"][i] - baseline["monitor"][i] for i in roles])
+    return {"identical": same / len(validation), "identical_ci": wilson(same, len(validation)),
+            "n_validation": len(validation), "perplexity_change": ppl[1] / ppl[0] - 1,
+            "role_lift": lift, "role_lift_ci": (lo, hi), "n_roles": len(roles)}
+
+
+def _sweep(cfg: CalibrateConfig, model, axis: AssistantAxis, path: Path) -> None:
+    """Appends one line per point as it is measured: an interrupted sweep keeps what it measured."""
+    rows = [r for r in _load_answers(cfg) if r["kind"] != "train"]
+    proj_file = cfg.work / "projections.safetensors"
+    train = load_file(str(proj_file))["train"]
+    with safe_open(str(proj_file), framework="pt") as f:
+        baseline = json.loads(f.metadata()["baseline"])
+    progress = path.with_name("sweep.progress.jsonl")
+    done = {json.loads(line)["point"] for line in progress.read_text().splitlines()} if progress.exists() else set()
+    points = [p for p in sweep_points(cfg, axis.n_layers, axis.monitor_layer) if p.key not in done]
+    if done:
+        log.info("sweep: %d of %d points measured before", len(done), len(done) + len(points))
+    with progress.open("a") as f:
+        for point in tqdm(points, desc="sweep", unit="point"):
+            capped_axis = point_axis(axis, point, train)
+            capped = teacher_forced(model, rows, capped_axis, capping=True, batch_size=cfg.batch_size)
+            line = {"point": point.key, **dataclasses.asdict(point), "tau": capped_axis.cap_thresholds,
+                    **measure(rows, baseline, capped)}
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+    progress.rename(path)
+
+
+def load_sweep(cfg: CalibrateConfig) -> list[dict]:
+    return [json.loads(line) for line in (cfg.work / "sweep.jsonl").read_text().splitlines()]
+
+
+def choose(points: list[dict], budget: float) -> tuple[dict, bool]:
+    """The largest role-play lift among points inside the budget; if none is, the least costly point.
+    Returns the point and whether it is inside the budget."""
+    inside = [p for p in points if p["identical"] >= budget]
+    if inside:
+        return max(inside, key=lambda p: (p["role_lift"], p["identical"])), True
+    return max(points, key=lambda p: (p["identical"], p["role_lift"])), False
+
+
+def pareto_front(points: list[dict]) -> list[dict]:
+    """Points no other point beats on both identical share and lift."""
+    return [p for p in points if not any(
+        q["identical"] >= p["identical"] and q["role_lift"] >= p["role_lift"]
+        and (q["identical"], q["role_lift"]) != (p["identical"], p["role_lift"]) for q in points)]
+
+
+def _choose(cfg: CalibrateConfig, axis: AssistantAxis, path: Path) -> None:
+    chosen, inside = choose(load_sweep(cfg), cfg.capability_budget)
+    if not inside:
+        log.warning("no point keeps %.0f%% of validation answers identical; chose the least costly one (%s, %.0f%%)",
+                    100 * cfg.capability_budget, chosen["point"], 100 * chosen["identical"])
+    train = load_file(str(cfg.work / "projections.safetensors"))["train"]
+    point = Point(chosen["start"], chosen["width"], chosen["percentile"])
+    result = point_axis(axis, point, train)
+    # The server reads tau at the monitor layer (drift statistics, tokens below tau), so the monitor
+    # layer must be capped: kept if the band holds it, else the band's last layer (the build's rule).
+    if result.monitor_layer not in result.cap_layers:
+        result.monitor_layer = result.cap_layers[-1]
+    monitored = train[result.monitor_layer]
+    result.extra = {**axis.extra, "source": f"{axis.extra.get('source', axis.path)}; axiscap axes calibrate: "
+                    f"band {point.key} chosen for capability budget {cfg.capability_budget:g}",
+                    # Histogram buckets and the CUSUM slack follow ordinary Assistant traffic.
+                    "monitor_mean": repr(monitored.mean().item()), "monitor_std": repr(monitored.std().item()),
+                    "calibration": json.dumps({"budget": cfg.capability_budget, "inside_budget": inside,
+                                               "point": chosen["point"]})}
+    save_axis(result, path)
+
+
+def _verify(cfg: CalibrateConfig, model, tokenizer, axes: dict[str, AssistantAxis], generator_for: GeneratorFor,
+            score: ScoreFn | None, path: Path) -> None:
+    """Each axis generating for real (the engine, capping on) on the checked rows: validation answers
+    left identical, role-play lift as the server reports it, and role answers still in character."""
+    rows = [r for r in _load_answers(cfg) if r["kind"] != "train"]
+    roles = {r.name: r for r in persona_data.roles()}
+    role_rows = [r for r in rows if r["kind"] == "role"]
+    validation = [i for i, r in enumerate(rows) if r["kind"] == "validation"]
+
+    def in_character(answers: list[dict]) -> int | None:
+        if score is None:
+            return None
+        texts = [tokenizer.decode(a["answer_ids"], skip_special_tokens=True) for a in answers]
+        return sum(s == 3 for s in score(texts, [roles[a["id"]] for a in answers], [a["question"] for a in answers]))
+
+    result = {"n_validation": len(validation), "n_roles": len(role_rows),
+              "uncapped": {"in_character": in_character(role_rows)}}
+    for name, axis in axes.items():
+        with generator_for(axis) as generate:
+            answers = _generate_rows(generate, rows, cfg.max_new_tokens, f"verify ({name} axis, capped)")
+        same = sum(answers[i]["answer_ids"] == rows[i]["answer_ids"] for i in validation)
+        capped_roles = [a for a in answers if a["kind"] == "role"]
+        before = teacher_forced(model, role_rows, axis, capping=False, batch_size=cfg.batch_size)["monitor"]
+        after = teacher_forced(model, capped_roles, axis, capping=True, batch_size=cfg.batch_size)["monitor"]
+        lift, lo, hi = mean_ci([a - b for a, b in zip(after, before)])
+        result[name] = {"band": f"{axis.cap_layers[0]}:{axis.cap_layers[-1]}", "percentile": axis.percentile,
+                        "identical": same / len(validation), "identical_ci": wilson(same, len(validation)),
+                        "role_lift": lift, "role_lift_ci": (lo, hi), "in_character": in_character(capped_roles)}
+    path.write_text(json.dumps(result, indent=1))
+
+
+def _report(cfg: CalibrateConfig, axis_in: AssistantAxis, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    points = load_sweep(cfg)
+    chosen = json.loads(load_axis(cfg.chosen).extra["calibration"])
+    front = pareto_front(points)
+    verify = json.loads((cfg.work / "verify.json").read_text())
+    rows = _load_answers(cfg)
+    counts = {k: sum(r["kind"] == k for r in rows) for k in ("train", "validation", "role")}
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.scatter([p["identical"] for p in points], [p["role_lift"] for p in points], s=14, c="0.6", label="sweep point")
+    front_sorted = sorted(front, key=lambda p: p["identical"])
+    ax.plot([p["identical"] for p in front_sorted], [p["role_lift"] for p in front_sorted], "o-", c="C0",
+            label="Pareto front")
+    best = next(p for p in points if p["point"] == chosen["point"])
+    ax.scatter([best["identical"]], [best["role_lift"]], s=120, marker="*", c="C3", zorder=3,
+               label=f"chosen {best['point']}")
+    ax.axvline(cfg.capability_budget, ls="--", c="C3", lw=1, label=f"budget {cfg.capability_budget:g}")
+    ax.set(xlabel=f"validation answers identical with capping (of {counts['validation']})",
+           ylabel=f"role-play lift at layer {axis_in.monitor_layer} (mean of {counts['role']})",
+           title="Capping sweep: capability kept vs persona pulled back")
+    ax.legend(fontsize=8)
+    fig.savefig(folder / "pareto.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+    def share(x, ci):
+        return f"{100 * x:.0f}% [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
+
+    def lift(x, ci):
+        return f"{x:+.1f} [{ci[0]:+.1f}, {ci[1]:+.1f}]"
+
+    def in_char(n):
+        return "not scored" if n is None else f"{n} of {verify['n_roles']}"
+
+    lines = [
+        f"# Capping calibration: {cfg.model_name}", "",
+        f"Input axis: `{cfg.axis_in}` (band {axis_in.cap_layers[0]}–{axis_in.cap_layers[-1]}, "
+        f"p{axis_in.percentile:g}, monitor layer {axis_in.monitor_layer}). Direction unchanged; band and tau swept.",
+        "",
+        f"- tau: percentile of {counts['train']} train-split Assistant answers' token projections per layer "
+        f"(`axes/data/calibration_prompts.json`).",
+        f"- capability: {counts['validation']} validation-split prompts, greedy answers identical with capping "
+        "(teacher-forced: capping changes no greedy choice along the uncapped answer), and the change in their perplexity.",
+        f"- persona: {counts['role']} role prompts (one per non-Assistant role, the build's questions), mean lift of "
+        f"their answers' projection at the monitor layer, capped vs uncapped.",
+        "- held out from all of it: the axis report's held-out roles and questions, and the `axiscap eval` suites.",
+        "- intervals: 95% (Wilson for shares, normal for mean lifts).", "",
+        f"**Chosen**: {chosen['point']} for a capability budget of {cfg.capability_budget:g}"
+        + ("" if chosen["inside_budget"] else " (no point met the budget: the least costly one)") + ".", "",
+        "## Generating for real (engine, greedy, capping on)", "",
+        "| axis | band | percentile | validation identical | role-play lift | role answers in character |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| uncapped | – | – | – | – | {in_char(verify['uncapped']['in_character'])} |",
+    ]
+    for name in ("input", "chosen"):
+        v = verify[name]
+        lines.append(f"| {name} | {v['band']} | {v['percentile']:g} | {share(v['identical'], v['identical_ci'])} | "
+                     f"{lift(v['role_lift'], v['role_lift_ci'])} | {in_char(v['in_character'])} |")
+    lines += ["", "![Pareto](pareto.png)", "", "## Sweep (teacher-forced)", "",
+              "| band | percentile | identical | perplexity change | role-play lift | front |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    front_keys = {p["point"] for p in front}
+    for p in sorted(points, key=lambda p: (p["start"], p["width"], p["percentile"])):
+        lines.append(f"| {p['start']}–{p['start'] + p['width'] - 1} | {p['percentile']:g} | "
+                     f"{share(p['identical'], p['identical_ci'])} | {100 * p['perplexity_change']:+.1f}% | "
+                     f"{lift(p['role_lift'], p['role_lift_ci'])} | {'◆' if p['point'] in front_keys else ''} |")
+    (folder / "calibration.md").write_text("\n".join(lines) + "\n")
+    # The figures behind the table, for whoever wants to choose differently.
+    shutil.copyfile(cfg.work / "sweep.jsonl", folder / "sweep.jsonl")
+    shutil.copyfile(cfg.work / "verify.json", folder / "verify.json")
+
+
+def calibrate(cfg: CalibrateConfig, model, tokenizer, generator_for: GeneratorFor, score: ScoreFn | None) -> Path:
+    """Run every stage that has not run yet and write the chosen axis to ``cfg.out`` (which may be
+    the input file: the input is kept in the work folder, so a resumed run still starts from it)."""
+    n_layers, hidden = len(decoder_layers(model)), model.config.get_text_config().hidden_size
+    cfg.work.mkdir(parents=True, exist_ok=True)
+    _stage("input", cfg.input_copy, lambda p: save_axis(load_axis(cfg.axis_in, n_layers, hidden), p))
+    axis_in = load_axis(cfg.input_copy, n_layers, hidden)
+
+    def answers(p):
+        with generator_for(None) as generate:
+            _answers(cfg, generate, p)
+
+    _stage("answers", cfg.work / "answers.jsonl", answers)
+    _stage("projections", cfg.work / "projections.safetensors", lambda p: _projections(cfg, model, axis_in, p))
+    _stage("sweep", cfg.work / "sweep.jsonl", lambda p: _sweep(cfg, model, axis_in, p))
+    _stage("choose", cfg.chosen, lambda p: _choose(cfg, axis_in, p))
+    _stage("verify", cfg.work / "verify.json", lambda p: _verify(
+        cfg, model, tokenizer, {"input": axis_in, "chosen": load_axis(cfg.chosen)}, generator_for, score, p))
+    _stage("report", cfg.report, lambda p: _report(cfg, axis_in, p))
+    # A new file moved into place: a process still reading the old one (memory-mapped) keeps it.
+    partial = cfg.out.with_name(cfg.out.name + ".partial")
+    shutil.copyfile(cfg.chosen, partial)
+    os.replace(partial, cfg.out)
+    return cfg.out

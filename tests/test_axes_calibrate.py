@@ -1,0 +1,152 @@
+"""`axiscap axes calibrate`: the sweep's measures, the choice under a budget, stages and resuming."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from axiscap.axes.calibrate import CalibrateConfig, Point, choose, pareto_front, sweep_points, teacher_forced, wilson
+from axiscap.steering import AxisHooks, load_axis
+
+from .conftest import REPO, chat_ids
+
+SHIPPED = REPO / "axes" / "smollm2-135m-instruct.safetensors"
+
+
+def calibrate(axis, out, *flags):
+    return subprocess.run([sys.executable, "-m", "axiscap.cli", "axes", "calibrate", "--quick", "--device", "cpu",
+                           "--axis", str(axis), "--out", str(out), *flags],
+                          capture_output=True, text=True, timeout=600)
+
+
+def point(key, identical, lift):
+    return {"point": key, "identical": identical, "role_lift": lift}
+
+
+def test_choice_is_the_largest_lift_inside_the_budget():
+    points = [point("a", 0.95, 5.0), point("b", 0.91, 12.0), point("c", 0.80, 30.0), point("d", 0.99, 1.0)]
+    assert choose(points, 0.9) == (points[1], True)
+    assert choose(points, 0.96) == (points[3], True)
+    assert choose(points, 0.75) == (points[2], True)
+    # Nothing inside: the least costly point, flagged.
+    assert choose(points[:3], 0.999) == (points[0], False)
+    assert {p["point"] for p in pareto_front(points)} == {"b", "c", "d", "a"}
+    assert {p["point"] for p in pareto_front([*points, point("e", 0.90, 11.0)])} == {"a", "b", "c", "d"}
+
+
+def test_wilson_interval():
+    lo, hi = wilson(7, 10)
+    assert lo == pytest.approx(0.3968, abs=1e-3) and hi == pytest.approx(0.8922, abs=1e-3)
+    assert wilson(0, 5)[0] == 0.0 and wilson(5, 5)[1] == 1.0
+
+
+def test_swept_bands_end_at_or_before_the_monitor_layer(tmp_path):
+    cfg = CalibrateConfig("m", tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    points = sweep_points(cfg, n_layers=30, monitor_layer=26)
+    assert points and all(p.start + p.width - 1 <= 26 for p in points)
+    assert {p.start for p in points} == set(range(10, 26, 2)) and {p.percentile for p in points} == {1, 5, 10, 25}
+    assert Point(21, 6, 25.0).band == [21, 22, 23, 24, 25, 26] and Point(21, 6, 25.0).key == "21:26@p25"
+
+
+@torch.inference_mode()
+def test_teacher_forcing_tells_which_greedy_answers_capping_changes(smollm2):
+    """The sweep's capability measure stands in for generating each point: an answer is unchanged by
+    capping exactly when capping changes no greedy choice along the uncapped answer."""
+    model, tokenizer = smollm2.model, smollm2.tokenizer
+    axis = load_axis(SHIPPED)
+    questions = ["What is the capital of Japan?", "Write a haiku about rain.", "How do I sort a list in Python?",
+                 "Tell me about yourself.", "Give me three tips for sleeping better.", "What is 17 times 3?"]
+    hooks = AxisHooks(model, axis)
+    rows, changed = [], []
+    try:
+        for q in questions:
+            ids = chat_ids(tokenizer, q)
+            runs = []
+            for capping in (False, True):
+                hooks.set_cap_mask(torch.ones(1, 1, dtype=torch.bool) if capping else None)
+                out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+                runs.append([t for t in out if t != tokenizer.eos_token_id])
+            rows.append({"prompt_ids": ids, "answer_ids": runs[0], "ended": len(runs[0]) < 12})
+            changed.append(runs[0] != runs[1])
+    finally:
+        hooks.remove()
+    uncapped = teacher_forced(model, rows, axis, capping=False, batch_size=4)
+    capped = teacher_forced(model, rows, axis, capping=True, batch_size=4)
+    assert [c != u for c, u in zip(capped["choices"], uncapped["choices"])] == changed
+    assert any(changed) and not all(changed), "the check needs both kinds of answer"
+    # Uncapped teacher forcing chooses the answer that was generated (and its end).
+    for row, choices in zip(rows, uncapped["choices"]):
+        assert choices[:len(row["answer_ids"])] == row["answer_ids"]
+    # Capping lifts the monitor projection of these answers, and never lowers it.
+    assert all(c >= u - 1e-3 for c, u in zip(capped["monitor"], uncapped["monitor"]))
+
+
+def paper_files(folder):
+    """The shipped axis in the paper's published layout (role-ward vectors, caps as ceilings)."""
+    shipped = load_axis(SHIPPED)
+    vectors = {f"layer_{l}/contrast": {"vector": -shipped.axis[l] * 2, "layer": l} for l in shipped.cap_layers}
+    caps = [{"vector": f"layer_{l}/contrast", "cap": -shipped.threshold(l)} for l in shipped.cap_layers]
+    torch.save(shipped.axis, folder / "assistant_axis.pt")
+    torch.save({"vectors": vectors, "experiments": [{"id": "layers_21:27-p0.25", "interventions": caps}]},
+               folder / "capping_config.pt")
+
+
+def test_quick_calibration_of_an_imported_paper_axis_respects_the_budget_and_resumes(smollm2, tmp_path):
+    paper_files(tmp_path)
+    axis = tmp_path / "axis.safetensors"
+    imported = subprocess.run([sys.executable, "-m", "axiscap.cli", "axes", "import-paper", "--axis-pt",
+                               str(tmp_path / "assistant_axis.pt"), "--config", str(tmp_path / "capping_config.pt"),
+                               "--experiment", "0", "--model", "smollm2-135m-instruct", "--out", str(axis)],
+                              capture_output=True, text=True, timeout=120)
+    assert imported.returncode == 0, imported.stderr
+    original = load_axis(axis)
+    assert original.cap_layers == list(range(21, 27)) and original.monitor_layer == 24  # the band's middle
+
+    first = calibrate(axis, axis, "--capability-budget", "0.5")  # the input file itself is replaced
+    assert first.returncode == 0, first.stderr[-3000:]
+    for stage in ("input", "answers", "projections", "sweep", "choose", "verify", "report"):
+        assert f"stage {stage}\n" in first.stderr
+    work, report = tmp_path / "axis.calibrate", tmp_path / "axis.calibration"
+    assert {p.name for p in report.iterdir()} == {"calibration.md", "pareto.png", "sweep.jsonl", "verify.json"}
+    points = [json.loads(line) for line in (work / "sweep.jsonl").read_text().splitlines()]
+    assert [p["point"] for p in points] == ["22:23@p5", "22:23@p25"]  # --quick: one band ending before layer 24
+    chosen = load_axis(axis, n_layers=30, hidden_size=576)
+    picked = next(p for p in points if p["point"] == json.loads(chosen.extra["calibration"])["point"])
+    assert picked["identical"] >= 0.5
+    assert picked["role_lift"] == max(p["role_lift"] for p in points if p["identical"] >= 0.5)
+    assert chosen.cap_layers == [22, 23] and chosen.cap_thresholds == pytest.approx(picked["tau"])
+    assert chosen.percentile == picked["percentile"]
+    torch.testing.assert_close(chosen.axis, original.axis)  # the direction is kept
+    assert chosen.monitor_layer == 23  # the server reads tau at the monitor layer: it moves into the band
+    assert points[0]["tau"][0] < points[1]["tau"][0]  # tau at a layer rises with the percentile
+    verify = json.loads((report / "verify.json").read_text())
+    assert verify["input"]["band"] == "21:26" and verify["chosen"]["band"] == "22:23"
+    assert verify["n_validation"] == 4 and verify["n_roles"] == 3
+    text = (report / "calibration.md").read_text()
+    assert "**Chosen**: " + picked["point"] in text and "| 22–23 | 25 |" in text
+
+    # Interrupted in the sweep after one point: the rerun measures only the other, and later stages rerun.
+    (work / "sweep.progress.jsonl").write_text((work / "sweep.jsonl").read_text().splitlines()[0] + "\n")
+    for name in ("sweep.jsonl", "chosen.safetensors", "verify.json"):
+        (work / name).unlink()
+    shutil.rmtree(report)
+    again = calibrate(axis, axis, "--capability-budget", "1.0", "--no-role-scoring")
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in ("input", "answers", "projections"):
+        assert f"stage {stage}: " in again.stderr
+    assert "1 of 2 points measured before" in again.stderr
+    assert [json.loads(line)["point"] for line in (work / "sweep.jsonl").read_text().splitlines()] == \
+        ["22:23@p5", "22:23@p25"]
+    # Started from the kept input, not from the file the first run replaced.
+    assert json.loads((report / "verify.json").read_text())["input"]["band"] == "21:26"
+
+
+def test_a_budget_outside_zero_to_one_is_refused(tmp_path):
+    run = calibrate(SHIPPED, tmp_path / "x.safetensors", "--capability-budget", "90")
+    assert run.returncode == 2 and "--capability-budget is a share between 0 and 1, not 90" in run.stderr
