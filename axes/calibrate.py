@@ -15,14 +15,18 @@ with and once without capping. A greedy answer is unchanged by capping exactly w
 no greedy choice along it (including where it ended), so one forward pass per point replaces a
 generation per point; capped and uncapped choices are compared within one kernel path.
 
-Stages (each writes one file in ``OUT.calibrate/``; a finished stage is skipped, and the sweep keeps
-every measured point, so an interrupted run continues where it stopped):
+Stages (in ``OUT.calibrate/``; a finished stage is skipped, so an interrupted run continues where it
+stopped):
+  input        input.safetensors       a copy of the input axis (OUT may replace the input file)
   answers      answers.jsonl           greedy uncapped answers to calibration and role prompts (engine)
   projections  projections.safetensors per-layer projections of the train answers' tokens
-  sweep        sweep.jsonl             one line per (band, percentile)
-  choose       OUT                     the point with the largest lift inside --capability-budget
+  sweep        sweep.jsonl             one line per (band, percentile), appended as measured: only the
+                                       grid's points not measured yet run (a wider grid adds its new ones)
+  choose       chosen.safetensors      the point with the largest lift inside --capability-budget; a new
+                                       choice (other budget or grid) sends verify and report again
   verify       verify.json             the chosen and the input axis generating for real (engine)
-  report       calibration.md, pareto.png
+  report       OUT.calibration/        calibration.md, pareto.png, the points and the verification
+and the chosen axis is copied to OUT.
 """
 
 from __future__ import annotations
@@ -242,31 +246,32 @@ def measure(rows: list[dict], baseline: dict, capped: dict) -> dict:
             "role_lift": lift, "role_lift_ci": (lo, hi), "n_roles": len(roles)}
 
 
-def _sweep(cfg: CalibrateConfig, model, axis: AssistantAxis, path: Path) -> None:
-    """Appends one line per point as it is measured: an interrupted sweep keeps what it measured."""
-    rows = [r for r in _load_answers(cfg) if r["kind"] != "train"]
-    proj_file = cfg.work / "projections.safetensors"
-    train = load_file(str(proj_file))["train"]
-    with safe_open(str(proj_file), framework="pt") as f:
-        baseline = json.loads(f.metadata()["baseline"])
-    progress = path.with_name("sweep.progress.jsonl")
-    done = {json.loads(line)["point"] for line in progress.read_text().splitlines()} if progress.exists() else set()
-    points = [p for p in sweep_points(cfg, axis.n_layers, axis.monitor_layer) if p.key not in done]
-    if done:
-        log.info("sweep: %d of %d points measured before", len(done), len(done) + len(points))
-    with progress.open("a") as f:
-        for point in tqdm(points, desc="sweep", unit="point"):
-            capped_axis = point_axis(axis, point, train)
-            capped = teacher_forced(model, rows, capped_axis, capping=True, batch_size=cfg.batch_size)
-            line = {"point": point.key, **dataclasses.asdict(point), "tau": capped_axis.cap_thresholds,
-                    **measure(rows, baseline, capped)}
-            f.write(json.dumps(line) + "\n")
-            f.flush()
-    progress.rename(path)
-
-
-def load_sweep(cfg: CalibrateConfig) -> list[dict]:
-    return [json.loads(line) for line in (cfg.work / "sweep.jsonl").read_text().splitlines()]
+def _sweep(cfg: CalibrateConfig, model, axis: AssistantAxis) -> list[dict]:
+    """Measure the grid's points that ``sweep.jsonl`` does not hold yet, appending each as it is
+    measured (an interrupted sweep keeps what it measured; a wider grid adds only its new points).
+    Returns the grid's points."""
+    path = cfg.work / "sweep.jsonl"
+    measured = {p["point"]: p for p in map(json.loads, path.read_text().splitlines())} if path.exists() else {}
+    grid = sweep_points(cfg, axis.n_layers, axis.monitor_layer)
+    missing = [p for p in grid if p.key not in measured]
+    if not missing:
+        log.info("stage sweep: all %d points measured before, skipped", len(grid))
+    else:
+        log.info("stage sweep: %d of %d points measured before", len(grid) - len(missing), len(grid))
+        rows = [r for r in _load_answers(cfg) if r["kind"] != "train"]
+        proj_file = cfg.work / "projections.safetensors"
+        train = load_file(str(proj_file))["train"]
+        with safe_open(str(proj_file), framework="pt") as f:
+            baseline = json.loads(f.metadata()["baseline"])
+        with path.open("a") as f:
+            for point in tqdm(missing, desc="sweep", unit="point"):
+                capped_axis = point_axis(axis, point, train)
+                capped = teacher_forced(model, rows, capped_axis, capping=True, batch_size=cfg.batch_size)
+                measured[point.key] = {"point": point.key, **dataclasses.asdict(point),
+                                       "tau": capped_axis.cap_thresholds, **measure(rows, baseline, capped)}
+                f.write(json.dumps(measured[point.key]) + "\n")
+                f.flush()
+    return [measured[p.key] for p in grid]
 
 
 def choose(points: list[dict], budget: float) -> tuple[dict, bool]:
@@ -285,8 +290,15 @@ def pareto_front(points: list[dict]) -> list[dict]:
         and (q["identical"], q["role_lift"]) != (p["identical"], p["role_lift"]) for q in points)]
 
 
-def _choose(cfg: CalibrateConfig, axis: AssistantAxis, path: Path) -> None:
-    chosen, inside = choose(load_sweep(cfg), cfg.capability_budget)
+def _choose(cfg: CalibrateConfig, axis: AssistantAxis, points: list[dict]) -> bool:
+    """Write the chosen axis unless the one there already is this grid's choice for this budget;
+    returns whether it wrote one."""
+    chosen, inside = choose(points, cfg.capability_budget)
+    record = {"budget": cfg.capability_budget, "inside_budget": inside, "point": chosen["point"]}
+    if cfg.chosen.exists() and json.loads(load_axis(cfg.chosen).extra.get("calibration", "{}")) == record:
+        log.info("stage choose: %s, as before, skipped", chosen["point"])
+        return False
+    log.info("stage choose: %s", chosen["point"])
     if not inside:
         log.warning("no point keeps %.0f%% of validation answers identical; chose the least costly one (%s, %.0f%%)",
                     100 * cfg.capability_budget, chosen["point"], 100 * chosen["identical"])
@@ -302,9 +314,11 @@ def _choose(cfg: CalibrateConfig, axis: AssistantAxis, path: Path) -> None:
                     f"band {point.key} chosen for capability budget {cfg.capability_budget:g}",
                     # Histogram buckets and the CUSUM slack follow ordinary Assistant traffic.
                     "monitor_mean": repr(monitored.mean().item()), "monitor_std": repr(monitored.std().item()),
-                    "calibration": json.dumps({"budget": cfg.capability_budget, "inside_budget": inside,
-                                               "point": chosen["point"]})}
-    save_axis(result, path)
+                    "calibration": json.dumps(record)}
+    partial = cfg.chosen.with_name(cfg.chosen.name + ".partial")
+    save_axis(result, partial)
+    os.replace(partial, cfg.chosen)
+    return True
 
 
 def _verify(cfg: CalibrateConfig, model, tokenizer, axes: dict[str, AssistantAxis], generator_for: GeneratorFor,
@@ -338,14 +352,13 @@ def _verify(cfg: CalibrateConfig, model, tokenizer, axes: dict[str, AssistantAxi
     path.write_text(json.dumps(result, indent=1))
 
 
-def _report(cfg: CalibrateConfig, axis_in: AssistantAxis, folder: Path) -> None:
+def _report(cfg: CalibrateConfig, axis_in: AssistantAxis, points: list[dict], folder: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    points = load_sweep(cfg)
     chosen = json.loads(load_axis(cfg.chosen).extra["calibration"])
     front = pareto_front(points)
     verify = json.loads((cfg.work / "verify.json").read_text())
@@ -411,7 +424,7 @@ def _report(cfg: CalibrateConfig, axis_in: AssistantAxis, folder: Path) -> None:
                      f"{lift(p['role_lift'], p['role_lift_ci'])} | {'◆' if p['point'] in front_keys else ''} |")
     (folder / "calibration.md").write_text("\n".join(lines) + "\n")
     # The figures behind the table, for whoever wants to choose differently.
-    shutil.copyfile(cfg.work / "sweep.jsonl", folder / "sweep.jsonl")
+    (folder / "sweep.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
     shutil.copyfile(cfg.work / "verify.json", folder / "verify.json")
 
 
@@ -429,11 +442,13 @@ def calibrate(cfg: CalibrateConfig, model, tokenizer, generator_for: GeneratorFo
 
     _stage("answers", cfg.work / "answers.jsonl", answers)
     _stage("projections", cfg.work / "projections.safetensors", lambda p: _projections(cfg, model, axis_in, p))
-    _stage("sweep", cfg.work / "sweep.jsonl", lambda p: _sweep(cfg, model, axis_in, p))
-    _stage("choose", cfg.chosen, lambda p: _choose(cfg, axis_in, p))
+    points = _sweep(cfg, model, axis_in)
+    if _choose(cfg, axis_in, points):  # a new choice: what was checked and reported was another's
+        (cfg.work / "verify.json").unlink(missing_ok=True)
+        shutil.rmtree(cfg.report, ignore_errors=True)
     _stage("verify", cfg.work / "verify.json", lambda p: _verify(
         cfg, model, tokenizer, {"input": axis_in, "chosen": load_axis(cfg.chosen)}, generator_for, score, p))
-    _stage("report", cfg.report, lambda p: _report(cfg, axis_in, p))
+    _stage("report", cfg.report, lambda p: _report(cfg, axis_in, points, p))
     # A new file moved into place: a process still reading the old one (memory-mapped) keeps it.
     partial = cfg.out.with_name(cfg.out.name + ".partial")
     shutil.copyfile(cfg.chosen, partial)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -110,8 +109,9 @@ def test_quick_calibration_of_an_imported_paper_axis_respects_the_budget_and_res
 
     first = calibrate(axis, axis, "--capability-budget", "0.5")  # the input file itself is replaced
     assert first.returncode == 0, first.stderr[-3000:]
-    for stage in ("input", "answers", "projections", "sweep", "choose", "verify", "report"):
+    for stage in ("input", "answers", "projections", "verify", "report"):
         assert f"stage {stage}\n" in first.stderr
+    assert "stage sweep: 0 of 2 points measured before" in first.stderr and "stage choose: 22:23@p" in first.stderr
     work, report = tmp_path / "axis.calibrate", tmp_path / "axis.calibration"
     assert {p.name for p in report.iterdir()} == {"calibration.md", "pareto.png", "sweep.jsonl", "verify.json"}
     points = [json.loads(line) for line in (work / "sweep.jsonl").read_text().splitlines()]
@@ -131,18 +131,22 @@ def test_quick_calibration_of_an_imported_paper_axis_respects_the_budget_and_res
     text = (report / "calibration.md").read_text()
     assert "**Chosen**: " + picked["point"] in text and "| 22–23 | 25 |" in text
 
-    # Interrupted in the sweep after one point: the rerun measures only the other, and later stages rerun.
-    (work / "sweep.progress.jsonl").write_text((work / "sweep.jsonl").read_text().splitlines()[0] + "\n")
-    for name in ("sweep.jsonl", "chosen.safetensors", "verify.json"):
-        (work / name).unlink()
-    shutil.rmtree(report)
+    # Interrupted in the sweep after one point: the rerun measures only the other; a new budget, a new choice.
+    (work / "sweep.jsonl").write_text((work / "sweep.jsonl").read_text().splitlines()[0] + "\n")
     again = calibrate(axis, axis, "--capability-budget", "1.0", "--no-role-scoring")
     assert again.returncode == 0, again.stderr[-3000:]
     for stage in ("input", "answers", "projections"):
         assert f"stage {stage}: " in again.stderr
-    assert "1 of 2 points measured before" in again.stderr
+    assert "stage sweep: 1 of 2 points measured before" in again.stderr
     assert [json.loads(line)["point"] for line in (work / "sweep.jsonl").read_text().splitlines()] == \
         ["22:23@p5", "22:23@p25"]
+    assert "stage verify\n" in again.stderr and "stage report\n" in again.stderr
+    assert json.loads(load_axis(axis).extra["calibration"])["budget"] == 1.0
+    # Nothing new: every stage is skipped.
+    third = calibrate(axis, axis, "--capability-budget", "1.0")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "all 2 points measured before, skipped" in third.stderr and "as before, skipped" in third.stderr
+    assert "stage verify: " in third.stderr and "stage report: " in third.stderr
     # Started from the kept input, not from the file the first run replaced.
     assert json.loads((report / "verify.json").read_text())["input"]["band"] == "21:26"
 
