@@ -47,6 +47,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from axiscap.stats import mean_ci, wilson
 from axiscap.steering import AssistantAxis, AxisHooks, decoder_layers, load_axis, record_layer_outputs, save_axis
 
 from . import persona_data
@@ -67,7 +68,7 @@ class CalibrateConfig:
     quick: bool = False
     starts: tuple[int, ...] | None = None  # None: every other layer from a third of the model to the monitor layer
     widths: tuple[int, ...] = (2, 4, 6, 8)
-    percentiles: tuple[float, ...] = (1.0, 5.0, 10.0, 25.0)
+    percentiles: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0, 10.0, 25.0)
     capability_budget: float = 0.9  # least share of validation answers capping must leave identical
     max_new_tokens: int = 64
     build_questions: int = 10  # role prompts ask the build's questions; the report's held-out ones stay unseen
@@ -215,22 +216,6 @@ def point_axis(axis: AssistantAxis, point: Point, train_projections: torch.Tenso
     return dataclasses.replace(
         axis, cap_layers=point.band, cap_thresholds=[torch.quantile(train_projections[l], q).item() for l in point.band],
         percentile=point.percentile, n_samples=train_projections.shape[1], path=None)
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a share."""
-    if n == 0:
-        return (0.0, 1.0)
-    p, d = successes / n, 1 + z * z / n
-    centre, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def mean_ci(values: list[float], z: float = 1.96) -> tuple[float, float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("inf")
-    return mean, mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n)
 
 
 def measure(rows: list[dict], baseline: dict, capped: dict) -> dict:

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="first capped layers to try (default: every other layer from a third of the model "
                           "to the monitor layer)")
     cal.add_argument("--widths", type=int, nargs="+", help="band widths to try (default 2 4 6 8)")
-    cal.add_argument("--percentiles", type=float, nargs="+", help="tau percentiles to try (default 1 5 10 25)")
+    cal.add_argument("--percentiles", type=float, nargs="+", help="tau percentiles to try (default 1 2 3 5 10 25)")
     cal.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default 64)")
     cal.add_argument("--no-role-scoring", action="store_true",
                      help="skip the in-character share (needs the offline role scorer)")

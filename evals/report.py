@@ -7,6 +7,8 @@ from pathlib import Path
 
 import matplotlib
 
+from axiscap.stats import wilson
+
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -89,8 +91,9 @@ def _markdown(results: dict, meta: dict) -> str:
               "| request / condition | n | complied | in character | mean projection |",
               "| --- | --- | --- | --- | --- |"]
     for label, row in jail["summary"].items():
-        lines.append(f"| {label} | {row['n']} | {_fmt(row['complied'])} | {_fmt(row['in_character'])} | "
-                     f"{_fmt(row['mean_projection'])} |")
+        lines.append(f"| {label} | {row['n']} | {_share(row['complied'], row['n'])} | "
+                     f"{_share(row['in_character'], row['n'])} | {_fmt(row['mean_projection'])} |")
+    lines += ["", "Shares with their 95% Wilson intervals in brackets."]
     lines += ["", f"Correlation of an answer's mean projection with compliance on the harmful requests "
                   f"(both conditions): r = {_fmt(jail['projection_vs_compliance_r'])} (the paper reports "
                   "projection predicting harmful compliance with |r| ≈ 0.39–0.52 on 27–70B models).", "",
@@ -102,11 +105,21 @@ def _markdown(results: dict, meta: dict) -> str:
                   f"(compliance precision {v['compliance_precision']:.2f}, recall {v['compliance_recall']:.2f}).", ""]
     lines += ["## Capability", "",
               f"- Neutral prompts answered identically capped and uncapped (temperature 0): "
-              f"{cap['identical_share']:.0%} of {len(cap['records'])}.",
+              f"{cap['identical_share']:.0%} of {len(cap['records'])} "
+              f"(95% interval {_interval(cap['identical_share'], len(cap['records']))}).",
               f"- Perplexity on {len(cap['perplexity'])} neutral passages: capped "
               f"{_fmt(cap['mean_perplexity']['capped'])}, uncapped {_fmt(cap['mean_perplexity']['uncapped'])} "
               f"(mean change {cap['perplexity_change']:+.1%}).", ""]
     return "\n".join(lines)
+
+
+def _interval(share: float, n: int) -> str:
+    lo, hi = wilson(round(share * n), n)
+    return f"{lo:.0%}–{hi:.0%}"
+
+
+def _share(share: float | None, n: int) -> str:
+    return "–" if share is None else f"{share:.3f} [{_interval(share, n)}]"
 
 
 def _n_turns(drift: dict) -> int:

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from axiscap.axes.calibrate import CalibrateConfig, Point, choose, pareto_front, sweep_points, teacher_forced, wilson
+from axiscap.axes.calibrate import CalibrateConfig, Point, choose, pareto_front, sweep_points, teacher_forced
+from axiscap.stats import mean_ci, wilson
 from axiscap.steering import AxisHooks, load_axis
 
 from .conftest import REPO, chat_ids
@@ -38,17 +39,19 @@ def test_choice_is_the_largest_lift_inside_the_budget():
     assert {p["point"] for p in pareto_front([*points, point("e", 0.90, 11.0)])} == {"a", "b", "c", "d"}
 
 
-def test_wilson_interval():
+def test_confidence_intervals():
     lo, hi = wilson(7, 10)
     assert lo == pytest.approx(0.3968, abs=1e-3) and hi == pytest.approx(0.8922, abs=1e-3)
     assert wilson(0, 5)[0] == 0.0 and wilson(5, 5)[1] == 1.0
+    mean, lo, hi = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and hi - mean == pytest.approx(1.96 / 3 ** 0.5) and mean - lo == pytest.approx(hi - mean)
 
 
 def test_swept_bands_end_at_or_before_the_monitor_layer(tmp_path):
     cfg = CalibrateConfig("m", tmp_path / "a.safetensors", tmp_path / "b.safetensors")
     points = sweep_points(cfg, n_layers=30, monitor_layer=26)
     assert points and all(p.start + p.width - 1 <= 26 for p in points)
-    assert {p.start for p in points} == set(range(10, 26, 2)) and {p.percentile for p in points} == {1, 5, 10, 25}
+    assert {p.start for p in points} == set(range(10, 26, 2)) and {p.percentile for p in points} == {1, 2, 3, 5, 10, 25}
     assert Point(21, 6, 25.0).band == [21, 22, 23, 24, 25, 26] and Point(21, 6, 25.0).key == "21:26@p25"
 
 

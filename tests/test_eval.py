@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import json
+import re
 
 import pytest
 
@@ -75,6 +76,9 @@ def test_axiscap_eval_quick_writes_a_report(tmp_path, capsys):
     report = (out / "report.md").read_text()
     for heading in ("## Persona drift", "## Persona jailbreaks", "## Capability", "| harmful / capped | 3 |"):
         assert heading in report
+    # Shares over a few items come with their 95% intervals.
+    assert re.search(r"\| harmful / capped \| 3 \| [01]\.\d{3} \[\d+%–\d+%\] \|", report), report
+    assert re.search(r"answered identically .* of \d+ \(95% interval \d+%–\d+%\)", report), report
     for plot in ("drift_per_turn.png", "projection_vs_compliance.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
