@@ -78,6 +78,10 @@ class CalibrateConfig:
     def __post_init__(self):
         if not 0 <= self.capability_budget <= 1:
             raise ValueError(f"--capability-budget is a share between 0 and 1, not {self.capability_budget}")
+        if not all(0 < p <= 100 for p in self.percentiles):
+            raise ValueError(f"--percentiles must lie in (0, 100], not {list(self.percentiles)}")
+        if not all(w >= 1 for w in self.widths):
+            raise ValueError(f"--widths must be at least 1, not {list(self.widths)}")
         if self.quick:
             self.max_new_tokens, self.widths, self.percentiles = 8, (2,), (5.0, 25.0)
 
@@ -118,8 +122,12 @@ def sweep_points(cfg: CalibrateConfig, n_layers: int, monitor_layer: int) -> lis
     starts = cfg.starts or tuple(range(n_layers // 3, monitor_layer, 2))
     if cfg.quick:
         starts = (max(0, monitor_layer - 2),)
-    return [Point(s, w, p) for s in starts for w in cfg.widths if s + w - 1 <= monitor_layer
-            for p in cfg.percentiles]
+    points = [Point(s, w, p) for s in starts for w in cfg.widths if 0 <= s and s + w - 1 <= monitor_layer
+              for p in cfg.percentiles]
+    if not points:
+        raise ValueError(f"no band to sweep: starts {list(starts)} with widths {list(cfg.widths)} give no band of "
+                         f"layers 0..{monitor_layer} (bands end at or before the monitor layer, {monitor_layer})")
+    return points
 
 
 def _rows(cfg: CalibrateConfig) -> list[dict]:
@@ -214,7 +222,8 @@ def point_axis(axis: AssistantAxis, point: Point, train_projections: torch.Tenso
     """The input axis with this point's band, tau = the percentile of train-token projections per layer."""
     q = point.percentile / 100
     return dataclasses.replace(
-        axis, cap_layers=point.band, cap_thresholds=[torch.quantile(train_projections[l], q).item() for l in point.band],
+        axis, cap_layers=point.band,
+        cap_thresholds=[torch.quantile(train_projections[l], q).item() for l in point.band],
         percentile=point.percentile, n_samples=train_projections.shape[1], path=None)
 
 
@@ -383,7 +392,8 @@ def _report(cfg: CalibrateConfig, axis_in: AssistantAxis, points: list[dict], fo
         f"- tau: percentile of {counts['train']} train-split Assistant answers' token projections per layer "
         f"(`axes/data/calibration_prompts.json`).",
         f"- capability: {counts['validation']} validation-split prompts, greedy answers identical with capping "
-        "(teacher-forced: capping changes no greedy choice along the uncapped answer), and the change in their perplexity.",
+        "(teacher-forced: capping changes no greedy choice along the uncapped answer), and the change in their "
+        "perplexity.",
         f"- persona: {counts['role']} role prompts (one per non-Assistant role, the build's questions), mean lift of "
         f"their answers' projection at the monitor layer, capped vs uncapped.",
         "- held out from all of it: the axis report's held-out roles and questions, and the `axiscap eval` suites.",
@@ -420,6 +430,7 @@ def calibrate(cfg: CalibrateConfig, model, tokenizer, generator_for: GeneratorFo
     cfg.work.mkdir(parents=True, exist_ok=True)
     _stage("input", cfg.input_copy, lambda p: save_axis(load_axis(cfg.axis_in, n_layers, hidden), p))
     axis_in = load_axis(cfg.input_copy, n_layers, hidden)
+    sweep_points(cfg, n_layers, axis_in.monitor_layer)  # a grid with no band fails now, not after the answers
 
     def answers(p):
         with generator_for(None) as generate:

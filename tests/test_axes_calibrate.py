@@ -53,6 +53,10 @@ def test_swept_bands_end_at_or_before_the_monitor_layer(tmp_path):
     assert points and all(p.start + p.width - 1 <= 26 for p in points)
     assert {p.start for p in points} == set(range(10, 26, 2)) and {p.percentile for p in points} == {1, 2, 3, 5, 10, 25}
     assert Point(21, 6, 25.0).band == [21, 22, 23, 24, 25, 26] and Point(21, 6, 25.0).key == "21:26@p25"
+    with pytest.raises(ValueError, match="no band to sweep: starts \\[27\\]"):
+        sweep_points(CalibrateConfig("m", cfg.axis_in, cfg.out, starts=(27,)), n_layers=30, monitor_layer=26)
+    with pytest.raises(ValueError, match="--percentiles must lie in"):
+        CalibrateConfig("m", cfg.axis_in, cfg.out, percentiles=(0.0, 5.0))
 
 
 @torch.inference_mode()
@@ -90,10 +94,12 @@ def test_teacher_forcing_tells_which_greedy_answers_capping_changes(smollm2):
 
 
 def paper_files(folder):
-    """The shipped axis in the paper's published layout (role-ward vectors, caps as ceilings)."""
+    """The shipped axis's direction with the build's own band and tau (its report.md), in the paper's
+    published layout (role-ward vectors, caps as ceilings)."""
     shipped = load_axis(SHIPPED)
-    vectors = {f"layer_{l}/contrast": {"vector": -shipped.axis[l] * 2, "layer": l} for l in shipped.cap_layers}
-    caps = [{"vector": f"layer_{l}/contrast", "cap": -shipped.threshold(l)} for l in shipped.cap_layers]
+    built_tau = {21: 13.80, 22: 16.35, 23: 26.68, 24: 47.89, 25: 53.35, 26: 44.97}
+    vectors = {f"layer_{l}/contrast": {"vector": -shipped.axis[l] * 2, "layer": l} for l in built_tau}
+    caps = [{"vector": f"layer_{l}/contrast", "cap": -tau} for l, tau in built_tau.items()]
     torch.save(shipped.axis, folder / "assistant_axis.pt")
     torch.save({"vectors": vectors, "experiments": [{"id": "layers_21:27-p0.25", "interventions": caps}]},
                folder / "capping_config.pt")
@@ -157,3 +163,20 @@ def test_quick_calibration_of_an_imported_paper_axis_respects_the_budget_and_res
 def test_a_budget_outside_zero_to_one_is_refused(tmp_path):
     run = calibrate(SHIPPED, tmp_path / "x.safetensors", "--capability-budget", "90")
     assert run.returncode == 2 and "--capability-budget is a share between 0 and 1, not 90" in run.stderr
+
+
+def test_the_shipped_axis_is_its_calibrations_choice():
+    """The committed sweep, the shipped axis and the README's figures agree."""
+    axis = load_axis(SHIPPED)
+    record = json.loads(axis.extra["calibration"])
+    folder = REPO / "axes" / "smollm2-135m-instruct.calibration"
+    points = [json.loads(line) for line in (folder / "sweep.jsonl").read_text().splitlines()]
+    assert len(points) == 156
+    chosen = next(p for p in points if p["point"] == record["point"])
+    assert record["inside_budget"] and chosen["identical"] >= record["budget"] == 0.85
+    assert chosen["role_lift"] == max(p["role_lift"] for p in points if p["identical"] >= record["budget"])
+    assert axis.cap_layers == Point(chosen["start"], chosen["width"], chosen["percentile"]).band
+    assert axis.cap_thresholds == pytest.approx(chosen["tau"]) and axis.monitor_layer == axis.cap_layers[-1]
+    verify = json.loads((folder / "verify.json").read_text())
+    assert verify["chosen"]["identical"] >= 0.85 and verify["chosen"]["role_lift"] >= 10
+    assert verify["input"]["identical"] < verify["chosen"]["identical"]

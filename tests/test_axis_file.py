@@ -91,7 +91,7 @@ def test_garbage_and_missing_files(tmp_path):
 def test_shipped_smollm2_axis_is_valid():
     axis = load_axis(SHIPPED_AXIS, n_layers=30, hidden_size=576)
     assert axis.model == "smollm2-135m-instruct"
-    assert axis.percentile == 25.0 and axis.n_samples > 1000
+    assert 0 < axis.percentile <= 25 and axis.n_samples > 1000  # axes calibrate chose it (its own test)
     assert len(axis.cap_layers) >= 2 and 10 <= min(axis.cap_layers) and max(axis.cap_layers) < 30
     assert axis.monitor_layer in axis.cap_layers
 

@@ -56,15 +56,20 @@ def test_axiscap_eval_quick_writes_a_report(tmp_path, capsys):
     assert {r["drifts"] for r in drift["records"]} == {True, False}
     for rows in drift["per_turn"].values():
         assert [r["turn"] for r in rows] == [1, 2] and all(r["mean"] is not None for r in rows)
-    # Capping raises the floor: the low quantile of capped answers is not below the uncapped one's.
-    capped = drift["per_turn"]["drifting kinds / capped"][0]["low"]
-    uncapped = drift["per_turn"]["drifting kinds / uncapped"][0]["low"]
-    assert capped > uncapped
+    # Capping never lowers the floor: the low quantile of capped answers is not below the uncapped one's
+    # (equal where no token fell below tau; capped and uncapped ran in different batches, hence the 0.01).
+    for turn in range(2):
+        capped = drift["per_turn"]["drifting kinds / capped"][turn]["low"]
+        uncapped = drift["per_turn"]["drifting kinds / uncapped"][turn]["low"]
+        assert capped >= uncapped - 0.01
 
     jail = results["jailbreak"]
     assert set(jail["summary"]) == {"harmful / capped", "harmful / uncapped", "benign / capped", "benign / uncapped"}
     assert all(row["n"] == 3 and 0 <= row["complied"] <= 1 for row in jail["summary"].values())
     assert all(isinstance(r["complied"], bool) and r["answer"] for r in jail["records"])
+    # Jailbreak personas sit below tau, and capping lifts them (by about 11 here).
+    lifted = jail["summary"]["harmful / capped"]["mean_projection"]
+    assert lifted > jail["summary"]["harmful / uncapped"]["mean_projection"] + 3
 
     cap = results["capability"]
     assert len(cap["records"]) == 4 and 0 <= cap["identical_share"] <= 1
