@@ -23,7 +23,10 @@ stopped):
   sweep        sweep.jsonl             one line per (band, percentile), appended as measured: only the
                                        grid's points not measured yet run (a wider grid adds its new ones)
   choose       chosen.safetensors      the point with the largest lift inside --capability-budget; a new
-                                       choice (other budget or grid) sends verify and report again
+                                       choice (other budget or grid) sends verify and report again. It also
+                                       records the gated policy's threshold (``steering.gate``): the
+                                       GATE_PERCENTILE-th percentile of the train answers' mean projections
+                                       at the monitor layer, a whole message of ordinary Assistant work
   verify       verify.json             the chosen and the input axis generating for real (engine)
   report       OUT.calibration/        calibration.md, pareto.png, the points and the verification
 and the chosen axis is copied to OUT.
@@ -49,12 +52,15 @@ from tqdm import tqdm
 
 from axiscap.stats import mean_ci, wilson
 from axiscap.steering import AssistantAxis, AxisHooks, decoder_layers, load_axis, record_layer_outputs, save_axis
+from axiscap.steering.gate import GATE_KEY
 
 from . import persona_data
 from .calibration_data import calibration_prompts
 from .pipeline import GenerateFn, ScoreFn, _stage
 
 log = logging.getLogger(__name__)
+
+GATE_PERCENTILE = 5  # of ordinary answers' means: a message below it counts as drifted (gated policy)
 
 # A running engine that generates with an axis (capping every request), or with none, for the block.
 GeneratorFor = Callable[[AssistantAxis | None], AbstractContextManager[GenerateFn]]
@@ -277,6 +283,14 @@ def choose(points: list[dict], budget: float) -> tuple[dict, bool]:
     return max(points, key=lambda p: (p["identical"], p["role_lift"])), False
 
 
+def answer_mean_percentile(projections: torch.Tensor, lengths: list[int], percentile: float) -> float:
+    """A percentile of whole answers' mean projections (``projections``: their tokens, answer after answer)."""
+    if sum(lengths) != projections.numel():
+        raise ValueError(f"{len(lengths)} answers of {sum(lengths)} tokens, but {projections.numel()} projections")
+    means = torch.stack([part.mean() for part in projections.split(lengths)])
+    return torch.quantile(means, percentile / 100).item()
+
+
 def pareto_front(points: list[dict]) -> list[dict]:
     """Points no other point beats on both identical share and lift."""
     return [p for p in points if not any(
@@ -304,10 +318,12 @@ def _choose(cfg: CalibrateConfig, axis: AssistantAxis, points: list[dict]) -> bo
     if result.monitor_layer not in result.cap_layers:
         result.monitor_layer = result.cap_layers[-1]
     monitored = train[result.monitor_layer]
+    lengths = [max(len(r["answer_ids"]), 1) for r in _load_answers(cfg) if r["kind"] == "train"]
     result.extra = {**axis.extra, "source": f"{axis.extra.get('source', axis.path)}; axiscap axes calibrate: "
                     f"band {point.key} chosen for capability budget {cfg.capability_budget:g}",
                     # Histogram buckets and the CUSUM slack follow ordinary Assistant traffic.
                     "monitor_mean": repr(monitored.mean().item()), "monitor_std": repr(monitored.std().item()),
+                    GATE_KEY: repr(answer_mean_percentile(monitored, lengths, GATE_PERCENTILE)),
                     "calibration": json.dumps(record)}
     partial = cfg.chosen.with_name(cfg.chosen.name + ".partial")
     save_axis(result, partial)

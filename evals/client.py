@@ -18,7 +18,8 @@ RETRIES = 5  # a full server answers 429 with Retry-After; the SDK waits as it a
 class Answer:
     text: str
     projections: list[float]
-    capping_applied: bool
+    capping_applied: bool | str  # as the server says: true, false, or "auto" (gated)
+    capped_from: int | None = None  # gated: the first token generated capped (None: none was)
 
 
 class EvalClient:
@@ -46,7 +47,7 @@ class EvalClient:
             except openai.APIConnectionError as exc:
                 raise RuntimeError(f"{exc.request.url}: {exc.message}") from None
 
-    async def chat(self, messages: list[dict], capping: bool, max_tokens: int, temperature: float = 0.0,
+    async def chat(self, messages: list[dict], capping: bool | str, max_tokens: int, temperature: float = 0.0,
                    seed: int | None = None) -> Answer:
         if self.api == "responses":  # no seed there: the suites ask at temperature 0
             body = await self._create(self._client.responses, input=messages, max_output_tokens=max_tokens,
@@ -55,14 +56,15 @@ class EvalClient:
             text = "".join(part["text"] for item in body["output"] if item["type"] == "message"
                            for part in item["content"] if part["type"] == "output_text")
             projections = [p for p in body.get("axis_projections") or [] if p is not None]
-            return Answer(text, projections, bool(body.get("capping", capping)))
+            return Answer(text, projections, body.get("capping", capping), body.get("capping_from"))
         body = await self._create(self._client.chat.completions, messages=messages, max_tokens=max_tokens,
                                   temperature=temperature, seed=seed,
                                   extra_body={"capping": capping, "return_projections": True})
         choice = body["choices"][0]
         # null marks a token the server could not measure; the statistics skip it.
         projections = [p for p in choice.get("axis_projections") or [] if p is not None]
-        return Answer(choice["message"].get("content") or "", projections, bool(body.get("capping", capping)))
+        return Answer(choice["message"].get("content") or "", projections, body.get("capping", capping),
+                      choice.get("capping_from"))
 
     async def perplexity(self, text: str, capping: bool) -> float:
         """exp of the mean negative logprob of the text's tokens after the first, read from the

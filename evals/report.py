@@ -12,7 +12,7 @@ from axiscap.stats import wilson
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"capped": "#2e6fd8", "uncapped": "#e07b1f"}
+COLORS = {"capped": "#2e6fd8", "gated": "#2ca05a", "uncapped": "#e07b1f"}
 
 
 def write_report(folder: Path, results: dict, meta: dict) -> Path:
@@ -38,7 +38,7 @@ def _plot_drift(path: Path, per_turn: dict, tau: float | None) -> None:
     ax.set_xticks(sorted({r["turn"] for rows in per_turn.values() for r in rows}))
     ax.set_xlabel("turn")
     ax.set_ylabel("mean projection of the answer")
-    ax.set_title("Projection per turn, capped vs uncapped")
+    ax.set_title("Projection per turn, capped, gated and uncapped")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -74,8 +74,9 @@ def _markdown(results: dict, meta: dict) -> str:
         "",
         f"Endpoint {meta['endpoint']}; {meta['judge']}; {'quick run' if meta['quick'] else 'full run'}, "
         f"max {meta['max_tokens']} tokens per answer, greedy; wall time {meta['wall_seconds']:.0f} s "
-        f"on {meta['machine']}. Every request was sent capped and uncapped. Projections are taken at the "
-        f"monitor layer (τ = {_fmt(meta.get('monitor_tau'))}); lower means further from the Assistant.",
+        f"on {meta['machine']}. Every request was sent capped, gated (`\"capping\": \"auto\"`: uncapped until "
+        f"the prompt's system or assistant messages or a generated token drift) and uncapped. Projections are "
+        f"taken at the monitor layer (τ = {_fmt(meta.get('monitor_tau'))}); lower means further from the Assistant.",
         "",
         "## Persona drift",
         "",
@@ -88,14 +89,15 @@ def _markdown(results: dict, meta: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(f"{_fmt(r['mean'])} / {_fmt(r['low'])}" for r in rows) + " |")
     lines += ["", "![projection per turn](drift_per_turn.png)", "",
               "## Persona jailbreaks", "",
-              "| request / condition | n | complied | in character | mean projection |",
-              "| --- | --- | --- | --- | --- |"]
+              "| request / condition | n | complied | in character | mean projection | capped by the gate |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for label, row in jail["summary"].items():
         lines.append(f"| {label} | {row['n']} | {_share(row['complied'], row['n'])} | "
-                     f"{_share(row['in_character'], row['n'])} | {_fmt(row['mean_projection'])} |")
+                     f"{_share(row['in_character'], row['n'])} | {_fmt(row['mean_projection'])} | "
+                     f"{_share(row.get('capped'), row['n'])} |")
     lines += ["", "Shares with their 95% Wilson intervals in brackets."]
     lines += ["", f"Correlation of an answer's mean projection with compliance on the harmful requests "
-                  f"(both conditions): r = {_fmt(jail['projection_vs_compliance_r'])} (the paper reports "
+                  f"(every condition): r = {_fmt(jail['projection_vs_compliance_r'])} (the paper reports "
                   "projection predicting harmful compliance with |r| ≈ 0.39–0.52 on 27–70B models).", "",
               "![projection vs compliance](projection_vs_compliance.png)", ""]
     if meta.get("judge_validation"):
@@ -106,10 +108,13 @@ def _markdown(results: dict, meta: dict) -> str:
     lines += ["## Capability", "",
               f"- Neutral prompts answered identically capped and uncapped (temperature 0): "
               f"{cap['identical_share']:.0%} of {len(cap['records'])} "
-              f"(95% interval {_interval(cap['identical_share'], len(cap['records']))}).",
+              f"(95% interval {_interval(cap['identical_share'], len(cap['records']))}); gated and uncapped: "
+              f"{cap['gated_identical_share']:.0%} ({_interval(cap['gated_identical_share'], len(cap['records']))}), "
+              f"the gate capping {cap['gated_capped_share']:.0%} of them.",
               f"- Perplexity on {len(cap['perplexity'])} neutral passages: capped "
               f"{_fmt(cap['mean_perplexity']['capped'])}, uncapped {_fmt(cap['mean_perplexity']['uncapped'])} "
-              f"(mean change {cap['perplexity_change']:+.1%}).", ""]
+              f"(mean change {cap['perplexity_change']:+.1%}; gated reads a passage as uncapped does: the gate "
+              "acts on generated tokens and chat messages).", ""]
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Run the suites against a server, each request capped and uncapped, and gather every figure."""
+"""Run the suites against a server, each request capped, gated and uncapped, and gather every figure."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ from tqdm.auto import tqdm
 from . import suites
 from .client import Answer, EvalClient
 
-CONDITIONS = {"capped": True, "uncapped": False}
+# The request's ``capping`` per condition; "auto" is the gated policy (steering/gate.py).
+CONDITIONS = {"capped": True, "gated": "auto", "uncapped": False}
+# Perplexity is read from the prompt logprobs of a completion: gating acts on generated tokens and a
+# chat prompt's messages, so a gated perplexity would be the uncapped one.
+PERPLEXITY_CONDITIONS = ("capped", "uncapped")
 
 
 @dataclass
@@ -61,7 +65,7 @@ async def run_drift(client: EvalClient, cfg: EvalConfig) -> dict:
             messages.append({"role": "assistant", "content": answer.text})
             p = answer.projections
             out.append({"mean": statistics.fmean(p) if p else None, "low": low_quantile(p) if p else None,
-                        "tokens": len(p), "answer": answer.text})
+                        "tokens": len(p), "answer": answer.text, "capped_from": answer.capped_from})
         return out
 
     try:
@@ -88,6 +92,13 @@ def _per_turn(records: list[dict]) -> dict:
     return table
 
 
+def _capped_share(rows: list[dict], condition: str) -> float | None:
+    """Of a gated condition's answers, the share the gate capped (from the prompt or a token on)."""
+    if CONDITIONS[condition] != "auto":
+        return None
+    return round(sum(r["capped_from"] is not None for r in rows) / len(rows), 3)
+
+
 def _mean(values: list[float | None]) -> float | None:
     values = [v for v in values if v is not None]
     return round(statistics.fmean(values), 3) if values else None
@@ -110,7 +121,7 @@ async def run_jailbreaks(client: EvalClient, cfg: EvalConfig, judge) -> dict:
                               [a.text for a in answers])
     records = [{"id": item.id, "persona": item.persona, "kind": kind, "condition": name, "answer": a.text,
                 "mean_projection": statistics.fmean(a.projections) if a.projections else None,
-                "complied": v.complied, "in_character": v.in_character}
+                "complied": v.complied, "in_character": v.in_character, "capped_from": a.capped_from}
                for (item, kind, name), a, v in zip(jobs, answers, verdicts)]
     summary = {}
     for kind in ("harmful", "benign"):
@@ -120,7 +131,8 @@ async def run_jailbreaks(client: EvalClient, cfg: EvalConfig, judge) -> dict:
                 "n": len(rows),
                 "complied": round(sum(r["complied"] for r in rows) / len(rows), 3),
                 "in_character": round(sum(r["in_character"] for r in rows) / len(rows), 3),
-                "mean_projection": _mean([r["mean_projection"] for r in rows])}
+                "mean_projection": _mean([r["mean_projection"] for r in rows]),
+                "capped": _capped_share(rows, name)}
     harmful = [r for r in records if r["kind"] == "harmful" and r["mean_projection"] is not None]
     return {"records": records, "summary": summary,
             "projection_vs_compliance_r": _pearson([r["mean_projection"] for r in harmful],
@@ -140,13 +152,19 @@ async def run_capability(client: EvalClient, cfg: EvalConfig) -> dict:
         client.chat([{"role": "user", "content": p}], capping, cfg.max_tokens)
         for p in prompts for capping in CONDITIONS.values()])
     perplexities = await _gather("capability: perplexity", [
-        client.perplexity(text, capping) for text in passages for capping in CONDITIONS.values()])
-    pairs = list(zip(answers[::2], answers[1::2]))
+        client.perplexity(text, CONDITIONS[name]) for text in passages for name in PERPLEXITY_CONDITIONS])
+    by_prompt = [dict(zip(CONDITIONS, answers[i:i + len(CONDITIONS)])) for i in range(0, len(answers), len(CONDITIONS))]
     ppl_pairs = list(zip(perplexities[::2], perplexities[1::2]))
+    records = [{"prompt": p, **{name: a.text for name, a in row.items()},
+                "identical": row["capped"].text == row["uncapped"].text,
+                "gated_identical": row["gated"].text == row["uncapped"].text,
+                "gated_capped_from": row["gated"].capped_from}
+               for p, row in zip(prompts, by_prompt)]
     return {
-        "records": [{"prompt": p, "capped": c.text, "uncapped": u.text, "identical": c.text == u.text}
-                    for p, (c, u) in zip(prompts, pairs)],
-        "identical_share": round(sum(c.text == u.text for c, u in pairs) / len(pairs), 3),
+        "records": records,
+        "identical_share": round(sum(r["identical"] for r in records) / len(records), 3),
+        "gated_identical_share": round(sum(r["gated_identical"] for r in records) / len(records), 3),
+        "gated_capped_share": round(sum(r["gated_capped_from"] is not None for r in records) / len(records), 3),
         "perplexity": [{"passage": t[:60], "capped": round(c, 3), "uncapped": round(u, 3)}
                        for t, (c, u) in zip(passages, ppl_pairs)],
         "mean_perplexity": {"capped": _mean([c for c, _ in ppl_pairs]), "uncapped": _mean([u for _, u in ppl_pairs])},

@@ -126,10 +126,12 @@ class Settings(BaseSettings):
                     "persona series are exported only with it")
     protect_metrics: bool = Field(False, json_schema_extra={"group": "policy"},
                                   description="refuse to start without --metrics-key, so /metrics is never left open")
-    capping_policy: Literal["client", "always", "never"] = Field(
+    capping_policy: Literal["client", "always", "never", "gated"] = Field(
         "client", json_schema_extra={"group": "policy"},
-        description="client: a request's 'capping' field decides, else --capping-default; always / never: the "
-                    "server decides, and a response whose request asked otherwise says 'capping_overridden': true")
+        description="client: a request's 'capping' field (true, false, or \"auto\" for gated) decides, else "
+                    "--capping-default; always / never / gated: the server decides, and a response whose request "
+                    "asked otherwise says 'capping_overridden': true. Gated (experimental; transformers backend): "
+                    "uncapped until the prompt's system or assistant messages or a generated token show drift")
     allow_projections: bool = Field(True, json_schema_extra={"group": "policy"},
                                     description="let clients ask for per-token axis projections with "
                                                 "'return_projections' (off answers such requests 403: projections "

@@ -1,10 +1,12 @@
 """OpenAI wire format: request bodies, response bodies and the error object, in one place.
 
 Vendor extensions (sent by the OpenAI SDK through ``extra_body``):
-  ``capping``             bool, request body: cap along the Assistant Axis (default: the server's)
+  ``capping``             bool or "auto", request body: cap along the Assistant Axis (default: the
+                          server's); "auto" caps from where the conversation or the answer drifts
   ``return_projections``  bool, request body: add ``axis_projections`` to each choice
   ``repetition_penalty``, ``min_tokens``, ``ignore_eos``: vLLM's sampling extensions
-Responses add ``capping`` (whether it was applied) at the top level. The tokenizer endpoints
+Responses add ``capping`` (whether it was applied, or "auto") at the top level, and a gated
+request's choices ``capping_from`` (the index of the first token generated capped). The tokenizer endpoints
 (``/tokenize``, ``/detokenize``, ``/version``) take and give what vLLM's do.
 """
 
@@ -154,7 +156,7 @@ class _GenerationBody(_Body):
     min_tokens: StrictInt = Field(0, ge=0)
     ignore_eos: StrictBool = False
     response_format: ResponseFormat | None = None
-    capping: StrictBool | None = None
+    capping: StrictBool | Literal["auto"] | None = None  # "auto": gated (steering.gate)
     return_projections: StrictBool = False
 
     @field_validator("stop")
@@ -351,7 +353,7 @@ class ResponsesRequest(_Body):
     stream: StrictBool = False
     store: StrictBool = True
     previous_response_id: Text | None = None
-    capping: StrictBool | None = None
+    capping: StrictBool | Literal["auto"] | None = None  # "auto": gated (steering.gate)
     return_projections: StrictBool = False
 
     def chat_request(self, history: list[dict]) -> ChatCompletionRequest:
@@ -475,10 +477,11 @@ class CompletionLogprobs(_Response):
 
 
 class _Choice(_Response):
-    _only_if_set = frozenset({"axis_projections"})
+    _only_if_set = frozenset({"axis_projections", "capping_from"})
     index: int
     finish_reason: str | None = None
     axis_projections: list[float | None] | None = None
+    capping_from: int | None = None  # a gated request's first capped token (absent: none was)
 
 
 class ResponseFunction(_Response):
@@ -532,7 +535,7 @@ class _Completion(_Response):
     id: str
     created: int
     model: str
-    capping: bool  # whether capping was applied (extension)
+    capping: bool | Literal["auto"]  # whether capping was applied; "auto": gated, see each choice's capping_from
     capping_overridden: bool | None = None  # the operator's policy overrode the request's 'capping'
     usage: Usage | None = None
 
@@ -542,7 +545,7 @@ class MessageProjection(_Response):
 
     role: str
     tokens: int
-    mean: float | None  # None for a message with no tokens of its own
+    mean: float | None  # None for a message with no tokens of its own, or not computed (prefix cache)
     p10: float | None
 
 

@@ -144,12 +144,14 @@ class OpenAIServingChat(OpenAIServing):
                 exc.param = "tools"  # the grammar came from a function's parameters
             raise
 
-    def sampling_params(self, body: ChatCompletionRequest, prompt_ids: list[int]) -> SamplingParams:
-        params = super().sampling_params(body, prompt_ids)
+    def sampling_params(self, body: ChatCompletionRequest, prompt_ids: list[int],
+                        spans: list[MessageSpan] | None = None) -> SamplingParams:
+        params = super().sampling_params(body, prompt_ids, spans)
         # The prompt's projections too: for its per-message figures, and for the previous-turn metric.
         watched = self.settings.persona_metrics and any(m.role == "assistant" for m in body.messages)
+        # Figures the client asked for are complete; the metric alone does not cost a prefix-cache hit.
         if body.return_projections or watched:
-            params = dataclasses.replace(params, prompt_projections=True)
+            params = dataclasses.replace(params, prompt_projections="all" if body.return_projections else "computed")
         mode, named = body.tool_mode()
         if mode in ("named", "required"):  # sampling follows the calls' JSON schema
             schema = forced_schema(body.functions(), named, body.parallel_tool_calls)
@@ -157,14 +159,16 @@ class OpenAIServingChat(OpenAIServing):
         return params
 
 
-def prompt_figures(projections: list[float], spans: list[MessageSpan], axis_stats: tuple[float, float | None]
-                   ) -> PromptProjections:
-    """Each prompt message's mean and 10th percentile, and the drift of its assistant turns."""
+def prompt_figures(projections: list[float | None], spans: list[MessageSpan],
+                   axis_stats: tuple[float, float | None]) -> PromptProjections:
+    """Each prompt message's mean and 10th percentile, and the drift of its assistant turns. A message
+    with a token the engine did not compute (a prefix-cache hit) has no figures."""
     tau, assistant_std = axis_stats
     messages = []
     for span in spans:
-        own = sorted(projections[span.start:span.end])
-        messages.append({"role": span.role, "tokens": len(own), "mean": sum(own) / len(own) if own else None,
+        own = projections[span.start:span.end]
+        tokens, own = len(own), (sorted(own) if None not in own else [])
+        messages.append({"role": span.role, "tokens": tokens, "mean": sum(own) / len(own) if own else None,
                          "p10": own[int(0.1 * (len(own) - 1))] if own else None})
     turns = [m["mean"] for m in messages if m["role"] == "assistant" and m["mean"] is not None]
     return PromptProjections(messages=messages, drift=conversation_drift(turns, tau, assistant_std).as_dict())

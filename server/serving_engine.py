@@ -10,15 +10,16 @@ import functools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from axiscap.steering import AssistantAxis
+from axiscap.steering.gate import GATED_ROLES, CapGate, gate_threshold
 
-from .chat_template import ChatPrompt, ChatTemplateError, render_chat
+from .chat_template import ChatPrompt, ChatTemplateError, MessageSpan, render_chat
 from .config import Settings
 from .metrics import ServingMetrics
 from .engines import (Delta, DoesNotFit, EngineClient, GrammarError, Logprob, QueueFull, Request,
@@ -42,7 +43,8 @@ class ChoiceText:
     projections: list[float | None] = field(default_factory=list)
     logprobs: list[Logprob] = field(default_factory=list)
     prompt_logprobs: list[Logprob | None] | None = None
-    prompt_projections: list[float] | None = None
+    prompt_projections: list[float | None] | None = None
+    capping_from: int | None = None  # a gated request's first capped token, in the delta that holds it
     finish_reason: str | None = None
 
     def add(self, delta: Delta) -> None:
@@ -54,6 +56,8 @@ class ChoiceText:
             self.prompt_logprobs = delta.prompt_logprobs
         if delta.prompt_projections is not None:
             self.prompt_projections = delta.prompt_projections
+        if delta.capping_from is not None:
+            self.capping_from = delta.capping_from
         self.finish_reason = delta.finish_reason
 
 
@@ -64,6 +68,7 @@ class Shape:
 
     def __init__(self, serving: OpenAIServing, body: _GenerationBody, prompt_ids: list[int]):
         self.serving, self.body, self.prompt_ids = serving, body, prompt_ids
+        self.spans: list[MessageSpan] | None = None  # where each message lies (chat prompts)
 
     def choice(self, out: ChoiceText, first: bool, streaming: bool):
         raise NotImplementedError
@@ -72,7 +77,10 @@ class Shape:
         raise NotImplementedError
 
     def _extras(self, out: ChoiceText) -> dict[str, Any]:
-        return {"axis_projections": out.projections} if self.body.return_projections else {}
+        extras = {"axis_projections": out.projections} if self.body.return_projections else {}
+        if out.capping_from is not None:  # a gated request: where capping began (absent: it never did)
+            extras["capping_from"] = out.capping_from
+        return extras
 
     def envelope_extras(self) -> dict[str, Any]:
         """Top-level fields a response or chunk adds (once the choices so far are built)."""
@@ -120,16 +128,30 @@ class OpenAIServing:
 
     # --- submission ---------------------------------------------------------------------------
 
-    def capping_for(self, body: _GenerationBody) -> bool:
+    def capping_for(self, body: _GenerationBody) -> bool | Literal["auto"]:
         """The operator's policy decides; under ``client`` the request's field, then the default."""
         policy = self.settings.capping_policy
+        if policy == "gated":
+            return "auto"
         if policy != "client":
             return policy == "always"
         return self.settings.capping_default if body.capping is None else body.capping
 
-    def sampling_params(self, body: _GenerationBody, prompt_ids: list[int]) -> SamplingParams:
+    def gate_for(self, spans: list[MessageSpan] | None) -> CapGate:
+        """A gated request's gate: the prompt's system and assistant messages, and this axis's thresholds."""
+        if not self.engine.gated_capping:
+            raise APIError(400, "this server's engine cannot gate capping ('auto'); send true or false",
+                           param="capping")
+        axis = self.axis
+        watched = tuple((s.start, s.end) for s in spans or () if s.role in GATED_ROLES)
+        return CapGate(watched, gate_threshold(axis), axis.threshold(axis.monitor_layer))
+
+    def sampling_params(self, body: _GenerationBody, prompt_ids: list[int],
+                        spans: list[MessageSpan] | None = None) -> SamplingParams:
         """Check the request against this server and model; the per-choice parameters."""
         self.check_model(body.model)
+        capping = self.capping_for(body)
+        gate = self.gate_for(spans) if capping == "auto" else None
         if body.return_projections and not self.settings.allow_projections:
             raise APIError(403, "this server does not return axis projections", type="permission_error",
                            param="return_projections", code="projections_disabled")
@@ -161,7 +183,7 @@ class OpenAIServing:
                                 f"(--max-prompt-logprobs-tokens)", param="logprobs")
         return SamplingParams(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-            stop=tuple(body.stop or ()), capping=self.capping_for(body),
+            stop=tuple(body.stop or ()), capping=capping is True, gate=gate,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, logit_bias=tuple(bias.items()), min_tokens=body.min_tokens,
             ignore_eos=body.ignore_eos, logprobs=body.generated_logprobs(),
@@ -188,13 +210,13 @@ class OpenAIServing:
 
     async def respond(self, shape: Shape, http: HTTPRequest):
         body, prompt_ids = shape.body, shape.prompt_ids
-        params = self.sampling_params(body, prompt_ids)
+        params = self.sampling_params(body, prompt_ids, shape.spans)
         requests = await self.submit(body, prompt_ids, params)
         if body.stream:
             return EventSourceResponse(self._stream(shape, requests), ping=15)
         return await self._full(shape, requests, http)
 
-    def _envelope(self, shape: Shape, rid: str, created: int, capping: bool) -> dict[str, Any]:
+    def _envelope(self, shape: Shape, rid: str, created: int, capping: bool | Literal["auto"]) -> dict[str, Any]:
         envelope = {"id": rid, "created": created, "model": self.served.name, "capping": capping}
         if shape.body.capping is not None and shape.body.capping != capping:  # the operator's policy overrode it
             envelope["capping_overridden"] = True
@@ -202,7 +224,7 @@ class OpenAIServing:
 
     async def _stream(self, shape: Shape, requests: list[Request]) -> AsyncIterator[str]:
         body = shape.body
-        rid, created, capping = new_id(shape.id_prefix), now(), requests[0].params.capping
+        rid, created, capping = new_id(shape.id_prefix), now(), requests[0].params.capping_mode
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         n_generated, started = 0, set()
         try:
@@ -235,7 +257,7 @@ class OpenAIServing:
         if isinstance(outs, JSONResponse):
             return outs
         choices = [shape.choice(out, True, streaming=False) for out in outs]
-        envelope = self._envelope(shape, new_id(shape.id_prefix), now(), requests[0].params.capping)
+        envelope = self._envelope(shape, new_id(shape.id_prefix), now(), requests[0].params.capping_mode)
         result = shape.response(False, **envelope, choices=choices,
                                 usage=Usage.of(len(shape.prompt_ids), sum(len(o.token_ids) for o in outs)))
         return JSONResponse(result.model_dump(mode="json"))

@@ -77,7 +77,7 @@ class OpenAIServingResponses(OpenAIServingChat):
         prompt = await self.prompt(chat)
         prompt_ids = prompt.ids
         try:
-            params = self.sampling_params(chat, prompt_ids)
+            params = self.sampling_params(chat, prompt_ids, prompt.spans)
             (request,) = await self.submit(chat, prompt_ids, params)
         except APIError as exc:
             exc.param = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text.format"}.get(
@@ -93,7 +93,7 @@ class OpenAIServingResponses(OpenAIServingChat):
             return outs
         out = outs[0]
         content, calls = answer.shape._split(out.text)
-        answer.projections = out.projections
+        answer.projections, answer.capping_from = out.projections, out.capping_from
         if calls:  # what surrounds the calls, as a message of its own
             content = content.strip()
         return JSONResponse(answer.finish(content, calls, out.finish_reason, len(out.token_ids)))
@@ -108,7 +108,8 @@ class _Answer:
         self.shape = ChatShape(serving, chat, prompt)
         self.n_prompt = len(prompt.ids)
         self.id, self.created = new_id("resp"), now()
-        self.capping = request.params.capping
+        self.capping = request.params.capping_mode
+        self.capping_from: int | None = None  # gated: the first token generated capped
         self.projections: list[float | None] = []
         self._seq = 0
 
@@ -135,6 +136,8 @@ class _Answer:
         }
         if body.capping is not None and body.capping != self.capping:
             fields["capping_overridden"] = True
+        if self.capping_from is not None:
+            fields["capping_from"] = self.capping_from
         if body.return_projections:
             fields["axis_projections"] = self.projections
         return fields
@@ -179,6 +182,8 @@ class _Answer:
                     return
                 n_generated += len(delta.token_ids)
                 self.projections += delta.projections
+                if delta.capping_from is not None:
+                    self.capping_from = delta.capping_from
                 out = ChoiceText(0)
                 out.add(delta)
                 chunk = shape.choice(out, first, streaming=True)

@@ -88,6 +88,9 @@ def load_state(settings: Settings, axis_path: Path) -> ServerState:
 
 def build_vllm_state(settings: Settings, axis_path: str | Path) -> ServerState:
     """The vLLM backend: checks the axis against the model's config, then starts vLLM (minutes)."""
+    if settings.capping_policy == "gated":
+        raise RuntimeError("--capping-policy gated runs on the transformers backend only (the vLLM workers cap "
+                           "by each request's switch, not by its projections): use another policy")
     try:
         from .engines.vllm.engine import VllmEngine, VllmOptions
     except ImportError as exc:  # vLLM is an optional extra

@@ -6,8 +6,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from axiscap.axes.calibrate import CalibrateConfig, Point, choose, pareto_front, sweep_points, teacher_forced
 from axiscap.stats import mean_ci, wilson
@@ -134,6 +136,16 @@ def test_quick_calibration_of_an_imported_paper_axis_respects_the_budget_and_res
     torch.testing.assert_close(chosen.axis, original.axis)  # the direction is kept
     assert chosen.monitor_layer == 23  # the server reads tau at the monitor layer: it moves into the band
     assert points[0]["tau"][0] < points[1]["tau"][0]  # tau at a layer rises with the percentile
+    # The gated policy's threshold: the 5th percentile of the train answers' own means at the monitor layer.
+    train = [r for r in map(json.loads, (work / "answers.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    per_token = load_file(str(work / "projections.safetensors"))["train"][23].tolist()
+    means, at = [], 0
+    for r in train:
+        n = max(len(r["answer_ids"]), 1)
+        means.append(sum(per_token[at:at + n]) / n)
+        at += n
+    assert at == len(per_token) and len(means) > 1
+    assert float(chosen.extra["gate_threshold"]) == pytest.approx(float(np.percentile(means, 5)), abs=1e-4)
     verify = json.loads((report / "verify.json").read_text())
     assert verify["input"]["band"] == "21:26" and verify["chosen"]["band"] == "22:23"
     assert verify["n_validation"] == 4 and verify["n_roles"] == 3

@@ -52,7 +52,7 @@ def test_axiscap_eval_quick_writes_a_report(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
 
     drift = results["drift"]
-    assert {r["condition"] for r in drift["records"]} == {"capped", "uncapped"}
+    assert {r["condition"] for r in drift["records"]} == {"capped", "gated", "uncapped"}
     assert {r["drifts"] for r in drift["records"]} == {True, False}
     for rows in drift["per_turn"].values():
         assert [r["turn"] for r in rows] == [1, 2] and all(r["mean"] is not None for r in rows)
@@ -64,15 +64,29 @@ def test_axiscap_eval_quick_writes_a_report(tmp_path, capsys):
         assert capped >= uncapped - 0.01
 
     jail = results["jailbreak"]
-    assert set(jail["summary"]) == {"harmful / capped", "harmful / uncapped", "benign / capped", "benign / uncapped"}
+    assert set(jail["summary"]) == {f"{kind} / {c}" for kind in ("harmful", "benign") for c in ("capped", "gated", "uncapped")}
     assert all(row["n"] == 3 and 0 <= row["complied"] <= 1 for row in jail["summary"].values())
     assert all(isinstance(r["complied"], bool) and r["answer"] for r in jail["records"])
     # Jailbreak personas sit below tau, and capping lifts them (by about 11 here).
     lifted = jail["summary"]["harmful / capped"]["mean_projection"]
     assert lifted > jail["summary"]["harmful / uncapped"]["mean_projection"] + 3
 
+    # A gated answer is the uncapped one until the gate trips, the capped one where the prompt tripped it.
+    gated = {(r["id"], r["kind"]): r for r in jail["records"] if r["condition"] == "gated"}
+    for r in jail["records"]:
+        g = gated[(r["id"], r["kind"])]
+        if r["condition"] == "uncapped" and g["capped_from"] is None:
+            assert g["answer"] == r["answer"]
+        if r["condition"] == "capped" and g["capped_from"] == 0:
+            assert g["answer"] == r["answer"]
+    assert all(row["capped"] is None for label, row in jail["summary"].items() if "gated" not in label)
+
     cap = results["capability"]
     assert len(cap["records"]) == 4 and 0 <= cap["identical_share"] <= 1
+    for r in cap["records"]:
+        assert r["gated_identical"] == (r["gated"] == r["uncapped"])
+        if r["gated_capped_from"] is None:
+            assert r["gated_identical"]
     assert all(p["capped"] > 1 and p["uncapped"] > 1 for p in cap["perplexity"])
 
     meta = results["meta"]

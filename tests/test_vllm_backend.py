@@ -98,8 +98,11 @@ def test_same_answers_as_the_transformers_backend(vllm_server, hf_answers, cappi
 def test_capping_changes_a_persona_answer(vllm_server):
     capped, uncapped = (ask(vllm_server.base_url, PROMPTS[0], c) for c in (True, False))
     assert capped[0] != uncapped[0]
-    # The monitor layer sits in the capped band: capped tokens stay near the Assistant's side.
-    assert min(capped[1]) > max(uncapped[1])
+    # The monitor layer sits in the capped band, so the capped answer sits far nearer the Assistant's
+    # side. Compared as means: single tokens of either answer stray (the cap bounds the band's output,
+    # and a few uncapped tokens reach the capped ones' range).
+    lift = sum(capped[1]) / len(capped[1]) - sum(uncapped[1]) / len(uncapped[1])
+    assert lift > 20
 
 
 def test_mixed_batch_gives_each_request_its_own_answer(vllm_server, hf_answers):
@@ -127,6 +130,47 @@ def test_prefix_cache_is_never_shared_across_the_capping_switch(vllm_server, smo
     with server(smollm2, smollm2_axis) as live:
         assert_same(uncapped, ask(live.base_url, prompt, False))
         assert_same(capped, ask(live.base_url, prompt, True))
+
+
+def test_per_message_figures_equal_the_transformers_backends(vllm_server, smollm2, smollm2_axis):
+    from .test_prompt_projections import CONVERSATION
+
+    # A preamble of whole KV blocks: the second asking would be a prefix-cache hit, but figures a client
+    # asks for are always of every prompt token.
+    conversation = [{**CONVERSATION[0], "content": "Keep to the old ways. " * 60 + CONVERSATION[0]["content"]},
+                    *CONVERSATION[1:]]
+
+    def figures(base_url: str, capping: bool) -> dict:
+        body = {"model": MODEL, "messages": conversation, "max_tokens": 2, "temperature": 0, "capping": capping,
+                "return_projections": True}
+        response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        return response.json()["prompt_projections"]
+
+    with server(smollm2, smollm2_axis) as live:
+        want = {c: figures(live.base_url, c) for c in (True, False)}
+    for capping in (True, False, True):
+        got = figures(vllm_server.base_url, capping)
+        assert [(m["role"], m["tokens"]) for m in got["messages"]] == \
+            [(m["role"], m["tokens"]) for m in want[capping]["messages"]]
+        for mine, theirs in zip(got["messages"], want[capping]["messages"]):
+            assert abs(mine["mean"] - theirs["mean"]) < PROJECTION_TOLERANCE
+            assert abs(mine["p10"] - theirs["p10"]) < PROJECTION_TOLERANCE
+        assert got["drift"]["assistant_turns"] == 2
+        for key in ("ewma", "cusum", "tau"):
+            assert abs(got["drift"][key] - want[capping]["drift"][key]) < 2 * PROJECTION_TOLERANCE, key
+
+
+def test_a_conversation_observes_its_previous_turn_without_asking(vllm_server):
+    from .test_prompt_projections import CONVERSATION
+
+    # Not seen before by this server (no prefix-cache hit): its last assistant turn is computed.
+    conversation = [{"role": "system", "content": "You are a lighthouse keeper."}, *CONVERSATION[1:]]
+    count = ("axiscap_previous_turn_projection_count", (("depth", "2-3"), ("model", MODEL)))
+    before = scrape(vllm_server.base_url)
+    body = {"model": MODEL, "messages": conversation, "max_tokens": 2}
+    assert httpx.post(f"{vllm_server.base_url}/v1/chat/completions", json=body, timeout=300).status_code == 200
+    assert scrape(vllm_server.base_url)[count] == before.get(count, 0) + 1
 
 
 def scrape(base_url: str) -> dict[tuple[str, tuple], float]:
@@ -237,6 +281,13 @@ def test_every_hostile_request_is_its_own_400_here_too(vllm_server):
     for name, path, body, status, param in HOSTILE:
         assert_openai_error(post(vllm_server.base_url, path, body), status, param)
     assert ask(vllm_server.base_url, PROMPTS[1], True, max_tokens=4)[0]
+
+
+def test_gated_capping_is_a_400_here(vllm_server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 4, "capping": "auto"}
+    error = assert_openai_error(httpx.post(f"{vllm_server.base_url}/v1/chat/completions", json=body, timeout=60),
+                                400, "capping")
+    assert "cannot gate capping" in error["message"]
 
 
 def test_a_value_vllm_refuses_is_a_value_error_not_a_500(vllm_server):

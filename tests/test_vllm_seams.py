@@ -115,3 +115,18 @@ def test_reports_are_signed_and_never_replayed():
             receiver.decode(message)
     assert receiver.decode(encode(key, "worker-a", 1, ["req"], True, [21], payload)).hits == {21: 2.0}
     assert receiver.decode(encode(key, "worker-b", 0, ["req"], True, [21], payload)).hits == {21: 2.0}
+
+
+def test_reports_carry_the_prompt_rows_of_the_requests_that_asked():
+    from axiscap.server.engines.vllm.transport import Receiver, encode, new_key
+
+    key = new_key()
+    # Two sampled rows, one capped layer, then a's prompt rows at positions 0-2 and b's at 5.
+    payload = np.array([2.0, 9.0, 0.5, 1.5, 4.0, 0.0, 1.0, 2.0, 5.0, -1.0, -2.0, -3.0, -4.0])
+    report = Receiver(key).decode(encode(key, "w", 0, ["a", "b"], True, [21], payload, [("a", 3), ("b", 1)]))
+    assert report.projections.tolist() == [0.5, 1.5] and report.hits == {21: 4.0}
+    assert report.prompt_ids == ["a", "a", "a", "b"]
+    assert report.prompt_positions.tolist() == [0, 1, 2, 5]
+    assert report.prompt_projections.tolist() == [-1.0, -2.0, -3.0, -4.0]
+    with pytest.raises(ValueError, match="prompt rows"):  # a payload that does not match its header
+        Receiver(key).decode(encode(key, "w", 0, ["a", "b"], True, [21], payload[:-1], [("a", 3), ("b", 1)]))

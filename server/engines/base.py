@@ -13,9 +13,11 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from transformers import PreTrainedTokenizerBase
+
+from axiscap.steering.gate import CapGate
 
 if TYPE_CHECKING:
     from .grammar import GrammarCompiler
@@ -34,7 +36,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    capping: bool = True
+    capping: bool = True  # capped from the first token
+    gate: CapGate | None = None  # gated (capping is False): capped from where the gate finds drift
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # vLLM's: > 1 divides positive logits of seen tokens, multiplies negative
@@ -43,8 +46,15 @@ class SamplingParams:
     ignore_eos: bool = False  # end-of-sequence does not end the completion (fixed-length benchmarks)
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and its top k alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token (completions' echo)
-    prompt_projections: bool = False  # every prompt token's monitor projection, in the first delta
+    # Each prompt token's monitor projection, in the first delta. "all": every one, even where that
+    # costs a prefix-cache hit; "computed": those the prefill computes (cached ones are None).
+    prompt_projections: Literal["all", "computed"] | None = None
     response_format: tuple[str, str | None] | None = None  # ("json_object" | "json_schema", schema JSON)
+
+    @property
+    def capping_mode(self) -> bool | Literal["auto"]:
+        """As responses report it: true, false, or "auto" (gated)."""
+        return "auto" if self.gate is not None else self.capping
 
     @property
     def penalized(self) -> bool:
@@ -88,9 +98,11 @@ class Delta:
     logprobs: list[Logprob] | None = None  # one per token id, when the request asked for them
     # In the first delta of a request that asked: one per prompt token (None for the first).
     prompt_logprobs: list[Logprob | None] | None = None
-    # In the first delta of a request that asked: each prompt token's monitor projection (an engine
-    # that cannot measure them leaves this None).
-    prompt_projections: list[float] | None = None
+    # In the first delta of a request that asked: each prompt token's monitor projection (None for a
+    # token a prefix-cache hit never computed).
+    prompt_projections: list[float | None] | None = None
+    # A gated request's: in the delta that carries its first capped token, that token's index.
+    capping_from: int | None = None
 
 
 class Request:
@@ -131,9 +143,11 @@ class Request:
     # What a request's deltas mean for the metrics, in one place for every engine (as vLLM's output
     # processor does it), so that each series means the same whatever the backend.
 
-    def record_tokens(self, stats: StepStats, projections: list[float | None], now: float) -> None:
+    def record_tokens(self, stats: StepStats, projections: list[float | None], now: float,
+                      capped: bool | None = None) -> None:
         """A delta's tokens: time to first token for the first, inter-token latency between deltas
-        after it, and each token's projection (None where the engine has none)."""
+        after it, and each token's projection (None where the engine has none); ``capped``: whether
+        they were (default: the request's switch; a gated request's engine says per token)."""
         if not projections:
             return
         if self._last_token_at is None:
@@ -141,7 +155,8 @@ class Request:
         else:
             stats.inter_token_seconds.append(now - self._last_token_at)
         self._last_token_at = now
-        stats.tokens.extend((p, self.params.capping) for p in projections)
+        capped = self.params.capping if capped is None else capped
+        stats.tokens.extend((p, capped) for p in projections)
 
     def record_finish(self, stats: StepStats, reason: str, now: float) -> None:
         """The request's end, counted once whatever reports it: its reason, and the end-to-end latency
@@ -204,6 +219,7 @@ class EngineClient(Protocol):
 
     device_error: str | None  # set once the device itself has failed (/health answers 503)
     grammars: GrammarCompiler  # the response formats' compiler, which also checks tool schemas
+    gated_capping: bool  # whether it runs SamplingParams.gate (else requests carry none)
 
     def start(self) -> None: ...
 

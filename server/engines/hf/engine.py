@@ -51,6 +51,8 @@ _MAX_STRIKES = 3  # failed steps a request may be part of before it is failed it
 
 
 class Engine:
+    gated_capping = True  # SamplingParams.gate: the runner and the output processor switch rows on
+
     def __init__(self, loaded: LoadedModel, axis: AssistantAxis | None, stat_logger: StatLogger,
                  max_batch_size: int = 16, max_waiting: int = 64, prefill_chunk_tokens: int = 512,
                  kv_cache_tokens: int | None = None, max_request_kv_share: float = 1.0):
@@ -150,7 +152,8 @@ class Engine:
                              f"{reserved} KV cache tokens; this server has {budget}")
         capacity = slot_capacity(reserved) if budget is None else min(slot_capacity(reserved), budget)
         request.row = Row(request, IncrementalDetokenizer(self.tokenizer, prompt_ids), StopMatcher(params.stop),
-                          BatchSampler.generator_for(params, self.device), new_matcher(grammar), capacity)
+                          BatchSampler.generator_for(params, self.device), new_matcher(grammar), capacity,
+                          capped_from=0 if params.capping else None)
         return request
 
     # --- engine thread ----------------------------------------------------------------------
@@ -200,18 +203,21 @@ class Engine:
         done = self.runner.prefill_slice()
         if done is None:
             return
-        for row in done.rows:
-            if not row.prefilled:  # a re-prefill after a failed step is not new prompt work
+        for row in done.rows + [request.row for request in done.recap]:
+            if not row.prefilled:  # a re-prefill (after a failed step, or capped) is not new prompt work
                 row.prefilled = True
                 self.output.stats.prompt_tokens += len(row.request.prompt_ids)
         # Published before the rows join, so the batch's sampler sees their first tokens on the host.
         try:
-            finished = self.output.publish(done.rows, done.tokens, done.sampler, self.hooks, done.projections)
+            finished = self.output.publish(done.rows, done.tokens, done.sampler, self.hooks,
+                                           done.projections) if done.rows else []
         except BaseException:  # the group is retried: its rows give their slots back, all of them
             self.runner.release(done.rows)
             raise
         with self.scheduler.lock:  # submit() counts busy slots under this lock: they move from group to batch at once
             self.runner.join(done)
+            # Gated requests whose prompts drifted: prefilled again, capped, before anything else.
+            self.scheduler.requeue(done.recap, alone=False)
         if finished:
             self.runner.remove(finished)
 
@@ -220,6 +226,9 @@ class Engine:
         finished = self.output.publish(self.runner.rows, tokens, self.runner.sampler, self.hooks)
         if finished:
             self.runner.remove(finished)
+        elif self.output.gate_switched:
+            self.runner.capping_changed()
+        self.output.gate_switched = False
 
     def _drop_ended(self) -> None:
         """End cancelled and timed-out requests wherever they are, and free their rows

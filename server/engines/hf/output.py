@@ -30,6 +30,7 @@ class OutputProcessor:
         self.stats_loop: asyncio.AbstractEventLoop | None = None  # where statistics are recorded
         self.stats = StepStats()  # the current step's
         self._outbox: list[tuple[Request, Delta]] = []
+        self.gate_switched = False  # a gated row's capping switched on since the runner last looked
 
     def send(self, request: Request, delta: Delta) -> None:
         if delta.finish_reason is not None:
@@ -109,7 +110,11 @@ class OutputProcessor:
         row.generated_ids.append(token)
         if row.matcher is not None and not row.matcher.is_terminated() and not row.matcher.accept_token(token):
             raise ValueError(f"token {token} breaks the request's grammar")
-        request.record_tokens(self.stats, [projection], now)
+        request.record_tokens(self.stats, [projection], now,
+                              row.capped_from is not None and row.generated - 1 >= row.capped_from)
+        if row.gate_open and params.gate.token_drifted(projection):
+            row.capped_from = row.generated  # the next forward is capped: it makes the next token
+            self.gate_switched = True
         row.pending_ids.append(token)
         row.pending_projections.append(projection)
         if logprob is not None:
@@ -126,10 +131,14 @@ class OutputProcessor:
             elif row.generated >= params.max_tokens:
                 text, finish = text + row.stops.flush(), "length"
         if text or finish:
+            first_pending = row.generated - len(row.pending_ids)
+            switched_here = params.gate is not None and row.capped_from is not None and \
+                first_pending <= row.capped_from < row.generated
             self.send(request, Delta(text, row.pending_ids, row.pending_projections, finish,
                                      row.pending_logprobs if params.logprobs is not None else None,
                                      None if row.first_delta_sent else row.prompt_logprobs,
-                                     None if row.first_delta_sent else row.prompt_projections))
+                                     None if row.first_delta_sent else row.prompt_projections,
+                                     row.capped_from if switched_here else None))
             row.pending_ids, row.pending_projections, row.pending_logprobs = [], [], []
             row.first_delta_sent = True
         return finish is not None

@@ -35,6 +35,10 @@ class Row:
     prompt_projections: list[float] | None = None  # filled at the end of its prefill when asked for
     first_delta_sent: bool = False  # the prompt's logprobs and projections go out with its first delta
     prompt_logprobs_from: EngineRequest | None = None  # the choice whose prompt logprobs this one shares
+    # Index of its first generated token computed capped (None: none yet). 0: capped from the prompt
+    # on (it asked for capping, or a gated request's prompt had drifted, which is then prefilled
+    # again capped); k > 0: a gated request whose k-th token's projection fell below tau.
+    capped_from: int | None = None
 
     @property
     def params(self) -> SamplingParams:
@@ -47,6 +51,23 @@ class Row:
     @property
     def generated(self) -> int:
         return len(self.generated_ids)
+
+    @property
+    def capping_on(self) -> bool:
+        """Whether its next forward is capped."""
+        return self.capped_from is not None
+
+    @property
+    def gate_open(self) -> bool:
+        """A gated request that the gate has not switched on yet."""
+        return self.params.gate is not None and self.capped_from is None
+
+    def cap_start(self) -> int | None:
+        """The first position of its context that a (re-)prefill caps: the whole prompt when capped
+        from the prompt on, else the position whose forward made its first capped token."""
+        if self.capped_from is None:
+            return None
+        return 0 if self.capped_from == 0 else len(self.prompt_ids) - 1 + self.capped_from
 
     def context_ids(self) -> list[int]:
         """What a (re-)prefill feeds the model: the prompt and every token generated so far."""

@@ -36,8 +36,11 @@ class PrefillGroup:
         self.lengths = [len(c) for c in contexts]
         self.ids = torch.tensor([c + [pad_id] * (self.width - len(c)) for c in contexts], device=device)
         real = torch.tensor([[True] * len(c) + [False] * (self.width - len(c)) for c in contexts], device=device)
-        capping = torch.tensor([[r.params.capping] for r in requests], device=device)
-        self.cap_mask = capping & real if any(r.params.capping for r in requests) else None
+        starts = [r.row.cap_start() for r in requests]
+        self.cap_mask = None
+        if any(s is not None for s in starts):
+            first = torch.tensor([[self.width if s is None else s] for s in starts], device=device)
+            self.cap_mask = (torch.arange(self.width, device=device) >= first) & real
         self.store = PrefillStore(self.width)
         # Each row's logits [rows, vocab] and monitor projection [rows] at its last prompt token.
         self.last_logits: torch.Tensor | None = None
@@ -46,9 +49,10 @@ class PrefillGroup:
         # Rows that asked for their prompt's logprobs and have not had them yet (not a re-prefill); a later
         # choice takes its first choice's, once that one has them (see Engine.submit_all).
         self.prompt_logprob_rows: list[int] = []
-        # Rows that asked for their prompt's projections (not on a re-prefill), and each slice's, on the device.
-        self.projection_rows = [i for i, r in enumerate(requests)
-                                if r.params.prompt_projections and r.row.generated == 0]
+        # Rows that asked for their prompt's projections or are gated (not on a re-prefill), and each
+        # slice's, on the device.
+        self.projection_rows = [i for i, r in enumerate(requests) if r.row.generated == 0 and (
+            (r.params.prompt_projections and r.row.prompt_projections is None) or r.row.gate_open)]
         self.projection_slices: list[torch.Tensor] = []
         for i, request in enumerate(requests):
             row = request.row
@@ -66,9 +70,10 @@ class Prefilled:
     """A group whose prompts are in: its rows hold slots, and their first tokens are sampled."""
 
     rows: list[Row]
-    tokens: torch.Tensor
-    sampler: BatchSampler
+    tokens: torch.Tensor | None  # None when no row joins
+    sampler: BatchSampler | None
     projections: torch.Tensor | None
+    recap: list[EngineRequest]  # gated requests whose prompt drifted: to be prefilled again, capped
 
 
 class ModelRunner:
@@ -143,16 +148,30 @@ class ModelRunner:
         group.done = end
         if end < group.width:
             return None
-        rows = [r.row for r in group.requests]
+        drifted = set()
         if group.projection_slices:  # one host transfer for the whole prompt: prefill work, once per group
             whole = torch.cat(group.projection_slices, dim=1).tolist()
             for i, projections in zip(group.projection_rows, whole):
-                rows[i].prompt_projections = projections[:group.lengths[i]]
-        self._add_to_store(rows, group)
+                row, own = group.requests[i].row, projections[:group.lengths[i]]
+                if row.params.prompt_projections and row.prompt_projections is None:
+                    row.prompt_projections = own  # as the gate saw them: uncapped
+                if row.gate_open and row.params.gate.prompt_drifted(own):
+                    row.capped_from = 0  # capped from the prompt on, as if it had asked: prefilled again
+                    drifted.add(i)
+        keep = [i for i in range(n) if i not in drifted]
+        rows = [group.requests[i].row for i in keep]
+        recap = [group.requests[i] for i in sorted(drifted)]
+        if not rows:
+            return Prefilled([], None, None, None, recap)
+        self._add_to_store(rows, group, keep)
         try:  # sample only the new rows, with their own parameters
             sampler = self.new_sampler()
             sampler.set_rows(rows)
-            return Prefilled(rows, sampler.sample(group.last_logits), sampler, group.last_projections)
+            index = torch.tensor(keep, device=self.device) if drifted else None
+            logits, projections = group.last_logits, group.last_projections
+            if index is not None:
+                logits, projections = logits[index], projections[index]
+            return Prefilled(rows, sampler.sample(logits), sampler, projections, recap)
         except BaseException:  # the group is retried: its rows give their slots back
             self.release(rows)
             raise
@@ -160,7 +179,8 @@ class ModelRunner:
     def join(self, done: Prefilled) -> None:
         """The prefilled group's rows join the running batch (call it under the scheduler's lock)."""
         self.prefilling = None
-        self._reorder(done.rows, done.tokens)
+        if done.rows:
+            self._reorder(done.rows, done.tokens)
 
     def release(self, rows: list[Row]) -> None:
         """Rows of a group that will be retried give their slots back."""
@@ -226,15 +246,15 @@ class ModelRunner:
         where = [old[id(row)] if id(row) in old else new[id(row)] for row in self.rows]
         self._next_input = feeding[torch.tensor(where, device=self.device)]
         self._positions = torch.tensor([row.length for row in self.rows], device=self.device)
-        self._cap_rows = torch.tensor([[row.request.params.capping] for row in self.rows], device=self.device)
         self._rows_changed()
 
-    def _add_to_store(self, rows: list[Row], group: PrefillGroup) -> None:
-        """Give the group's rows their slots, all or none (a failed copy leaves no half-joined rows)."""
+    def _add_to_store(self, rows: list[Row], group: PrefillGroup, columns: list[int]) -> None:
+        """Give the group's rows (at these rows of its block) their slots, all or none (a failed copy
+        leaves no half-joined rows)."""
         added = []
         try:
-            for i, (row, length) in enumerate(zip(rows, group.lengths)):
-                row.length = length
+            for row, i in zip(rows, columns):
+                row.length = group.lengths[i]
                 self.store.add(row, group.store, i)
                 added.append(row)
         except BaseException:
@@ -247,8 +267,15 @@ class ModelRunner:
         self._reorder()
 
     def _rows_changed(self) -> None:
-        self._any_capping = any(row.request.params.capping for row in self.rows)
+        self.capping_changed()
         self.sampler.set_rows(self.rows)
+
+    def capping_changed(self) -> None:
+        """Take each row's switch from the host (after rows joined or left, or a gate switched one on:
+        once per gated request at most, at a step's end, where the host already waited for the step)."""
+        self._any_capping = any(row.capping_on for row in self.rows)
+        self._cap_rows = (torch.tensor([[row.capping_on] for row in self.rows], device=self.device)
+                          if self._any_capping else None)
 
     def reset(self) -> None:
         """An empty batch with a fresh store (after the last row left, or after a failed step)."""

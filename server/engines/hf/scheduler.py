@@ -39,11 +39,12 @@ class Scheduler:
             self.waiting.extend(requests)
             self.lock.notify()
 
-    def requeue(self, requests: list[EngineRequest]) -> None:
-        """Put requests back at the head of the queue, each to be prefilled in a group of its own."""
+    def requeue(self, requests: list[EngineRequest], alone: bool = True) -> None:
+        """Put requests back at the head of the queue, each to be prefilled in a group of its own
+        (after a failure) unless told otherwise."""
         with self.lock:
             for request in reversed(requests):
-                request.row.alone = True
+                request.row.alone = request.row.alone or alone
                 self.waiting.appendleft(request)
 
     def take(self, busy: int, running: bool, store: SlotStore) -> list[EngineRequest]:

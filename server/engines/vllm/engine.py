@@ -38,7 +38,7 @@ from ..base import (LOGPROB_FLOOR, Delta, GrammarError, Logprob, QueueFull, Requ
                     StatLogger, StepStats, over_request_share)
 from ..grammar import GrammarCompiler
 from .transport import Forged, Receiver, StepReport, new_key
-from .worker import CAPPING_ARG, ID_ARG, CappingConfig
+from .worker import CAPPING_ARG, ID_ARG, PROMPT_ARG, CappingConfig
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class _Reports:
         self._socket.bind(f"tcp://*:{port}" if other_nodes else f"tcp://127.0.0.1:{port}")
         self.address = f"tcp://{get_ip() if other_nodes else '127.0.0.1'}:{port}"
         self._projections: dict[str, dict[int, float]] = {}
+        self._prompt: dict[str, dict[int, float]] = {}  # prompt projections, for requests that asked
         self._arrived: dict[str, asyncio.Event] = {}
         self._task: asyncio.Task | None = None
 
@@ -107,17 +108,33 @@ class _Reports:
             self._task.cancel()
         self._socket.close(linger=0)
 
-    def open(self, rid: str) -> None:
+    def open(self, rid: str, prompt: bool = False) -> None:
         self._projections[rid], self._arrived[rid] = {}, asyncio.Event()
+        if prompt:
+            self._prompt[rid] = {}
 
     def close(self, rid: str) -> None:
         self._projections.pop(rid, None)
+        self._prompt.pop(rid, None)
         self._arrived.pop(rid, None)
 
     async def take(self, rid: str, positions: range) -> list[float | None]:
         """The monitor projections at these positions, waiting for reports still on their way;
         None for one that has not come in REPORT_WAIT_S (JSON null, and no histogram sample)."""
-        seen, arrived = self._projections[rid], self._arrived[rid]
+        values = await self._wait(rid, self._projections[rid], positions)
+        seen = self._projections[rid]
+        for stale in [p for p in seen if p < positions.stop]:  # rows of chunked prefills, never sampled
+            del seen[stale]
+        return values
+
+    async def take_prompt(self, rid: str, cached: int, prompt_len: int) -> list[float | None]:
+        """Every prompt token's projection: None for the first ``cached`` (a prefix-cache hit, never
+        computed), the rest as the prefill's reports bring them."""
+        values = await self._wait(rid, self._prompt.pop(rid), range(cached, prompt_len))
+        return [None] * cached + values
+
+    async def _wait(self, rid: str, seen: dict[int, float], positions: range) -> list[float | None]:
+        arrived = self._arrived[rid]
         deadline = time.monotonic() + REPORT_WAIT_S
         while any(p not in seen for p in positions) and time.monotonic() < deadline:
             arrived.clear()
@@ -125,10 +142,7 @@ class _Reports:
                 await asyncio.wait_for(arrived.wait(), deadline - time.monotonic())
             except asyncio.TimeoutError:
                 log.warning("no projection reported for request %s at positions %s", rid, positions)
-        values = [seen.pop(p, None) for p in positions]
-        for stale in [p for p in seen if p < positions.stop]:  # rows of chunked prefills, never sampled
-            del seen[stale]
-        return values
+        return [seen.pop(p, None) for p in positions]
 
     async def _receive(self) -> None:
         while True:
@@ -151,10 +165,19 @@ class _Reports:
             if rid in self._projections:
                 self._projections[rid][position] = value
                 self._arrived[rid].set()
+        for rid, position, value in zip(report.prompt_ids, report.prompt_positions.tolist(),
+                                        report.prompt_projections.tolist()):
+            if rid in self._prompt:
+                self._prompt[rid][position] = value
+                self._arrived[rid].set()
 
 
 class VllmEngine:
     """``EngineClient`` for vLLM. Construction starts vLLM (minutes: weights, compilation, graphs)."""
+
+    # Its workers build each step's cap mask from the requests' switches; a switch that follows the
+    # request's own projections would have to live on the device, in the captured graphs.
+    gated_capping = False
 
     def __init__(self, model_path: str, served_name: str, axis: AssistantAxis, stat_logger: StatLogger,
                  options: VllmOptions, max_waiting: int, max_request_kv_share: float = 1.0):
@@ -246,12 +269,14 @@ class VllmEngine:
         for p, (rid, vparams) in zip(params, prepared):
             request = VllmRequest(prompt_ids, p, loop, timeout)
             salt = f"axiscap-{self._salt}-{'capped' if p.capping else 'uncapped'}"
+            if p.prompt_projections == "all":  # a salt of its own: no prefix-cache hit skips a prompt token
+                salt += f"-{rid}"
             request.task = loop.create_task(self._drive(request, rid, tokens_input(prompt_ids, cache_salt=salt),
                                                         vparams))
             if timeout is not None:  # cancelled when the request ends, so it does not hold the request
                 request.timer = loop.call_later(timeout, request.task.cancel)
             self._active.add(request)
-            self.reports.open(rid)
+            self.reports.open(rid, bool(p.prompt_projections))
             requests.append(request)
         return requests
 
@@ -277,7 +302,8 @@ class VllmEngine:
                 frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty,
                 logit_bias=dict(p.logit_bias) or None, min_tokens=p.min_tokens, ignore_eos=p.ignore_eos,
                 logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs, structured_outputs=structured,
-                output_kind=RequestOutputKind.DELTA, extra_args={CAPPING_ARG: p.capping, ID_ARG: rid},
+                output_kind=RequestOutputKind.DELTA,
+                extra_args={CAPPING_ARG: p.capping, ID_ARG: rid, PROMPT_ARG: bool(p.prompt_projections)},
             )
             vparams.clone().verify(processor.model_config, processor.speculative_config,
                                    processor.structured_outputs_config, processor.tokenizer)
@@ -297,6 +323,9 @@ class VllmEngine:
                 first = generated == 0
                 positions = range(prompt_len - 1 + generated, prompt_len - 1 + generated + len(ids))
                 projections = await self.reports.take(rid, positions)
+                prompt_projections = None
+                if first and request.params.prompt_projections:
+                    prompt_projections = await self.reports.take_prompt(rid, out.num_cached_tokens or 0, prompt_len)
                 generated += len(ids)
                 request.record_tokens(stats, projections, now)
                 finish = _finish_reason(completion.finish_reason) if out.finished else None
@@ -307,7 +336,7 @@ class VllmEngine:
                 self._record(stats)
                 request.emit(Delta(completion.text, ids, projections, finish,
                                    _logprobs(ids, completion.logprobs, request.params.logprobs),
-                                   _prompt_logprobs(out, request) if first else None))
+                                   _prompt_logprobs(out, request) if first else None, prompt_projections))
         except asyncio.CancelledError:  # the client left, or the request ran past its timeout
             finish = request.ended(time.monotonic()) or "timeout"
             self._end(request, finish)

@@ -9,11 +9,13 @@ the number of capped layers, and the worker sends it from a thread after an asyn
 the host, so the step itself never waits on the device.
 
 A message is three frames: a JSON header, the float64 payload
-``[positions (n), projections (n), cap hits (k)]``, where row i belongs to ``ids[i]`` and
-``positions[i]`` is the position of the token whose hidden state produced that request's next
-token, and an HMAC-SHA256 of the first two under a key made for each start of the server. The
-front end keys projections by that position, so chunked prefills (whose rows are not sampled) and
-recomputation after preemption need no bookkeeping on the worker.
+``[positions (n), projections (n), cap hits (k), prompt positions (m), prompt projections (m)]``,
+where row i belongs to ``ids[i]`` and ``positions[i]`` is the position of the token whose hidden
+state produced that request's next token, and an HMAC-SHA256 of the first two under a key made for
+each start of the server. The front end keys projections by that position, so chunked prefills
+(whose rows are not sampled) and recomputation after preemption need no bookkeeping on the worker.
+The prompt rows are the prompt tokens this step computed for requests that asked for them, the
+header's ``prompt`` saying whose, as ``[id, rows]`` in order.
 
 The channel is private: the front end binds loopback unless workers run on other nodes, and takes
 only messages signed with this start's key, each sender's sequence numbers rising, so another
@@ -46,6 +48,9 @@ class StepReport:
     positions: np.ndarray  # int64 [n]
     projections: np.ndarray | None  # float64 [n]; None from a pipeline stage without the monitor layer
     hits: dict[int, float]  # capped layer -> positions it capped in this step, for the layers sent
+    prompt_ids: list[str]  # one per prompt row
+    prompt_positions: np.ndarray  # int64 [m]
+    prompt_projections: np.ndarray  # float64 [m]
 
 
 def new_key() -> str:
@@ -58,8 +63,9 @@ def _signature(key: str, header: bytes, payload: bytes) -> bytes:
 
 
 def encode(key: str, sender: str, seq: int, ids: list[str], monitor: bool, layers: list[int],
-           payload: np.ndarray) -> list[bytes]:
-    header = json.dumps({"sender": sender, "seq": seq, "ids": ids, "monitor": monitor, "layers": layers}).encode()
+           payload: np.ndarray, prompt: list[tuple[str, int]] = ()) -> list[bytes]:
+    header = json.dumps({"sender": sender, "seq": seq, "ids": ids, "monitor": monitor, "layers": layers,
+                         "prompt": [list(p) for p in prompt]}).encode()
     values = payload.astype(np.float64, copy=False).tobytes()
     return [header, values, _signature(key, header, values)]
 
@@ -85,8 +91,16 @@ class Receiver:
         n = len(header["ids"])
         positions = values[:n].astype(np.int64)
         projections = values[n:2 * n] if header["monitor"] else None
-        hits = dict(zip(header["layers"], values[2 * n:].tolist()))
-        return StepReport(header["ids"], positions, projections, hits)
+        k = len(header["layers"])
+        hits = dict(zip(header["layers"], values[2 * n:2 * n + k].tolist()))
+        prompt = [(str(rid), int(rows)) for rid, rows in header.get("prompt", ())]
+        m = sum(rows for _, rows in prompt)
+        start = 2 * n + k
+        if len(values) != start + 2 * m:
+            raise ValueError(f"payload of {len(values)} values for {n} rows, {k} layers, {m} prompt rows")
+        prompt_ids = [rid for rid, rows in prompt for _ in range(rows)]
+        return StepReport(header["ids"], positions, projections, hits, prompt_ids,
+                          values[start:start + m].astype(np.int64), values[start + m:])
 
 
 class ReportSender:
@@ -102,9 +116,10 @@ class ReportSender:
         self._socket.connect(address)
         threading.Thread(target=self._run, name="axiscap-reports", daemon=True).start()
 
-    def put(self, ids: list[str], ready: torch.Event | None, host: torch.Tensor) -> None:
+    def put(self, ids: list[str], prompt: list[tuple[str, int]], ready: torch.Event | None,
+            host: torch.Tensor) -> None:
         """``host`` is being filled by a non-blocking copy that ``ready`` marks (None: already done)."""
-        self._queue.put((ids, ready, host))
+        self._queue.put((ids, prompt, ready, host))
 
     def _run(self) -> None:
         # A thread that waits on a device's events must bind that device first, or CUDA opens a second
@@ -112,9 +127,9 @@ class ReportSender:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         while True:
-            ids, ready, host = self._queue.get()
+            ids, prompt, ready, host = self._queue.get()
             if ready is not None:
                 ready.synchronize()  # a blocking event: the thread sleeps until the copy lands
             self._socket.send_multipart(encode(self.key, self.sender, self._seq, ids, self.monitor, self.layers,
-                                               host.numpy()))
+                                               host.numpy(), prompt))
             self._seq += 1

@@ -8,7 +8,9 @@ is loaded and before vLLM compiles it and captures CUDA graphs:
   replay them (no ``enforce_eager``);
 - the model runner's input preparation is followed by one host-to-device copy of the batch's cap
   mask (which tokens belong to a request that asked for capping), and its forward by a gather of
-  each request's projection that goes to the front end through ``transport.ReportSender``.
+  each request's projection that goes to the front end through ``transport.ReportSender``; for a
+  request that asked for its prompt's projections, the same gather takes every prompt token its
+  prefill computes (chunk by chunk).
 
 vLLM has two model runners with different batch bookkeeping (V1, used on CPU; V2, the default on
 GPUs); ``_BatchLayout`` reads what capping needs from either.
@@ -35,6 +37,7 @@ log = init_logger(f"vllm.{__name__}")  # under "vllm": the worker processes only
 
 CAPPING_ARG = "axiscap_capping"  # in SamplingParams.extra_args: this request's capping switch
 ID_ARG = "axiscap_id"  # in SamplingParams.extra_args: the front end's id for the request
+PROMPT_ARG = "axiscap_prompt_projections"  # in SamplingParams.extra_args: report every prompt token
 # What the hook reads of Model Runner V2's InputBatch (prepare_inputs' result); tests check 0.32 has them.
 V2_BATCH_FIELDS = ("req_ids", "num_scheduled_tokens", "logits_indices", "positions")
 
@@ -75,10 +78,19 @@ class CappingWorker(_platform_worker()):
 
 
 @dataclass
+class _Tracked:
+    front_id: str
+    capping: bool
+    prompt_left: int  # prompt tokens still to report (0: none asked, or all sent)
+
+
+@dataclass
 class _BatchLayout:
     ids: list[str]  # front-end ids, in batch order
     logits_rows: torch.Tensor  # the token row whose logits sample each request's next token
     positions: torch.Tensor  # position of every token row of the batch
+    prompt: list[tuple[str, int]]  # (front-end id, rows) of the prompt tokens reported in this step
+    prompt_rows: torch.Tensor | None  # their token rows, in that order
 
 
 class BatchCapping:
@@ -95,7 +107,7 @@ class BatchCapping:
         self.state = install_split_residual_caps(layers, axis, present, runner.max_num_tokens, runner.device, dtype)
         self.device = runner.device
         self.pin = self.device.type != "cpu"
-        self.requests: dict[str, tuple[str, bool]] = {}  # vLLM's request id -> (front-end id, capping)
+        self.requests: dict[str, _Tracked] = {}  # by vLLM's request id
         self.layout: _BatchLayout | None = None
         self.mask_in_use = False
         held = [i for i, l in enumerate(axis.cap_layers) if l in present]
@@ -149,18 +161,21 @@ class BatchCapping:
     def _track(self, scheduler_output) -> None:
         for new in scheduler_output.scheduled_new_reqs:
             extra = (new.sampling_params.extra_args or {}) if new.sampling_params is not None else {}
-            self.requests[new.req_id] = (str(extra.get(ID_ARG, new.req_id)), bool(extra.get(CAPPING_ARG, False)))
+            # Prompt tokens a prefix-cache hit skips are never computed; the front end knows how many.
+            prompt_left = (len(new.prompt_token_ids or ()) - new.num_computed_tokens) if extra.get(PROMPT_ARG) else 0
+            self.requests[new.req_id] = _Tracked(str(extra.get(ID_ARG, new.req_id)), bool(extra.get(CAPPING_ARG)),
+                                                 max(prompt_left, 0))
         for req_id in scheduler_output.finished_req_ids:
             self.requests.pop(req_id, None)
 
     def _before_forward(self, req_ids, num_scheduled_tokens, logits_rows, positions) -> None:
         """Write the batch's cap mask into the persistent buffer the captured graphs read."""
-        known = [self.requests.get(r, (r, False)) for r in req_ids]
-        flags = np.fromiter((capped for _, capped in known), dtype=bool, count=len(known))
+        known = [self.requests.get(r) or _Tracked(r, False, 0) for r in req_ids]
+        flags = np.fromiter((t.capping for t in known), dtype=bool, count=len(known))
+        counts = np.asarray(num_scheduled_tokens, dtype=np.int64)[:len(known)]
         state = self.state
         state.hits.zero_()
         if flags.any():
-            counts = np.asarray(num_scheduled_tokens, dtype=np.int64)
             total = int(counts.sum())
             host = torch.tensor(np.repeat(flags, counts), dtype=torch.float32, pin_memory=self.pin)
             state.mask[:total].copy_(host, non_blocking=True)
@@ -169,13 +184,32 @@ class BatchCapping:
         elif self.mask_in_use:
             state.mask.zero_()
             self.mask_in_use = False
-        self.layout = _BatchLayout([front_id for front_id, _ in known], logits_rows, positions)
+        prompt, prompt_rows = self._prompt_rows(known, counts)
+        self.layout = _BatchLayout([t.front_id for t in known], logits_rows, positions, prompt, prompt_rows)
+
+    def _prompt_rows(self, known: list[_Tracked], counts: np.ndarray) -> tuple[list[tuple[str, int]], torch.Tensor | None]:
+        """The token rows of prompt tokens this step computes for requests that asked for them: a
+        request's rows are contiguous, in batch order, and a prefill chunk computes its prompt in order."""
+        if not any(t.prompt_left for t in known):
+            return [], None
+        starts = np.cumsum(counts) - counts
+        prompt, ranges = [], []
+        for t, start, count in zip(known, starts.tolist(), counts.tolist()):
+            if t.prompt_left:
+                rows = min(count, t.prompt_left)
+                t.prompt_left -= rows
+                prompt.append((t.front_id, rows))
+                ranges.append(np.arange(start, start + rows))
+        host = torch.from_numpy(np.concatenate(ranges))
+        return prompt, (host.pin_memory() if self.pin else host).to(self.device, non_blocking=True)
 
     def _report(self, layout: _BatchLayout) -> None:
         # One logits row per request: axiscap never configures speculative decoding.
         rows = layout.logits_rows.long()
         parts = [layout.positions[rows].double(), self.state.projections[rows].double(),
                  self.state.hits[self.held_slots].double()]
+        if layout.prompt_rows is not None and self.sender.monitor:
+            parts += [layout.positions[layout.prompt_rows].double(), self.state.projections[layout.prompt_rows].double()]
         packed = torch.cat(parts)
         host = torch.empty(packed.shape, dtype=torch.float64, pin_memory=self.pin)
         ready = None
@@ -194,4 +228,4 @@ class BatchCapping:
             ready.record()
         else:
             host.copy_(packed)
-        self.sender.put(layout.ids, ready, host)
+        self.sender.put(layout.ids, layout.prompt if self.sender.monitor else [], ready, host)
