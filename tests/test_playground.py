@@ -4,12 +4,15 @@ what a person sees: two answers, one shaded token per generated token, drawn cha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 
 import httpx
 import pytest
+
+from axiscap.steering.gate import GATE_KEY
 
 from .conftest import server
 
@@ -65,8 +68,10 @@ def open_page(browser, live) -> None:
     WebDriverWait(browser, 30).until(lambda b: "monitor layer" in b.find_element(By.ID, "server-info").text)
 
 
-def test_two_streams_side_by_side_across_two_turns(smollm2, smollm2_axis, browser, tmp_path):
-    with server(smollm2, smollm2_axis, max_batch_size=4) as live:
+def test_three_streams_side_by_side_across_two_turns(smollm2, smollm2_axis, browser, tmp_path):
+    # An axis whose gate every message falls below: the gated side switches capping on at its first token.
+    axis = dataclasses.replace(smollm2_axis, extra={**smollm2_axis.extra, GATE_KEY: "1e9"})
+    with server(smollm2, axis, max_batch_size=4) as live:
         open_page(browser, live)
         info = browser.find_element(By.ID, "server-info").text
         assert "τ =" in info and browser.find_element(By.ID, "notice").get_attribute("hidden")
@@ -74,7 +79,7 @@ def test_two_streams_side_by_side_across_two_turns(smollm2, smollm2_axis, browse
         fill(browser, "seed", "7")
 
         cells = send_turn(browser, "Will I be happy?", 0)
-        assert [c.get_attribute("data-side") for c in cells] == ["capped", "uncapped"]
+        assert [c.get_attribute("data-side") for c in cells] == ["capped", "gated", "uncapped"]
         for cell in cells:
             assert cell.get_attribute("data-state") == "done"
             tokens = cell.find_elements(By.CSS_SELECTOR, ".tok")
@@ -85,9 +90,18 @@ def test_two_streams_side_by_side_across_two_turns(smollm2, smollm2_axis, browse
             assert "mean projection" in cell.find_element(By.CSS_SELECTOR, ".stats").text
         turn_chart = browser.find_element(By.ID, "turn-chart")
         assert turn_chart.get_attribute("data-points") == "1" and painted_pixels(browser, turn_chart) > 100
+        # Where the gated answer's capping began: marked on its first token, and said under it.
+        gated = cells[1]
+        assert gated.get_attribute("data-capping-from") == "0"
+        assert "cap-start" in gated.find_elements(By.CSS_SELECTOR, ".tok")[0].get_attribute("class")
+        assert "capped from the first token" in gated.find_element(By.CSS_SELECTOR, ".stats").text
+        assert cells[0].get_attribute("data-capping-from") is None
+        # The conversation's trajectory: the prompt's system and user messages, then the answers.
+        trajectory = browser.find_element(By.ID, "trajectory-chart")
+        assert trajectory.get_attribute("data-messages") == "2" and painted_pixels(browser, trajectory) > 100
 
         # Continue from the uncapped answer: the next request carries that answer as the assistant turn.
-        uncapped = cells[1]
+        uncapped = cells[2]
         answer = "".join(t.text if "eos" not in t.get_attribute("class") else ""
                          for t in uncapped.find_elements(By.CSS_SELECTOR, ".tok"))
         uncapped.find_element(By.CSS_SELECTOR, ".continue").click()
@@ -95,6 +109,10 @@ def test_two_streams_side_by_side_across_two_turns(smollm2, smollm2_axis, browse
         cells = send_turn(browser, "Tell me more.", 1)
         assert all(c.get_attribute("data-state") == "done" for c in cells)
         assert browser.find_element(By.ID, "turn-chart").get_attribute("data-points") == "2"
+        # Now system, user, the chosen assistant answer and the new user message.
+        trajectory = browser.find_element(By.ID, "trajectory-chart")
+        assert trajectory.get_attribute("data-messages") == "4"
+        assert "1 assistant turn · EWMA" in browser.find_element(By.ID, "trajectory-stats").text
         sent = json.loads(browser.find_element(By.ID, "last-request").get_attribute("textContent").split("\n", 1)[1])
         assert sent["messages"][-2] == {"role": "assistant", "content": answer}
         assert sent["messages"][-1]["content"] == "Tell me more." and sent["seed"] == 7

@@ -1,15 +1,19 @@
-// The axiscap playground: the same chat sent capped and uncapped, streamed side by side, each token
-// shaded by its projection on the Assistant Axis. It uses only the public API, like any client.
+// The axiscap playground: the same chat sent capped, gated (where the engine gates) and uncapped,
+// streamed side by side, each token shaded by its projection on the Assistant Axis, and the whole
+// conversation's trajectory drawn from the prompt's per-message figures. It uses only the public
+// API, like any client.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const COLORS = { capped: "#2e6fd8", uncapped: "#e07b1f", enforced: "#2e6fd8" };
+const COLORS = { capped: "#2e6fd8", gated: "#2ca05a", uncapped: "#e07b1f", enforced: "#2e6fd8" };
+const ROLE_COLORS = { system: "#7f8c8d", user: "#8e44ad", assistant: "#2c3e50", tool: "#95a5a6" };
 
 const state = {
   info: null,       // /health: model, policy, tau, the default Assistant's spread
   sides: [],        // [{name, capping}] : two under the client policy, one when the operator enforces it
   history: [],      // the shared conversation: user turns and the chosen assistant answers
   turns: [],        // per turn: {side name: mean projection}
+  trajectory: null, // the last turn's prompt, message by message: [{role, mean}], then the answers
   pending: null,    // the last turn's answers, until the next send picks one to continue from
   busy: false,
 };
@@ -44,8 +48,11 @@ async function loadInfo() {
   const notices = [];
   if (info.capping_policy === "client") {
     state.sides = [{ name: "capped", capping: true }, { name: "uncapped", capping: false }];
+    // Gated: uncapped until the conversation or the answer drifts (steering/gate.py).
+    if (info.gated_capping) state.sides.splice(1, 0, { name: "gated", capping: "auto" });
   } else {
-    state.sides = [{ name: "enforced", capping: info.capping_policy === "always" }];
+    const enforced = { always: true, never: false, gated: "auto" }[info.capping_policy];
+    state.sides = [{ name: "enforced", capping: enforced }];
     notices.push(`The operator enforces capping (${info.capping_policy}): clients cannot switch it, ` +
                  "so this page shows the one answer the server gives.");
   }
@@ -92,9 +99,10 @@ function drawLegend() {
 
 // --- charts --------------------------------------------------------------------------------
 
-function drawLines(canvas, series, tau, xLabel = null) {
-  // series: [{color, values}]; x is the index, y the projection; tau is drawn as a dashed line;
-  // xLabel(i) names the points along the x axis (the turn chart's turns).
+function drawLines(canvas, series, tau, xLabel = null, marks = []) {
+  // series: [{color, values, pointColors?}]; x is the index, y the projection; tau is drawn as a
+  // dashed line; xLabel(i) names the points along the x axis; marks: [{at, color, label}], vertical
+  // lines at those indices (where a gated answer's capping began).
   const ctx = canvas.getContext("2d");
   const { width, height } = canvas;
   ctx.clearRect(0, 0, width, height);
@@ -124,6 +132,12 @@ function drawLines(canvas, series, tau, xLabel = null) {
     ctx.fillStyle = "#c0392b";
     ctx.fillText("τ", width - right - 10, y(tau) - 3);
   }
+  for (const mark of marks) {
+    ctx.strokeStyle = mark.color;
+    ctx.beginPath(); ctx.moveTo(x(mark.at), top); ctx.lineTo(x(mark.at), height - bottom); ctx.stroke();
+    ctx.fillStyle = mark.color;
+    ctx.fillText(mark.label, Math.min(x(mark.at) + 3, width - right - 60), top + 10);
+  }
   for (const s of series) {
     ctx.strokeStyle = s.color;
     ctx.fillStyle = s.color;
@@ -131,7 +145,12 @@ function drawLines(canvas, series, tau, xLabel = null) {
     ctx.beginPath();
     s.values.forEach((v, i) => (i ? ctx.lineTo(x(i), y(v)) : ctx.moveTo(x(i), y(v))));
     ctx.stroke();
-    if (s.values.length < 40) s.values.forEach((v, i) => ctx.fillRect(x(i) - 2, y(v) - 2, 4, 4));
+    if (s.values.length < 40) {
+      s.values.forEach((v, i) => {
+        ctx.fillStyle = (s.pointColors && s.pointColors[i]) || s.color;
+        ctx.fillRect(x(i) - 3, y(v) - 3, 6, 6);
+      });
+    }
   }
   ctx.lineWidth = 1;
 }
@@ -145,6 +164,25 @@ function drawTurnChart() {
   canvas.dataset.points = String(state.turns.length);
   drawLines(canvas, series, state.info ? state.info.monitor_tau : null,
             (i) => (i < state.turns.length ? `turn ${i + 1}` : ""));
+}
+
+function drawTrajectory() {
+  // The whole conversation at the monitor layer: each prompt message's own mean (the server's
+  // prompt_projections, coloured by role), then this turn's answer on each side.
+  const canvas = $("trajectory-chart");
+  const messages = (state.trajectory && state.trajectory.messages) || [];
+  const measured = messages.filter((m) => m.mean != null);
+  const series = state.sides.map((side) => {
+    const answer = state.trajectory && state.trajectory.answers[side.name];
+    const values = measured.map((m) => m.mean).concat(answer != null ? [answer] : []);
+    return { color: COLORS[side.name], values, pointColors: measured.map((m) => ROLE_COLORS[m.role] || "#333") };
+  });
+  canvas.dataset.messages = String(measured.length);
+  const labels = measured.map((m) => m.role).concat(["answer"]);
+  drawLines(canvas, series, state.info ? state.info.monitor_tau : null, (i) => labels[i] || "");
+  const drift = state.trajectory && state.trajectory.drift;
+  $("trajectory-stats").textContent = drift && drift.assistant_turns ?
+    `${drift.assistant_turns} assistant turn${drift.assistant_turns === 1 ? "" : "s"} · EWMA ${drift.ewma.toFixed(2)} · CUSUM below τ ${drift.cusum.toFixed(2)}` : "";
 }
 
 // --- one streamed answer -------------------------------------------------------------------
@@ -180,6 +218,8 @@ async function streamAnswer(cell, messages, side, settings) {
   const answer = cell.querySelector(".answer");
   const stats = cell.querySelector(".stats");
   const projections = [];
+  let prompt = null;      // the prompt's per-message figures (first chunk)
+  let cappedFrom = null;  // a gated answer: its first capped token
   const finish = (stateName, message) => {
     cell.dataset.state = stateName;
     if (message) {
@@ -213,18 +253,28 @@ async function streamAnswer(cell, messages, side, settings) {
         ` · mean projection ${mean(projections).toFixed(2)}` : "") +
         (chunk.capping_overridden ? " · capping overridden by the server" : "");
     }
+    if (chunk.prompt_projections) prompt = chunk.prompt_projections;
     for (const choice of chunk.choices) {
       const entries = (choice.logprobs && choice.logprobs.content) || [];
       const values = choice.axis_projections || [];
+      const first = answer.querySelectorAll(".tok").length;  // index of this chunk's first token
+      if (choice.capping_from != null) {
+        cappedFrom = choice.capping_from;
+        cell.dataset.cappingFrom = String(cappedFrom);
+      }
       entries.forEach((entry, i) => {
         const span = document.createElement("span");
         const isEnd = choice.finish_reason === "stop" && i === entries.length - 1 &&
           !(choice.delta.content || "").endsWith(entry.token);
         span.className = "tok" + (isEnd ? " eos" : "");
         span.textContent = isEnd ? "⏎" : entry.token;
+        if (cappedFrom != null && first + i === cappedFrom) {
+          span.classList.add("cap-start");
+          span.title = "capping on from here";
+        }
         if (values[i] != null) {
           span.style.background = shade(values[i]);
-          span.title = `projection ${values[i].toFixed(2)}`;
+          span.title = (span.title ? span.title + " · " : "") + `projection ${values[i].toFixed(2)}`;
           if (state.info.monitor_tau != null && values[i] < state.info.monitor_tau) span.classList.add("below");
           projections.push(values[i]);
         }
@@ -233,11 +283,16 @@ async function streamAnswer(cell, messages, side, settings) {
       text += choice.delta.content || "";
       if (choice.finish_reason) cell.dataset.finish = choice.finish_reason;
     }
+    const marks = cappedFrom != null ? [{ at: cappedFrom, color: COLORS.gated, label: "capping on" }] : [];
     drawLines(cell.querySelector("canvas"), [{ color: COLORS[side.name], values: projections }],
-              state.info.monitor_tau);
+              state.info.monitor_tau, null, marks);
+  }
+  if (side.capping === "auto") {
+    stats.textContent += cappedFrom == null ? " · the gate never capped" :
+      cappedFrom === 0 ? " · capped from the first token (the prompt had drifted)" : ` · capped from token ${cappedFrom}`;
   }
   finish("done");
-  return { text, mean: projections.length ? mean(projections) : null };
+  return { text, mean: projections.length ? mean(projections) : null, prompt };
 }
 
 const mean = (values) => values.reduce((a, b) => a + b, 0) / values.length;
@@ -312,6 +367,9 @@ async function send(event) {
   const answers = await Promise.all(state.sides.map((side, i) => streamAnswer(cells[i], messages, side, run)));
   const turn = {};
   state.sides.forEach((side, i) => { if (answers[i] && answers[i].mean != null) turn[side.name] = answers[i].mean; });
+  const prompt = answers.find((a) => a && a.prompt);  // every side sent the same messages
+  if (prompt) state.trajectory = { ...prompt.prompt, answers: turn };
+  drawTrajectory();
   if (answers.some((a) => a !== null)) {
     state.turns.push(turn);
     offerContinuation(cells, answers);

@@ -22,7 +22,8 @@ async def health(http: Request):
     engine, axis, settings = state.engine, state.axis, state.settings
     body = {"status": "ok" if engine.healthy else "unavailable", "model": state.model.name,
             "capping_policy": settings.capping_policy, "capping_default": settings.capping_default,
-            "allow_projections": settings.allow_projections, "cap_layers": axis.cap_layers,
+            "allow_projections": settings.allow_projections, "gated_capping": engine.gated_capping,
+            "cap_layers": axis.cap_layers,
             "monitor_layer": axis.monitor_layer, "monitor_tau": axis.threshold(axis.monitor_layer)}
     for key in ("monitor_mean", "monitor_std"):  # the default Assistant's spread, when the file has it
         if key in axis.extra:
