@@ -291,6 +291,28 @@ def answer_mean_percentile(projections: torch.Tensor, lengths: list[int], percen
     return torch.quantile(means, percentile / 100).item()
 
 
+def calibrate_gate(cfg: CalibrateConfig, model, generator_for: GeneratorFor) -> Path:
+    """Only the gated policy's threshold, for an axis file whose band and tau stay as they are (one
+    calibrated before the gate existed): the train prompts answered uncapped, greedy, and the
+    GATE_PERCENTILE-th percentile of the answers' mean monitor projections, as ``_choose`` takes it."""
+    n_layers, hidden = len(decoder_layers(model)), model.config.get_text_config().hidden_size
+    axis = load_axis(cfg.axis_in, n_layers, hidden)
+    train = [r for r in _rows(cfg) if r["kind"] == "train"]
+    with generator_for(None) as generate:
+        answered = _generate_rows(generate, train, cfg.max_new_tokens, "answers (uncapped)")
+    means = teacher_forced(model, answered, axis, capping=False, batch_size=cfg.batch_size)["monitor"]
+    threshold = torch.quantile(torch.tensor(means, dtype=torch.float64), GATE_PERCENTILE / 100).item()
+    log.info("gate threshold %.3f: the %gth percentile of %d train answers' means at layer %d (tau there %.3f)",
+             threshold, GATE_PERCENTILE, len(means), axis.monitor_layer, axis.threshold(axis.monitor_layer))
+    axis.extra = {**axis.extra, GATE_KEY: repr(threshold),
+                  "gate_calibration": json.dumps({"percentile": GATE_PERCENTILE, "n_answers": len(means),
+                                                  "max_new_tokens": cfg.max_new_tokens})}
+    partial = cfg.out.with_name(cfg.out.name + ".partial")
+    save_axis(axis, partial)
+    os.replace(partial, cfg.out)
+    return cfg.out
+
+
 def pareto_front(points: list[dict]) -> list[dict]:
     """Points no other point beats on both identical share and lift."""
     return [p for p in points if not any(

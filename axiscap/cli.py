@@ -97,7 +97,7 @@ def _build(args: argparse.Namespace) -> None:
 def _calibrate(args: argparse.Namespace) -> None:
     from contextlib import contextmanager
 
-    from axiscap.axes.calibrate import CalibrateConfig, calibrate
+    from axiscap.axes.calibrate import CalibrateConfig, calibrate, calibrate_gate
     from axiscap.axes.role_scoring import EmbeddingScorer
     from axiscap.server.engines.hf.model_loading import load_model
 
@@ -118,6 +118,9 @@ def _calibrate(args: argparse.Namespace) -> None:
         finally:
             engine.stop()
 
+    if args.gate_only:
+        print(f"wrote {calibrate_gate(cfg, loaded.model, generator_for)} (its gate threshold only)")
+        return
     score = None if args.no_role_scoring else EmbeddingScorer().score
     path = calibrate(cfg, loaded.model, loaded.tokenizer, generator_for, score)
     print(f"wrote {path} (report in {cfg.report}, stages in {cfg.work})")
@@ -201,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default 64)")
     cal.add_argument("--no-role-scoring", action="store_true",
                      help="skip the in-character share (needs the offline role scorer)")
+    cal.add_argument("--gate-only", action="store_true",
+                     help="keep the band and tau; only measure the gated policy's threshold (--capping-policy "
+                          "gated) from the train answers and write it into OUT (for files calibrated before it)")
     cal.add_argument("--quick", action="store_true", help="a tiny slice of every stage (tests, smoke runs)")
     cal.add_argument("--device", default="auto", help="cpu, cuda or auto")
     cal.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/axiscap)")

@@ -192,3 +192,32 @@ def test_the_shipped_axis_is_its_calibrations_choice():
     verify = json.loads((folder / "verify.json").read_text())
     assert verify["chosen"]["identical"] >= 0.85 and verify["chosen"]["role_lift"] >= 10
     assert verify["input"]["identical"] < verify["chosen"]["identical"]
+
+
+def test_gate_only_adds_the_gate_threshold_and_keeps_band_and_tau(smollm2, smollm2_axis, tmp_path):
+    from axiscap.axes.calibration_data import calibration_prompts
+    from axiscap.steering import record_layer_outputs
+    from axiscap.steering.gate import gate_threshold
+
+    out = tmp_path / "gated.safetensors"
+    run = calibrate(SHIPPED, out, "--gate-only")
+    assert run.returncode == 0, run.stderr[-3000:]
+    axis = load_axis(out, n_layers=30, hidden_size=576)
+    assert axis.cap_layers == smollm2_axis.cap_layers and axis.cap_thresholds == smollm2_axis.cap_thresholds
+    torch.testing.assert_close(axis.axis, smollm2_axis.axis)
+    assert json.loads(axis.extra["gate_calibration"])["n_answers"] == 4  # --quick: four train prompts
+
+    # Directly: each train prompt's greedy answer (8 tokens, --quick) through model.generate, the mean
+    # projection of its own tokens at the monitor layer (as a prompt message's figures are taken, which
+    # is what the gate compares), and the 5th percentile of those means.
+    layer, means = axis.monitor_layer, []
+    for prompt in calibration_prompts("train")[:4]:
+        ids = smollm2.tokenizer.apply_chat_template(list(prompt.messages), add_generation_prompt=True,
+                                                    return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            full = smollm2.model.generate(ids, max_new_tokens=8, do_sample=False)
+            with record_layer_outputs(smollm2.model, [layer]) as seen:
+                smollm2.model(input_ids=full)
+        answer = seen[layer][0][0, ids.shape[1]:].float() @ axis.unit(layer)
+        means.append(answer.mean().item())
+    assert gate_threshold(axis) == pytest.approx(float(np.percentile(means, 5)), rel=1e-3, abs=1e-3)
