@@ -56,7 +56,7 @@ from axiscap.steering.gate import GATE_KEY
 
 from . import persona_data
 from .calibration_data import calibration_prompts
-from .pipeline import GenerateFn, ScoreFn, _stage
+from .pipeline import ComputeRunner, GenerateFn, ScoreFn, _stage, generate_in_chunks, run_here
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,6 @@ class CalibrateConfig:
     percentiles: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0, 10.0, 25.0)
     capability_budget: float = 0.9  # least share of validation answers capping must leave identical
     max_new_tokens: int = 64
-    build_questions: int = 10  # role prompts ask the build's questions; the report's held-out ones stay unseen
-    held_out_roles: tuple[str, ...] = ("oracle",)
     batch_size: int = 8
 
     def __post_init__(self):
@@ -137,13 +135,14 @@ def sweep_points(cfg: CalibrateConfig, n_layers: int, monitor_layer: int) -> lis
 
 
 def _rows(cfg: CalibrateConfig) -> list[dict]:
-    """Calibration prompts (train, validation) and one role prompt per role that is not held out."""
+    """Calibration prompts (train, validation) and one role prompt per non-Assistant role (the build's
+    roles and questions; the check set stays unseen)."""
     prompts = calibration_prompts()
     if cfg.quick:
         prompts = [p for split in ("train", "validation") for p in [q for q in prompts if q.split == split][:4]]
     rows = [{"kind": p.split, "id": p.id, "messages": list(p.messages)} for p in prompts]
-    questions = persona_data.questions()[:cfg.build_questions]
-    roles = [r for r in persona_data.roles() if r.kind != "assistant-like" and r.name not in cfg.held_out_roles]
+    questions = persona_data.questions()
+    roles = [r for r in persona_data.roles() if r.kind != "assistant-like"]
     if cfg.quick:
         roles = roles[:3]
     for i, role in enumerate(roles):
@@ -154,15 +153,10 @@ def _rows(cfg: CalibrateConfig) -> list[dict]:
 
 
 def _generate_rows(generate: GenerateFn, rows: list[dict], max_new_tokens: int, desc: str) -> list[dict]:
-    out, chunk = [], 64
-    for start in tqdm(range(0, len(rows), chunk), desc=desc, unit="chunk"):
-        part = rows[start:start + chunk]
-        for row, (prompt_ids, answer_ids) in zip(part, generate([r["messages"] for r in part], 0.0, 1.0,
-                                                                 max_new_tokens)):
-            # Fewer tokens than allowed: the answer ended with end-of-sequence, which is a greedy choice too.
-            out.append({**row, "prompt_ids": prompt_ids, "answer_ids": answer_ids,
-                        "ended": len(answer_ids) < max_new_tokens})
-    return out
+    answers = generate_in_chunks(generate, [r["messages"] for r in rows], 0.0, 1.0, max_new_tokens, desc)
+    # Fewer tokens than allowed: the answer ended with end-of-sequence, which is a greedy choice too.
+    return [{**row, "prompt_ids": prompt_ids, "answer_ids": answer_ids, "ended": len(answer_ids) < max_new_tokens}
+            for row, (prompt_ids, answer_ids) in zip(rows, answers)]
 
 
 def _answers(cfg: CalibrateConfig, generate: GenerateFn, path: Path) -> None:
@@ -291,7 +285,7 @@ def answer_mean_percentile(projections: torch.Tensor, lengths: list[int], percen
     return torch.quantile(means, percentile / 100).item()
 
 
-def calibrate_gate(cfg: CalibrateConfig, model, generator_for: GeneratorFor) -> Path:
+def calibrate_gate(cfg: CalibrateConfig, model, generator_for: GeneratorFor, compute: ComputeRunner = run_here) -> Path:
     """Only the gated policy's threshold, for an axis file whose band and tau stay as they are (one
     calibrated before the gate existed): the train prompts answered uncapped, greedy, and the
     GATE_PERCENTILE-th percentile of the answers' mean monitor projections, as ``_choose`` takes it."""
@@ -300,7 +294,7 @@ def calibrate_gate(cfg: CalibrateConfig, model, generator_for: GeneratorFor) -> 
     train = [r for r in _rows(cfg) if r["kind"] == "train"]
     with generator_for(None) as generate:
         answered = _generate_rows(generate, train, cfg.max_new_tokens, "answers (uncapped)")
-    means = teacher_forced(model, answered, axis, capping=False, batch_size=cfg.batch_size)["monitor"]
+    means = compute(lambda: teacher_forced(model, answered, axis, capping=False, batch_size=cfg.batch_size))["monitor"]
     threshold = torch.quantile(torch.tensor(means, dtype=torch.float64), GATE_PERCENTILE / 100).item()
     log.info("gate threshold %.3f: the %gth percentile of %d train answers' means at layer %d (tau there %.3f)",
              threshold, GATE_PERCENTILE, len(means), axis.monitor_layer, axis.threshold(axis.monitor_layer))
@@ -354,7 +348,7 @@ def _choose(cfg: CalibrateConfig, axis: AssistantAxis, points: list[dict]) -> bo
 
 
 def _verify(cfg: CalibrateConfig, model, tokenizer, axes: dict[str, AssistantAxis], generator_for: GeneratorFor,
-            score: ScoreFn | None, path: Path) -> None:
+            score: ScoreFn | None, compute: ComputeRunner, path: Path) -> None:
     """Each axis generating for real (the engine, capping on) on the checked rows: validation answers
     left identical, role-play lift as the server reports it, and role answers still in character."""
     rows = [r for r in _load_answers(cfg) if r["kind"] != "train"]
@@ -375,8 +369,9 @@ def _verify(cfg: CalibrateConfig, model, tokenizer, axes: dict[str, AssistantAxi
             answers = _generate_rows(generate, rows, cfg.max_new_tokens, f"verify ({name} axis, capped)")
         same = sum(answers[i]["answer_ids"] == rows[i]["answer_ids"] for i in validation)
         capped_roles = [a for a in answers if a["kind"] == "role"]
-        before = teacher_forced(model, role_rows, axis, capping=False, batch_size=cfg.batch_size)["monitor"]
-        after = teacher_forced(model, capped_roles, axis, capping=True, batch_size=cfg.batch_size)["monitor"]
+        before = compute(lambda: teacher_forced(model, role_rows, axis, capping=False, batch_size=cfg.batch_size))
+        after = compute(lambda: teacher_forced(model, capped_roles, axis, capping=True, batch_size=cfg.batch_size))
+        before, after = before["monitor"], after["monitor"]
         lift, lo, hi = mean_ci([a - b for a, b in zip(after, before)])
         result[name] = {"band": f"{axis.cap_layers[0]}:{axis.cap_layers[-1]}", "percentile": axis.percentile,
                         "identical": same / len(validation), "identical_ci": wilson(same, len(validation)),
@@ -434,7 +429,8 @@ def _report(cfg: CalibrateConfig, axis_in: AssistantAxis, points: list[dict], fo
         "perplexity.",
         f"- persona: {counts['role']} role prompts (one per non-Assistant role, the build's questions), mean lift of "
         f"their answers' projection at the monitor layer, capped vs uncapped.",
-        "- held out from all of it: the axis report's held-out roles and questions, and the `axiscap eval` suites.",
+        "- held out from all of it: the check roles and questions (`axes/data/check_*.json`, `axes check`) and "
+        "the `axiscap eval` suites.",
         "- intervals: 95% (Wilson for shares, normal for mean lifts).", "",
         f"**Chosen**: {chosen['point']} for a capability budget of {cfg.capability_budget:g}"
         + ("" if chosen["inside_budget"] else " (no point met the budget: the least costly one)") + ".", "",
@@ -461,9 +457,11 @@ def _report(cfg: CalibrateConfig, axis_in: AssistantAxis, points: list[dict], fo
     shutil.copyfile(cfg.work / "verify.json", folder / "verify.json")
 
 
-def calibrate(cfg: CalibrateConfig, model, tokenizer, generator_for: GeneratorFor, score: ScoreFn | None) -> Path:
+def calibrate(cfg: CalibrateConfig, model, tokenizer, generator_for: GeneratorFor, score: ScoreFn | None,
+              compute: ComputeRunner = run_here) -> Path:
     """Run every stage that has not run yet and write the chosen axis to ``cfg.out`` (which may be
-    the input file: the input is kept in the work folder, so a resumed run still starts from it)."""
+    the input file: the input is kept in the work folder, so a resumed run still starts from it).
+    Forward passes of its own (not the engine's) run through ``compute``."""
     n_layers, hidden = len(decoder_layers(model)), model.config.get_text_config().hidden_size
     cfg.work.mkdir(parents=True, exist_ok=True)
     _stage("input", cfg.input_copy, lambda p: save_axis(load_axis(cfg.axis_in, n_layers, hidden), p))
@@ -475,13 +473,14 @@ def calibrate(cfg: CalibrateConfig, model, tokenizer, generator_for: GeneratorFo
             _answers(cfg, generate, p)
 
     _stage("answers", cfg.work / "answers.jsonl", answers)
-    _stage("projections", cfg.work / "projections.safetensors", lambda p: _projections(cfg, model, axis_in, p))
-    points = _sweep(cfg, model, axis_in)
+    _stage("projections", cfg.work / "projections.safetensors", lambda p: _projections(cfg, model, axis_in, p),
+           compute)
+    points = compute(lambda: _sweep(cfg, model, axis_in))
     if _choose(cfg, axis_in, points):  # a new choice: what was checked and reported was another's
         (cfg.work / "verify.json").unlink(missing_ok=True)
         shutil.rmtree(cfg.report, ignore_errors=True)
     _stage("verify", cfg.work / "verify.json", lambda p: _verify(
-        cfg, model, tokenizer, {"input": axis_in, "chosen": load_axis(cfg.chosen)}, generator_for, score, p))
+        cfg, model, tokenizer, {"input": axis_in, "chosen": load_axis(cfg.chosen)}, generator_for, score, compute, p))
     _stage("report", cfg.report, lambda p: _report(cfg, axis_in, points, p))
     # A new file moved into place: a process still reading the old one (memory-mapped) keeps it.
     partial = cfg.out.with_name(cfg.out.name + ".partial")

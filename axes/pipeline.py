@@ -7,7 +7,7 @@ interrupted build continues where it stopped):
   score        scores.json            role expression 0-3 for every role-play answer
   axis         vectors.safetensors    role vectors (fully-in-role answers), default vector, axis
   calibrate    the axis file           tau per capped layer, capped band and monitor layer
-  report       NAME.report/            persona-space PCA, held-out checks, report.md and PNG plots
+  report       NAME.report/            persona-space PCA, held-out checks (``check``), report.md, PNG plots
 
 Rule for the band and the monitor layer (overridable): the contiguous run of ``n_layers // 5``
 layers in the second half of the model (the last two excluded) where default and in-role answers
@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 GenerateFn = Callable[[list[list[dict[str, str]]], float, float, int], list[tuple[list[int], list[int]]]]
 # answers, their roles and questions -> role-expression scores 0..3
 ScoreFn = Callable[[list[str], list[persona_data.Role], list[str]], list[int]]
+# runs a stage's own forward passes and waits for them: here, or where the caller's engine decodes
+# fastest (the CLI: a thread of its own, server.engines.hf.threads.in_compute_thread)
+ComputeRunner = Callable[[Callable[[], object]], object]
+
+
+def run_here(work: Callable[[], object]) -> object:
+    return work()
 
 
 @dataclass
@@ -49,13 +56,12 @@ class BuildConfig:
     temperature: float = 0.7
     top_p: float = 0.9
     max_new_tokens: int = 64
-    questions: int = 10  # per role prompt
+    questions: int = 10  # per role prompt (successive prompts take successive questions: every one is used)
     prompts_per_role: int = 2
     min_in_role: int = 3  # fully-in-role answers a role needs to get a vector
     percentile: float = 25.0
     band: tuple[int, int] | None = None  # first and last capped layer
     monitor_layer: int | None = None
-    held_out_roles: tuple[str, ...] = ("oracle",)
     seed: int = 0
 
     def __post_init__(self):
@@ -71,22 +77,22 @@ class BuildConfig:
         return self.out.parent / f"{self.out.stem}.report"
 
 
-def _stage(name: str, path: Path, run: Callable[[Path], None]) -> None:
+def _stage(name: str, path: Path, run: Callable[[Path], None], compute: ComputeRunner = run_here) -> None:
     if path.exists():
         log.info("stage %s: %s exists, skipped", name, path.name)
         return
     log.info("stage %s", name)
     partial = path.with_name(path.name + ".partial")
-    run(partial)
+    compute(lambda: run(partial))
     partial.rename(path)
 
 
 def _conditions(cfg: BuildConfig) -> list[dict]:
-    questions = persona_data.questions()[: cfg.questions]
-    roles = [r for r in persona_data.roles() if r.name not in cfg.held_out_roles]
+    questions, roles = persona_data.questions(), persona_data.roles()
     if cfg.quick:
+        questions = questions[:cfg.questions]
         roles = [next(r for r in roles if r.kind == kind) for kind in ("assistant-like", "in-between", "fantastical")]
-    return persona_data.condition_rows(cfg.model_name, roles, questions, cfg.prompts_per_role)
+    return persona_data.condition_rows(cfg.model_name, roles, questions, cfg.prompts_per_role, cfg.questions)
 
 
 def chat_messages(rows: list[dict]) -> list[list[dict[str, str]]]:
@@ -94,13 +100,19 @@ def chat_messages(rows: list[dict]) -> list[list[dict[str, str]]]:
             [{"role": "user", "content": r["question"]}] for r in rows]
 
 
+def generate_in_chunks(generate: GenerateFn, conversations: list[list[dict[str, str]]], temperature: float,
+                       top_p: float, max_new_tokens: int, desc: str) -> list[tuple[list[int], list[int]]]:
+    """``generate`` over many conversations, 64 at a time (each chunk a full batch), with a progress bar."""
+    outputs, chunk = [], 64
+    for start in tqdm(range(0, len(conversations), chunk), desc=desc, unit="chunk"):
+        outputs += generate(conversations[start:start + chunk], temperature, top_p, max_new_tokens)
+    return outputs
+
+
 def _generate(cfg: BuildConfig, generate: GenerateFn, path: Path) -> None:
     rows = _conditions(cfg)
-    messages = chat_messages(rows)
-    outputs = []
-    chunk = 64
-    for start in tqdm(range(0, len(rows), chunk), desc="generate", unit="chunk"):
-        outputs += generate(messages[start:start + chunk], cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    outputs = generate_in_chunks(generate, chat_messages(rows), cfg.temperature, cfg.top_p, cfg.max_new_tokens,
+                                 "generate")
     with path.open("w") as f:
         for row, (prompt_ids, answer_ids) in zip(rows, outputs):
             f.write(json.dumps({**row, "prompt_ids": prompt_ids, "answer_ids": answer_ids}) + "\n")
@@ -217,17 +229,17 @@ def _calibrate(cfg: BuildConfig, model, path: Path) -> AssistantAxis:
     return result
 
 
-def _report(cfg: BuildConfig, model, tokenizer, generate: GenerateFn, folder: Path) -> None:
+def _report(cfg: BuildConfig, model, tokenizer, generate: GenerateFn, score: ScoreFn, folder: Path) -> None:
     from collections import Counter
 
     from axiscap.steering import load_axis
 
-    from .report import NEUTRAL_PROMPTS, held_out_checks, held_out_conditions, persona_space, write_report
+    from .check import check_answers
+    from .report import NEUTRAL_PROMPTS, held_out_checks, persona_space, write_report
 
     axis = load_axis(cfg.out)
-    held = held_out_conditions(cfg.model_name, cfg.held_out_roles, cfg.questions, n=1 if cfg.quick else 6)
-    answers = generate(chat_messages(held), cfg.temperature, cfg.top_p, cfg.max_new_tokens)
-    held = [{**r, "prompt_ids": p, "answer_ids": a} for r, (p, a) in zip(held, answers)]
+    held = check_answers(cfg.model_name, generate, score, tokenizer, cfg.temperature, cfg.top_p, cfg.max_new_tokens,
+                         cfg.quick)
     neutral = [p for p, _ in generate([[{"role": "user", "content": q}] for q in NEUTRAL_PROMPTS], 0.0, 1.0, 1)]
     checks = held_out_checks(model, tokenizer, axis, held, neutral, max_new_tokens=cfg.max_new_tokens // 2)
     rows, scores = _responses(cfg), json.loads((cfg.work / "scores.json").read_text())
@@ -239,14 +251,16 @@ def _report(cfg: BuildConfig, model, tokenizer, generate: GenerateFn, folder: Pa
     write_report(folder, axis, space, checks, counts)
 
 
-def build(cfg: BuildConfig, model, tokenizer, generate: GenerateFn, score: ScoreFn) -> Path:
-    """Run every stage that has not run yet; returns the axis file."""
+def build(cfg: BuildConfig, model, tokenizer, generate: GenerateFn, score: ScoreFn,
+          compute: ComputeRunner = run_here) -> Path:
+    """Run every stage that has not run yet; returns the axis file. The stages that run forward
+    passes of their own run through ``compute``."""
     torch.manual_seed(cfg.seed)
     cfg.work.mkdir(parents=True, exist_ok=True)
     _stage("generate", cfg.work / "responses.jsonl", lambda p: _generate(cfg, generate, p))
-    _stage("activations", cfg.work / "activations.safetensors", lambda p: _activations(cfg, model, p))
-    _stage("score", cfg.work / "scores.json", lambda p: _score(cfg, tokenizer, score, p))
+    _stage("activations", cfg.work / "activations.safetensors", lambda p: _activations(cfg, model, p), compute)
+    _stage("score", cfg.work / "scores.json", lambda p: _score(cfg, tokenizer, score, p), compute)
     _stage("axis", cfg.work / "vectors.safetensors", lambda p: _vectors(cfg, p))
-    _stage("calibrate", cfg.out, lambda p: _calibrate(cfg, model, p))
-    _stage("report", cfg.report, lambda p: _report(cfg, model, tokenizer, generate, p))
+    _stage("calibrate", cfg.out, lambda p: _calibrate(cfg, model, p), compute)
+    _stage("report", cfg.report, lambda p: _report(cfg, model, tokenizer, generate, score, p), compute)
     return cfg.out

@@ -1,8 +1,7 @@
 """The evidence that an axis means what it should: persona-space analysis, held-out checks, a report.
 
 Written next to the axis file as ``NAME.report/report.md`` with PNG plots. Held-out material: the
-held-out roles (the oracle) and questions the build never used, against default answers to the
-same held-out questions.
+check roles and questions (``check``), which no build or calibration reads.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from safetensors.torch import load_file
 
 from axiscap.steering import AssistantAxis, AxisHooks
 
-from . import persona_data
+from .check import cap_everything, monitor_means, separation
 
 NEUTRAL_PROMPTS = ["What is the capital of Japan?", "Write a Python function that reverses a string.",
                    "Explain photosynthesis in two sentences.", "List three prime numbers.",
@@ -25,12 +24,6 @@ NEUTRAL_PROMPTS = ["What is the capital of Japan?", "Write a Python function tha
 NEUTRAL_TEXT = ("The water cycle describes how water evaporates from oceans and lakes, condenses into clouds, "
                 "and falls back to the surface as rain or snow. Rivers carry much of that water back to the sea, "
                 "while some of it soaks into the ground and feeds springs and wells.")
-
-
-def roc_auc(positive: list[float], negative: list[float]) -> float:
-    """Probability that a positive scores above a negative (ties count half)."""
-    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
-    return wins / (len(positive) * len(negative))
 
 
 def persona_space(vectors_path: Path, layer: int) -> dict:
@@ -54,25 +47,6 @@ def persona_space(vectors_path: Path, layer: int) -> dict:
             "assistant_end": [names[i] for i in order.flip(0)[:5].tolist()]}
 
 
-def _cap_everything(hooks: AxisHooks, on: bool) -> None:
-    hooks.set_cap_mask(torch.ones(1, 1, dtype=torch.bool, device=hooks.device) if on else None)
-
-
-@torch.inference_mode()
-def _monitor_means(model, hooks: AxisHooks, rows: list[dict], capping: bool) -> list[float]:
-    """Mean monitor-layer projection over each answer's tokens, capping on or off."""
-    device = next(model.parameters()).device
-    out = []
-    for r in rows:
-        ids = torch.tensor([r["prompt_ids"] + r["answer_ids"]], device=device)
-        _cap_everything(hooks, capping)
-        model(input_ids=ids)
-        n = max(1, len(r["answer_ids"]))
-        out.append(hooks.monitor_projection[0, -n:].float().mean().item())
-    hooks.set_cap_mask(None)
-    return out
-
-
 @torch.inference_mode()
 def _neutral_effect(model, tokenizer, hooks: AxisHooks, prompt_ids: list[list[int]], max_new_tokens: int) -> dict:
     device = next(model.parameters()).device
@@ -81,7 +55,7 @@ def _neutral_effect(model, tokenizer, hooks: AxisHooks, prompt_ids: list[list[in
         x = torch.tensor([ids], device=device)
         runs = []
         for capping in (False, True):
-            _cap_everything(hooks, capping)
+            cap_everything(hooks, capping)
             runs.append(model.generate(x, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist())
         prefix = next((i for i, (a, b) in enumerate(zip(*runs)) if a != b), min(map(len, runs)))
@@ -89,7 +63,7 @@ def _neutral_effect(model, tokenizer, hooks: AxisHooks, prompt_ids: list[list[in
     text = torch.tensor([tokenizer(NEUTRAL_TEXT)["input_ids"]], device=device)
     perplexity = []
     for capping in (False, True):
-        _cap_everything(hooks, capping)
+        cap_everything(hooks, capping)
         perplexity.append(math.exp(model(input_ids=text, labels=text).loss.item()))
     hooks.set_cap_mask(None)
     return {"greedy_tokens_identical": same, "greedy_tokens": total,
@@ -98,27 +72,30 @@ def _neutral_effect(model, tokenizer, hooks: AxisHooks, prompt_ids: list[list[in
 
 def held_out_checks(model, tokenizer, axis: AssistantAxis, held_out: list[dict], neutral_ids: list[list[int]],
                     max_new_tokens: int) -> dict:
+    """The check set's separation (``check``), what capping does to its role answers, and capping's
+    effect on neutral prompts."""
+    checks = separation(model, axis, held_out)
     hooks = AxisHooks(model, axis)
     try:
-        default = [r for r in held_out if r["role"] is None]
-        played = [r for r in held_out if r["role"] is not None]
-        d_proj = _monitor_means(model, hooks, default, capping=False)
-        r_proj = _monitor_means(model, hooks, played, capping=False)
-        r_capped = _monitor_means(model, hooks, played, capping=True)
+        capped = monitor_means(model, hooks, [r for r in held_out if r["role"] is not None], capping=True)
         neutral = _neutral_effect(model, tokenizer, hooks, neutral_ids, max_new_tokens)
     finally:
         hooks.remove()
-    return {"auc_default_vs_roleplay": roc_auc(d_proj, r_proj), "n_default": len(default), "n_roleplay": len(played),
-            "default_projections": d_proj, "roleplay_projections": r_proj, "roleplay_capped_projections": r_capped,
-            "roleplay_mean_uncapped": sum(r_proj) / len(r_proj), "roleplay_mean_capped": sum(r_capped) / len(r_capped),
+    return {**checks, "roleplay_capped_projections": capped, "roleplay_mean_capped": sum(capped) / len(capped),
             **neutral}
 
 
-def held_out_conditions(model_name: str, held_out_roles: tuple[str, ...], used_questions: int, n: int) -> list[dict]:
-    """Default conditions and held-out roles on questions the build never asked."""
-    questions = persona_data.questions()[used_questions:used_questions + n]
-    roles = [r for r in persona_data.roles() if r.name in held_out_roles]
-    return persona_data.condition_rows(model_name, roles, questions)
+def auc_line(checks: dict) -> str:
+    """The check set's two AUCs with their intervals and counts, for a report line."""
+    def one(figure: dict, what: str) -> str:
+        if figure["auc"] is None:
+            return f"{figure['n']} {what} (no AUC)"
+        lo, hi = figure["ci"]
+        return f"{figure['n']} {what}: {figure['auc']:.3f} [{lo:.3f}, {hi:.3f}]"
+    parts = [one(checks["all_roleplay"], "role answers")]
+    if checks["fully_in_role"] is not None:
+        parts.append(one(checks["fully_in_role"], "fully in role (score 3)"))
+    return "; ".join(parts)
 
 
 def write_report(folder: Path, axis: AssistantAxis, space: dict, checks: dict, counts: dict) -> Path:
@@ -147,8 +124,8 @@ def write_report(folder: Path, axis: AssistantAxis, space: dict, checks: dict, c
     fig.savefig(folder / "separation.png", dpi=120, bbox_inches="tight")
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.hist(checks["default_projections"], bins=20, alpha=0.6, label="default (held-out questions)")
-    ax.hist(checks["roleplay_projections"], bins=20, alpha=0.6, label="held-out role-play")
+    ax.hist(checks["default_projections"], bins=20, alpha=0.6, label="default (check questions)")
+    ax.hist(checks["roleplay_projections"], bins=20, alpha=0.6, label="check roles")
     ax.axvline(axis.threshold(axis.monitor_layer) or 0, color="k", ls="--", label="tau")
     ax.set(xlabel=f"mean projection, layer {axis.monitor_layer}", title="Default vs role-play")
     ax.legend()
@@ -157,7 +134,7 @@ def write_report(folder: Path, axis: AssistantAxis, space: dict, checks: dict, c
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.hist(checks["roleplay_projections"], bins=20, alpha=0.6, label="uncapped")
     ax.hist(checks["roleplay_capped_projections"], bins=20, alpha=0.6, label="capped")
-    ax.set(xlabel=f"mean projection, layer {axis.monitor_layer}", title="Held-out role-play, capped vs uncapped")
+    ax.set(xlabel=f"mean projection, layer {axis.monitor_layer}", title="Check roles, capped vs uncapped")
     ax.legend()
     fig.savefig(folder / "capping.png", dpi=120, bbox_inches="tight")
     plt.close("all")
@@ -176,9 +153,10 @@ def write_report(folder: Path, axis: AssistantAxis, space: dict, checks: dict, c
         f"- |cos(PC1, axis)| at the monitor layer: {space['cos_pc1_axis'][axis.monitor_layer]:.2f}", "",
         "![persona space](persona_space.png)", "", "![separation](separation.png)", "",
         "## Held-out checks", "",
-        f"- ROC AUC, default vs held-out role-play ({checks['n_default']} vs {checks['n_roleplay']} answers, "
-        f"held-out questions): {checks['auc_default_vs_roleplay']:.3f}",
-        f"- held-out role-play mean projection: {checks['roleplay_mean_uncapped']:.2f} uncapped, "
+        f"- check set, never used to build or calibrate: {checks['n_roles']} fantastical roles and "
+        f"{checks['n_questions']} questions (`axes/data/check_*.json`)",
+        f"- ROC AUC, {checks['n_default']} default answers vs {auc_line(checks)}",
+        f"- check role-play mean projection: {checks['roleplay_mean']:.2f} uncapped, "
         f"{checks['roleplay_mean_capped']:.2f} capped",
         f"- neutral prompts: {checks['greedy_tokens_identical']} of {checks['greedy_tokens']} greedy tokens identical "
         f"with capping (up to the first difference); perplexity of neutral text "
@@ -189,5 +167,5 @@ def write_report(folder: Path, axis: AssistantAxis, space: dict, checks: dict, c
     ]
     (folder / "report.md").write_text("\n".join(lines) + "\n")
     (folder / "checks.json").write_text(json.dumps({k: v for k, v in checks.items() if not isinstance(v, list)},
-                                                   indent=1))
+                                                   indent=1) + "\n")
     return folder / "report.md"

@@ -77,8 +77,10 @@ def _build(args: argparse.Namespace) -> None:
     from axiscap.axes.pipeline import BuildConfig, build
     from axiscap.axes.role_scoring import EmbeddingScorer, JudgeScorer
     from axiscap.server.engines.hf.model_loading import load_model
+    from axiscap.server.engines.hf.threads import in_compute_thread, reserve_threads_for_engine
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    reserve_threads_for_engine()  # the engine decodes at full speed; the stages' own passes: in_compute_thread
     loaded = load_model(args.model, device=args.device, cache_dir=args.cache_dir)
     band = tuple(int(x) for x in args.band.split(":")) if args.band else None
     cfg = BuildConfig(model_name=loaded.name, out=args.out, quick=args.quick, percentile=args.percentile,
@@ -88,7 +90,7 @@ def _build(args: argparse.Namespace) -> None:
     engine.start()
     try:
         scorer = JudgeScorer(args.judge_url, args.judge_model) if args.judge_url else EmbeddingScorer()
-        path = build(cfg, loaded.model, loaded.tokenizer, generate, scorer.score)
+        path = build(cfg, loaded.model, loaded.tokenizer, generate, scorer.score, in_compute_thread)
     finally:
         engine.stop()
     print(f"wrote {path} (stages in {cfg.work})")
@@ -100,8 +102,10 @@ def _calibrate(args: argparse.Namespace) -> None:
     from axiscap.axes.calibrate import CalibrateConfig, calibrate, calibrate_gate
     from axiscap.axes.role_scoring import EmbeddingScorer
     from axiscap.server.engines.hf.model_loading import load_model
+    from axiscap.server.engines.hf.threads import in_compute_thread, reserve_threads_for_engine
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    reserve_threads_for_engine()  # as in _build
     cfg = CalibrateConfig(model_name=args.model, axis_in=args.axis, out=args.out, quick=args.quick,
                           starts=tuple(args.starts) if args.starts else None,
                           capability_budget=args.capability_budget, max_new_tokens=args.max_new_tokens,
@@ -119,11 +123,46 @@ def _calibrate(args: argparse.Namespace) -> None:
             engine.stop()
 
     if args.gate_only:
-        print(f"wrote {calibrate_gate(cfg, loaded.model, generator_for)} (its gate threshold only)")
+        print(f"wrote {calibrate_gate(cfg, loaded.model, generator_for, in_compute_thread)} (its gate threshold only)")
         return
     score = None if args.no_role_scoring else EmbeddingScorer().score
-    path = calibrate(cfg, loaded.model, loaded.tokenizer, generator_for, score)
+    path = calibrate(cfg, loaded.model, loaded.tokenizer, generator_for, score, in_compute_thread)
     print(f"wrote {path} (report in {cfg.report}, stages in {cfg.work})")
+
+
+def _check(args: argparse.Namespace) -> None:
+    import json
+
+    from axiscap.axes.check import check_answers, separation
+    from axiscap.axes.report import auc_line
+    from axiscap.axes.role_scoring import EmbeddingScorer
+    from axiscap.server.engines.hf.model_loading import load_model
+    from axiscap.server.engines.hf.threads import in_compute_thread, reserve_threads_for_engine
+    from axiscap.steering import load_axis
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    reserve_threads_for_engine()  # as in _build
+    for path in args.axis:  # a bad file fails before the model loads
+        load_axis(path)
+    loaded = load_model(args.model, device=args.device, cache_dir=args.cache_dir)
+    hidden = loaded.model.config.get_text_config().hidden_size
+    axes = [load_axis(path, loaded.n_layers, hidden) for path in args.axis]
+    engine, generate = engine_generate(loaded)
+    engine.start()
+    try:
+        score = None if args.no_role_scoring else EmbeddingScorer().score
+        rows = check_answers(loaded.name, generate, score, loaded.tokenizer, 0.7, 0.9, args.max_new_tokens, args.quick)
+    finally:
+        engine.stop()
+    results = {}
+    for path, axis in zip(args.axis, axes):
+        figures = in_compute_thread(lambda: separation(loaded.model, axis, rows))
+        print(f"{path} (monitor layer {axis.monitor_layer}): {figures['n_default']} default answers vs "
+              f"{auc_line(figures)}")
+        results[str(path)] = {k: v for k, v in figures.items() if not isinstance(v, list)}
+    if args.out:
+        args.out.write_text(json.dumps({"model": loaded.name, "axes": results}, indent=1) + "\n")
+        print(f"wrote {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +250,25 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--device", default="auto", help="cpu, cuda or auto")
     cal.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/axiscap)")
     cal.set_defaults(run=_calibrate)
+
+    check = axes.add_parser(
+        "check", help="how well axis files separate the default Assistant from roles they never saw",
+        description="Generate answers (uncapped, sampled as a build samples) to the check questions under the "
+                    "default-Assistant conditions and the check roles' prompts (axes/data/check_*.json, which no "
+                    "build or calibration reads), then print for each axis file the ROC AUC of default against "
+                    "role answers by their mean projection at its monitor layer: against all role answers and "
+                    "against those the offline scorer finds fully in role, with 95%% intervals and counts. "
+                    "Several files are checked on the same answers.")
+    check.add_argument("--axis", required=True, type=Path, nargs="+", help="axis files of one model")
+    check.add_argument("--model", default="smollm2-135m-instruct", help="model id or path (the axes' model)")
+    check.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    check.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default 64)")
+    check.add_argument("--no-role-scoring", action="store_true",
+                       help="skip the fully-in-role AUC (needs the offline role scorer)")
+    check.add_argument("--quick", action="store_true", help="one role and one question (tests, smoke runs)")
+    check.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    check.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/axiscap)")
+    check.set_defaults(run=_check)
 
     add_eval_parser(commands)
     return parser

@@ -2,7 +2,7 @@
 
 The measurement behind ``server/engines/hf/threads.py``: each case runs in a fresh process, loads
 SmolLM2 on the main thread, and decodes greedily with a DynamicCache on a new thread, as the engine
-does. Prints JSON: ms per token for each case, and the machine.
+does; the last case first runs parallel ops on a thread that then ends, as ``compute_thread`` does. Prints JSON: ms per token for each case, and the machine.
 
     python bench/thread_teams.py --tokens 60
 """
@@ -18,6 +18,8 @@ CASES = {
     "main_thread_only": "main",
     "engine_thread_after_parallel_main": "thread",
     "engine_thread_main_reserved": "reserved",
+    # main reserved, and a thread that ran parallel ops with every thread has ended (axes build's stages)
+    "engine_thread_after_compute_thread_ended": "compute_thread",
 }
 
 CHILD = r"""
@@ -25,11 +27,16 @@ import sys, threading, time, torch
 from transformers import DynamicCache
 mode, tokens = sys.argv[1], int(sys.argv[2])
 from axiscap.server.engines.hf.threads import reserve_threads_for_engine, take_reserved_threads
-if mode == "reserved":
+if mode in ("reserved", "compute_thread"):
     reserve_threads_for_engine()
 from axiscap.server.engines.hf.model_loading import load_model
 model = load_model("smollm2-135m-instruct", device="cpu").model
 torch.mm(torch.randn(576, 576), torch.randn(576, 576))  # any parallel op on the main thread
+if mode == "compute_thread":
+    def compute():
+        take_reserved_threads()
+        torch.mm(torch.randn(2048, 2048), torch.randn(2048, 2048))
+    worker = threading.Thread(target=compute); worker.start(); worker.join()
 def decode(out):
     take_reserved_threads()
     with torch.inference_mode():

@@ -10,7 +10,7 @@ import sys
 import torch
 
 from axiscap.axes.pipeline import choose_band
-from axiscap.axes.report import roc_auc
+from axiscap.stats import roc_auc
 from axiscap.steering import load_axis
 
 from .conftest import REPO
@@ -34,7 +34,9 @@ def test_quick_build_runs_every_stage_then_resumes(smollm2, tmp_path):  # smollm
     assert {p.name for p in report.iterdir()} == {"report.md", "checks.json", "persona_space.png", "separation.png",
                                                    "projections.png", "capping.png"}
     checks = json.loads((report / "checks.json").read_text())
-    assert 0 <= checks["auc_default_vs_roleplay"] <= 1 and checks["n_roleplay"] == 3  # the oracle's 3 prompts
+    # --quick: one check role's answer to one check question, against the 5 default conditions' answers
+    assert checks["n_default"] == 5 and checks["all_roleplay"]["n"] == 1 and checks["n_roles"] == 1
+    assert 0 <= checks["all_roleplay"]["auc"] <= 1 and checks["fully_in_role"]["n"] <= 1
     assert 0 < checks["greedy_tokens_identical"] <= checks["greedy_tokens"]
     assert "## Held-out checks" in (report / "report.md").read_text()
     axis = load_axis(out, n_layers=30, hidden_size=576)

@@ -49,3 +49,44 @@ def test_forward_passes_run_on_the_engine_thread_with_every_intra_op_thread():
     seen = json.loads(run.stdout.strip().splitlines()[-1])
     assert seen["forwards"] == [["axiscap-engine", seen["started_with"]]]
     assert seen["main_after_start"] == 1
+
+
+BATCH_TOOL = r"""
+import json, threading, torch
+from axiscap.cli import engine_generate
+from axiscap.server.engines.hf.model_loading import load_model
+from axiscap.server.engines.hf.threads import in_compute_thread, reserve_threads_for_engine
+
+started_with = torch.get_num_threads()
+reserve_threads_for_engine()
+loaded = load_model("smollm2-135m-instruct", device="cpu")
+forwards = []
+loaded.model.model.register_forward_pre_hook(
+    lambda module, args: forwards.append((threading.current_thread().name, torch.get_num_threads())))
+engine, generate = engine_generate(loaded)
+engine.start()
+question = [[{"role": "user", "content": "Hello there"}]]
+generate(question, 0.0, 1.0, 2)
+with torch.inference_mode():
+    width = in_compute_thread(lambda: loaded.model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1])
+try:
+    in_compute_thread(lambda: 1 / 0)
+    raised = None
+except ZeroDivisionError as exc:
+    raised = type(exc).__name__
+generate(question, 0.0, 1.0, 2)
+engine.stop()
+print(json.dumps({"started_with": started_with, "main": torch.get_num_threads(), "width": width, "raised": raised,
+                  "forwards": sorted(set(map(tuple, forwards)))}))
+"""
+
+
+def test_batch_tools_run_their_own_passes_on_a_compute_thread_and_leave_main_with_one():
+    """`axes build` / `calibrate` / `check`: the engine generates and the tool's own forward passes
+    run on a thread of their own, both with every thread; an error there reaches the caller."""
+    run = subprocess.run([sys.executable, "-c", BATCH_TOOL], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    n = seen["started_with"]
+    assert seen["forwards"] == [["axiscap-compute", n], ["axiscap-engine", n]]
+    assert seen["main"] == 1 and seen["width"] == 49152 and seen["raised"] == "ZeroDivisionError"
