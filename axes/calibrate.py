@@ -8,7 +8,9 @@ is judged on what capping costs ordinary answers and what it does to role-play:
   capability  share of validation prompts whose greedy answer capping leaves identical, and the
               change in perplexity of those answers
   persona     lift of role-play answers' projection at the axis's monitor layer (as the server
-              reports it) when capped, on role prompts from the persona data
+              reports it) when capped, on role prompts from the persona data; for the points on the
+              Pareto front also, generating for real, the share of role answers still fully in
+              character and the answers' low tail (10th percentile of their tokens' projections)
 
 Both are measured by teacher forcing: the uncapped greedy answer is run through the model once
 with and once without capping. A greedy answer is unchanged by capping exactly when capping changes
@@ -22,6 +24,9 @@ stopped):
   projections  projections.safetensors per-layer projections of the train answers' tokens
   sweep        sweep.jsonl             one line per (band, percentile), appended as measured: only the
                                        grid's points not measured yet run (a wider grid adds its new ones)
+  front        front.jsonl             the sweep's Pareto front generating for real (engine, capping on)
+                                       on the role prompts: how many answers stay in character, and their
+                                       low tail; one line per point and one for uncapped, as measured
   choose       chosen.safetensors      the point with the largest lift inside --capability-budget; a new
                                        choice (other budget or grid) sends verify and report again. It also
                                        records the gated policy's threshold (``steering.gate``): the
@@ -56,11 +61,15 @@ from axiscap.steering.gate import GATE_KEY
 
 from . import persona_data
 from .calibration_data import calibration_prompts
-from .pipeline import ComputeRunner, GenerateFn, ScoreFn, _stage, generate_in_chunks, run_here
+from .pipeline import ComputeRunner, GenerateFn, ScoreFn, _stage, generate_in_chunks, run_here, score_answers
 
 log = logging.getLogger(__name__)
 
 GATE_PERCENTILE = 5  # of ordinary answers' means: a message below it counts as drifted (gated policy)
+CALIBRATED_BY = "; axiscap axes calibrate: "  # in the chosen axis's source note
+UNCAPPED = "uncapped"  # the front's baseline line
+FRONT_FIGURES = ("point", "n_roles", "in_character", "low", "mean")
+LOW_PERCENTILE = 10  # an answer's low tail, as axiscap eval reads drifting conversations ("low")
 
 # A running engine that generates with an axis (capping every request), or with none, for the block.
 GeneratorFor = Callable[[AssistantAxis | None], AbstractContextManager[GenerateFn]]
@@ -172,14 +181,15 @@ def _load_answers(cfg: CalibrateConfig) -> list[dict]:
 def teacher_forced(model, rows: list[dict], axis: AssistantAxis, capping: bool, batch_size: int = 8,
                    layers: list[int] | None = None) -> dict:
     """Run each prompt + answer once, every position capped by ``axis`` or none. Per row: the greedy
-    choices along the answer (and after it, where it ended), the answer's summed NLL, and the mean
-    monitor-layer projection over the answer (before that layer's own cap, as the server reports it);
-    with ``layers``, also every answer token's projection onto each of those layers' axis."""
+    choices along the answer (and after it, where it ended), the answer's summed NLL, and the mean and
+    the LOW_PERCENTILE-th percentile of the monitor-layer projection over the answer (before that
+    layer's own cap, as the server reports it); with ``layers``, also every answer token's projection
+    onto each of those layers' axis."""
     device = next(model.parameters()).device
     hooks = AxisHooks(model, axis)
     hooks.set_cap_mask(torch.ones(1, 1, dtype=torch.bool, device=device) if capping else None)
     units = torch.stack([axis.unit(l) for l in layers]).to(device) if layers else None
-    choices, nll, monitor, per_layer = [], [], [], []
+    choices, nll, monitor, low, per_layer = [], [], [], [], []
     try:
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
@@ -197,13 +207,15 @@ def teacher_forced(model, rows: list[dict], axis: AssistantAxis, capping: bool, 
                 target = torch.tensor(r["answer_ids"], device=device, dtype=torch.long)
                 nll.append((torch.logsumexp(steps[:n], -1) - steps[:n].gather(-1, target[:, None])[:, 0]).sum().item())
                 span = slice(width - max(n, 1), width)
-                monitor.append(hooks.monitor_projection[row, span].mean().item())
+                answer = hooks.monitor_projection[row, span].float()
+                monitor.append(answer.mean().item())
+                low.append(torch.quantile(answer, LOW_PERCENTILE / 100).item())
                 if layers:
                     h = torch.stack([store[l][0][row, span].float() for l in layers])  # [layers, tokens, hidden]
                     per_layer.append((h * units[:, None]).sum(-1).cpu())
     finally:
         hooks.remove()
-    return {"choices": choices, "nll": nll, "monitor": monitor, "per_layer": per_layer}
+    return {"choices": choices, "nll": nll, "monitor": monitor, "low": low, "per_layer": per_layer}
 
 
 def _projections(cfg: CalibrateConfig, model, axis: AssistantAxis, path: Path) -> None:
@@ -335,8 +347,9 @@ def _choose(cfg: CalibrateConfig, axis: AssistantAxis, points: list[dict]) -> bo
         result.monitor_layer = result.cap_layers[-1]
     monitored = train[result.monitor_layer]
     lengths = [max(len(r["answer_ids"]), 1) for r in _load_answers(cfg) if r["kind"] == "train"]
-    result.extra = {**axis.extra, "source": f"{axis.extra.get('source', axis.path)}; axiscap axes calibrate: "
-                    f"band {point.key} chosen for capability budget {cfg.capability_budget:g}",
+    origin = axis.extra.get("source", str(axis.path)).split(CALIBRATED_BY)[0]  # recalibrated: the earlier note goes
+    result.extra = {**axis.extra, "source": f"{origin}{CALIBRATED_BY}band {point.key} chosen for capability budget "
+                    f"{cfg.capability_budget:g}",
                     # Histogram buckets and the CUSUM slack follow ordinary Assistant traffic.
                     "monitor_mean": repr(monitored.mean().item()), "monitor_std": repr(monitored.std().item()),
                     GATE_KEY: repr(answer_mean_percentile(monitored, lengths, GATE_PERCENTILE)),
@@ -347,23 +360,60 @@ def _choose(cfg: CalibrateConfig, axis: AssistantAxis, points: list[dict]) -> bo
     return True
 
 
+def count_in_character(tokenizer, score: ScoreFn | None, answers: list[dict]) -> int | None:
+    """How many role-prompt answers the role scorer finds fully in role (None without a scorer)."""
+    if score is None:
+        return None
+    roles = {r.name: r for r in persona_data.roles()}
+    scores = score_answers(score, tokenizer, [a["answer_ids"] for a in answers], [roles[a["id"]] for a in answers],
+                           [a["question"] for a in answers])
+    return sum(s == persona_data.FULLY_IN_ROLE for s in scores)
+
+
+def _front(cfg: CalibrateConfig, model, tokenizer, points: list[dict], generator_for: GeneratorFor,
+           score: ScoreFn | None, compute: ComputeRunner) -> list[dict]:
+    """The persona effect generating for real, for the sweep's Pareto front (the points worth
+    choosing): the role prompts answered greedy with capping on, how many answers stay fully in
+    character, and the answers' low tail at the monitor layer; uncapped once, as the baseline. Lines
+    of ``front.jsonl`` are appended as measured, so only points not measured before run. Returns the
+    baseline and the front's points, in that order."""
+    path = cfg.work / "front.jsonl"
+    measured = {p["point"]: p for p in map(json.loads, path.read_text().splitlines())} if path.exists() else {}
+    front = sorted(pareto_front(points), key=lambda p: p["identical"])
+    missing = [p for p in [{"point": UNCAPPED}, *front] if p["point"] not in measured]
+    log.info("stage front: %d of %d points measured before", len(front) + 1 - len(missing), len(front) + 1)
+    if missing:
+        axis = load_axis(cfg.input_copy)
+        train = load_file(str(cfg.work / "projections.safetensors"))["train"]
+        role_rows = [r for r in _load_answers(cfg) if r["kind"] == "role"]
+        with path.open("a") as f:
+            for p in tqdm(missing, desc="front (generating)", unit="point"):
+                if p["point"] == UNCAPPED:
+                    answers, point_ax, capping = role_rows, axis, False  # the answers stage's own
+                else:
+                    point_ax, capping = point_axis(axis, Point(p["start"], p["width"], p["percentile"]), train), True
+                    with generator_for(point_ax) as generate:
+                        answers = _generate_rows(generate, role_rows, cfg.max_new_tokens, f"front {p['point']}")
+                # Read at the input's monitor layer (point_axis keeps it), as the sweep's lift is.
+                run = compute(lambda: teacher_forced(model, answers, point_ax, capping, batch_size=cfg.batch_size))
+                measured[p["point"]] = {"point": p["point"], "n_roles": len(answers),
+                                        "in_character": count_in_character(tokenizer, score, answers),
+                                        "low": mean_ci(run["low"]), "mean": mean_ci(run["monitor"])}
+                f.write(json.dumps(measured[p["point"]]) + "\n")
+                f.flush()
+    return [measured[UNCAPPED], *({**p, **measured[p["point"]]} for p in front)]
+
+
 def _verify(cfg: CalibrateConfig, model, tokenizer, axes: dict[str, AssistantAxis], generator_for: GeneratorFor,
             score: ScoreFn | None, compute: ComputeRunner, path: Path) -> None:
     """Each axis generating for real (the engine, capping on) on the checked rows: validation answers
     left identical, role-play lift as the server reports it, and role answers still in character."""
     rows = [r for r in _load_answers(cfg) if r["kind"] != "train"]
-    roles = {r.name: r for r in persona_data.roles()}
     role_rows = [r for r in rows if r["kind"] == "role"]
     validation = [i for i, r in enumerate(rows) if r["kind"] == "validation"]
 
-    def in_character(answers: list[dict]) -> int | None:
-        if score is None:
-            return None
-        texts = [tokenizer.decode(a["answer_ids"], skip_special_tokens=True) for a in answers]
-        return sum(s == 3 for s in score(texts, [roles[a["id"]] for a in answers], [a["question"] for a in answers]))
-
     result = {"n_validation": len(validation), "n_roles": len(role_rows),
-              "uncapped": {"in_character": in_character(role_rows)}}
+              "uncapped": {"in_character": count_in_character(tokenizer, score, role_rows)}}
     for name, axis in axes.items():
         with generator_for(axis) as generate:
             answers = _generate_rows(generate, rows, cfg.max_new_tokens, f"verify ({name} axis, capped)")
@@ -375,11 +425,13 @@ def _verify(cfg: CalibrateConfig, model, tokenizer, axes: dict[str, AssistantAxi
         lift, lo, hi = mean_ci([a - b for a, b in zip(after, before)])
         result[name] = {"band": f"{axis.cap_layers[0]}:{axis.cap_layers[-1]}", "percentile": axis.percentile,
                         "identical": same / len(validation), "identical_ci": wilson(same, len(validation)),
-                        "role_lift": lift, "role_lift_ci": (lo, hi), "in_character": in_character(capped_roles)}
+                        "role_lift": lift, "role_lift_ci": (lo, hi),
+                        "in_character": count_in_character(tokenizer, score, capped_roles)}
     path.write_text(json.dumps(result, indent=1))
 
 
-def _report(cfg: CalibrateConfig, axis_in: AssistantAxis, points: list[dict], folder: Path) -> None:
+def _report(cfg: CalibrateConfig, axis_in: AssistantAxis, points: list[dict], front: list[dict],
+            folder: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -387,17 +439,17 @@ def _report(cfg: CalibrateConfig, axis_in: AssistantAxis, points: list[dict], fo
 
     folder.mkdir(parents=True, exist_ok=True)
     chosen = json.loads(load_axis(cfg.chosen).extra["calibration"])
-    front = pareto_front(points)
+    uncapped, front = front[0], front[1:]
     verify = json.loads((cfg.work / "verify.json").read_text())
     rows = _load_answers(cfg)
     counts = {k: sum(r["kind"] == k for r in rows) for k in ("train", "validation", "role")}
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    ax.scatter([p["identical"] for p in points], [p["role_lift"] for p in points], s=14, c="0.6", label="sweep point")
-    front_sorted = sorted(front, key=lambda p: p["identical"])
-    ax.plot([p["identical"] for p in front_sorted], [p["role_lift"] for p in front_sorted], "o-", c="C0",
-            label="Pareto front")
+    scored = uncapped["in_character"] is not None
     best = next(p for p in points if p["point"] == chosen["point"])
+
+    fig, axes = plt.subplots(1, 2 if scored else 1, figsize=(14 if scored else 8, 5), squeeze=False)
+    ax = axes[0, 0]
+    ax.scatter([p["identical"] for p in points], [p["role_lift"] for p in points], s=14, c="0.6", label="sweep point")
+    ax.plot([p["identical"] for p in front], [p["role_lift"] for p in front], "o-", c="C0", label="Pareto front")
     ax.scatter([best["identical"]], [best["role_lift"]], s=120, marker="*", c="C3", zorder=3,
                label=f"chosen {best['point']}")
     ax.axvline(cfg.capability_budget, ls="--", c="C3", lw=1, label=f"budget {cfg.capability_budget:g}")
@@ -405,6 +457,21 @@ def _report(cfg: CalibrateConfig, axis_in: AssistantAxis, points: list[dict], fo
            ylabel=f"role-play lift at layer {axis_in.monitor_layer} (mean of {counts['role']})",
            title="Capping sweep: capability kept vs persona pulled back")
     ax.legend(fontsize=8)
+    if scored:  # the front generating for real: does the lift take answers out of character?
+        ax = axes[0, 1]
+        n = uncapped["n_roles"]
+        shares = [p["in_character"] / n for p in front]
+        cis = [wilson(p["in_character"], n) for p in front]
+        ax.errorbar([p["identical"] for p in front], shares, fmt="o-", c="C0", capsize=3,
+                    yerr=[[s - lo for s, (lo, _) in zip(shares, cis)], [hi - s for s, (_, hi) in zip(shares, cis)]],
+                    label="Pareto front, capped (95% Wilson)")
+        base = uncapped["in_character"] / n
+        ax.axhline(base, c="0.3", lw=1, label=f"uncapped ({uncapped['in_character']} of {n})")
+        ax.axhline(0.7 * base, c="0.3", lw=1, ls=":", label="30% fewer than uncapped")
+        ax.axvline(cfg.capability_budget, ls="--", c="C3", lw=1, label=f"budget {cfg.capability_budget:g}")
+        ax.set(xlabel="validation answers identical with capping", ylabel=f"role answers fully in character (of {n})",
+               title="Generating for real: role answers still in character")
+        ax.legend(fontsize=8)
     fig.savefig(folder / "pareto.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -414,8 +481,16 @@ def _report(cfg: CalibrateConfig, axis_in: AssistantAxis, points: list[dict], fo
     def lift(x, ci):
         return f"{x:+.1f} [{ci[0]:+.1f}, {ci[1]:+.1f}]"
 
-    def in_char(n):
-        return "not scored" if n is None else f"{n} of {verify['n_roles']}"
+    def mean(m):  # mean_ci's (mean, low, high)
+        return f"{m[0]:.1f} [{m[1]:.1f}, {m[2]:.1f}]"
+
+    def in_char(k, n):
+        return "not scored" if k is None else f"{k} of {n}"
+
+    def change(k):
+        if k is None or not uncapped["in_character"]:
+            return "–"
+        return f"{100 * (k / uncapped['in_character'] - 1):+.0f}%"
 
     lines = [
         f"# Capping calibration: {cfg.model_name}", "",
@@ -428,22 +503,43 @@ def _report(cfg: CalibrateConfig, axis_in: AssistantAxis, points: list[dict], fo
         "(teacher-forced: capping changes no greedy choice along the uncapped answer), and the change in their "
         "perplexity.",
         f"- persona: {counts['role']} role prompts (one per non-Assistant role, the build's questions), mean lift of "
-        f"their answers' projection at the monitor layer, capped vs uncapped.",
+        f"their answers' projection at the monitor layer, capped vs uncapped; for the Pareto front, generating "
+        f"for real: answers fully in character (the offline role scorer) and their low tail (mean over answers "
+        f"of the {LOW_PERCENTILE}th percentile of their tokens' projections).",
         "- held out from all of it: the check roles and questions (`axes/data/check_*.json`, `axes check`) and "
         "the `axiscap eval` suites.",
-        "- intervals: 95% (Wilson for shares, normal for mean lifts).", "",
+        "- intervals: 95% (Wilson for shares, normal for means).", "",
         f"**Chosen**: {chosen['point']} for a capability budget of {cfg.capability_budget:g}"
         + ("" if chosen["inside_budget"] else " (no point met the budget: the least costly one)") + ".", "",
         "## Generating for real (engine, greedy, capping on)", "",
-        "| axis | band | percentile | validation identical | role-play lift | role answers in character |",
-        "| --- | --- | --- | --- | --- | --- |",
-        f"| uncapped | – | – | – | – | {in_char(verify['uncapped']['in_character'])} |",
+        "Each axis's lift is read at its own monitor layer, where the server reports it (a band that leaves "
+        "the input's monitor layer out moves it).", "",
+        "| axis | band | percentile | monitor layer | validation identical | role-play lift | "
+        "role answers in character |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| uncapped | – | – | – | – | – | {in_char(verify['uncapped']['in_character'], verify['n_roles'])} |",
     ]
-    for name in ("input", "chosen"):
+    for name, monitor in (("input", axis_in.monitor_layer), ("chosen", load_axis(cfg.chosen).monitor_layer)):
         v = verify[name]
-        lines.append(f"| {name} | {v['band']} | {v['percentile']:g} | {share(v['identical'], v['identical_ci'])} | "
-                     f"{lift(v['role_lift'], v['role_lift_ci'])} | {in_char(v['in_character'])} |")
-    lines += ["", "![Pareto](pareto.png)", "", "## Sweep (teacher-forced)", "",
+        lines.append(f"| {name} | {v['band']} | {v['percentile']:g} | {monitor} | "
+                     f"{share(v['identical'], v['identical_ci'])} | {lift(v['role_lift'], v['role_lift_ci'])} | "
+                     f"{in_char(v['in_character'], verify['n_roles'])} |")
+    lines += ["", "![Pareto](pareto.png)", "",
+              "## The Pareto front generating for real (role prompts, greedy, capping on)", "",
+              f"Identical share and lift (at layer {axis_in.monitor_layer}) from the sweep (teacher-forced); the "
+              "rest from the engine's own capped answers, at the same layer. The choice is made on the lift, not "
+              "on these counts: choosing among noisy counts would pick a lucky point.", "",
+              "| band | percentile | validation identical | role-play lift | in character | vs uncapped | low tail |",
+              "| --- | --- | --- | --- | --- | --- | --- |",
+              f"| uncapped | – | – | – | {in_char(uncapped['in_character'], uncapped['n_roles'])} | – | "
+              f"{mean(uncapped['low'])} |"]
+    for p in front:
+        mark = " ★" if p["point"] == chosen["point"] else ""
+        lines.append(f"| {p['start']}–{p['start'] + p['width'] - 1}{mark} | {p['percentile']:g} | "
+                     f"{share(p['identical'], p['identical_ci'])} | {lift(p['role_lift'], p['role_lift_ci'])} | "
+                     f"{in_char(p['in_character'], p['n_roles'])} | {change(p['in_character'])} | "
+                     f"{mean(p['low'])} |")
+    lines += ["", "## Sweep (teacher-forced)", "",
               "| band | percentile | identical | perplexity change | role-play lift | front |",
               "| --- | --- | --- | --- | --- | --- |"]
     front_keys = {p["point"] for p in front}
@@ -452,9 +548,16 @@ def _report(cfg: CalibrateConfig, axis_in: AssistantAxis, points: list[dict], fo
                      f"{share(p['identical'], p['identical_ci'])} | {100 * p['perplexity_change']:+.1f}% | "
                      f"{lift(p['role_lift'], p['role_lift_ci'])} | {'◆' if p['point'] in front_keys else ''} |")
     (folder / "calibration.md").write_text("\n".join(lines) + "\n")
-    # The figures behind the table, for whoever wants to choose differently.
-    (folder / "sweep.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
+    # The figures behind the tables, for whoever wants to choose differently.
+    for name, entries in report_figures(points, [uncapped, *front]).items():
+        (folder / name).write_text(entries)
     shutil.copyfile(cfg.work / "verify.json", folder / "verify.json")
+
+
+def report_figures(points: list[dict], front: list[dict]) -> dict[str, str]:
+    """The report folder's copies of the measured figures (a report whose copies differ is stale)."""
+    return {"sweep.jsonl": "".join(json.dumps(p) + "\n" for p in points),
+            "front.jsonl": "".join(json.dumps({k: p[k] for k in FRONT_FIGURES}) + "\n" for p in front)}
 
 
 def calibrate(cfg: CalibrateConfig, model, tokenizer, generator_for: GeneratorFor, score: ScoreFn | None,
@@ -476,12 +579,16 @@ def calibrate(cfg: CalibrateConfig, model, tokenizer, generator_for: GeneratorFo
     _stage("projections", cfg.work / "projections.safetensors", lambda p: _projections(cfg, model, axis_in, p),
            compute)
     points = compute(lambda: _sweep(cfg, model, axis_in))
+    front = _front(cfg, model, tokenizer, points, generator_for, score, compute)
     if _choose(cfg, axis_in, points):  # a new choice: what was checked and reported was another's
         (cfg.work / "verify.json").unlink(missing_ok=True)
         shutil.rmtree(cfg.report, ignore_errors=True)
+    elif any(not (cfg.report / name).exists() or (cfg.report / name).read_text() != text
+             for name, text in report_figures(points, front).items()):
+        shutil.rmtree(cfg.report, ignore_errors=True)  # same choice, new figures (a wider grid): report again
     _stage("verify", cfg.work / "verify.json", lambda p: _verify(
         cfg, model, tokenizer, {"input": axis_in, "chosen": load_axis(cfg.chosen)}, generator_for, score, compute, p))
-    _stage("report", cfg.report, lambda p: _report(cfg, axis_in, points, p))
+    _stage("report", cfg.report, lambda p: _report(cfg, axis_in, points, front, p))
     # A new file moved into place: a process still reading the old one (memory-mapped) keeps it.
     partial = cfg.out.with_name(cfg.out.name + ".partial")
     shutil.copyfile(cfg.chosen, partial)

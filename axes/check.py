@@ -10,8 +10,9 @@ sampled as the build samples its own, so the same answers serve every axis check
 Each answer is summed up by its tokens' mean projection at the axis's monitor layer (uncapped, as
 the server monitors it). The figures are ROC AUCs of default against role answers: against all of
 them, and against those the role scorer finds fully in role (score 3), since a small model often
-answers a role prompt as the Assistant anyway and such an answer is no failure of the axis. 95%
-intervals by Hanley and McNeil; every figure says how many answers it rests on.
+answers a role prompt as the Assistant anyway and such an answer is no failure of the axis; and
+against the role answers of each score, which shows where the misses are. 95% intervals by Hanley
+and McNeil; every figure says how many answers it rests on.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ from axiscap.stats import auc_ci, roc_auc
 from axiscap.steering import AssistantAxis, AxisHooks
 
 from . import persona_data
-from .pipeline import GenerateFn, ScoreFn, chat_messages, generate_in_chunks
-
-FULLY_IN_ROLE = 3
+from .persona_data import FULLY_IN_ROLE
+from .pipeline import GenerateFn, ScoreFn, chat_messages, generate_in_chunks, score_answers
 
 
 def check_rows(model_name: str, quick: bool = False) -> list[dict]:
@@ -44,8 +44,9 @@ def check_answers(model_name: str, generate: GenerateFn, score: ScoreFn | None, 
     played = [r for r in rows if r["role"] is not None]
     if score is not None and played:
         roles = {r.name: r for r in persona_data.check_roles()}
-        texts = [tokenizer.decode(r["answer_ids"], skip_special_tokens=True) for r in played]
-        for r, s in zip(played, score(texts, [roles[r["role"]] for r in played], [r["question"] for r in played])):
+        verdicts = score_answers(score, tokenizer, [r["answer_ids"] for r in played],
+                                 [roles[r["role"]] for r in played], [r["question"] for r in played])
+        for r, s in zip(played, verdicts):
             r["score"] = s
     return rows
 
@@ -91,6 +92,10 @@ def separation(model, axis: AssistantAxis, rows: list[dict]) -> dict:
             "n_roles": len({r["role"] for r in rows} - {None}), "n_questions": len({r["question"] for r in rows}),
             "all_roleplay": _auc(default, played),
             "fully_in_role": _auc(default, in_role) if scored else None,
+            # Where the misses are: a role answer the scorer finds out of role is the Assistant talking.
+            "by_score": {str(k): _auc(default, [m for r, m in zip(rows, means) if r["role"] is not None
+                                                and r["score"] == k]) for k in range(FULLY_IN_ROLE + 1)}
+            if scored else None,
             "default_mean": sum(default) / len(default) if default else None,
             "roleplay_mean": sum(played) / len(played) if played else None,
             "default_projections": default, "roleplay_projections": played}

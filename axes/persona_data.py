@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
+FULLY_IN_ROLE = 3  # role expression on the paper's 0-3 scale (role_scoring): speaks as the character
 
 
 @dataclass(frozen=True)

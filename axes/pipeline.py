@@ -149,20 +149,24 @@ def _activations(cfg: BuildConfig, model, path: Path) -> None:
     save_file({"means": torch.stack(means).to(torch.float16)}, str(path))
 
 
+def score_answers(score: ScoreFn, tokenizer, answer_ids: list[list[int]], roles: list[persona_data.Role],
+                  questions: list[str]) -> list[int]:
+    """Role expression (0-3) of answers given as token ids, 64 at a time, with a progress bar."""
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in answer_ids]
+    verdicts, chunk = [], 64
+    for start in tqdm(range(0, len(texts), chunk), desc="score", unit="chunk"):
+        part = slice(start, start + chunk)
+        verdicts += score(texts[part], roles[part], questions[part])
+    return verdicts
+
+
 def _score(cfg: BuildConfig, tokenizer, score: ScoreFn, path: Path) -> None:
     rows = _responses(cfg)
     roles = {r.name: r for r in persona_data.roles()}
-    played = [i for i, r in enumerate(rows) if r["role"] is not None]
-    texts = [tokenizer.decode(rows[i]["answer_ids"], skip_special_tokens=True) for i in played]
-    scores: list[int | None] = [None] * len(rows)
-    verdicts, chunk = [], 64
-    for start in tqdm(range(0, len(played), chunk), desc="score", unit="chunk"):
-        part = played[start:start + chunk]
-        verdicts += score(texts[start:start + chunk], [roles[rows[i]["role"]] for i in part],
-                          [rows[i]["question"] for i in part])
-    for i, s in zip(played, verdicts):
-        scores[i] = s
-    path.write_text(json.dumps(scores))
+    played = [r for r in rows if r["role"] is not None]
+    verdicts = iter(score_answers(score, tokenizer, [r["answer_ids"] for r in played],
+                                  [roles[r["role"]] for r in played], [r["question"] for r in played]))
+    path.write_text(json.dumps([None if r["role"] is None else next(verdicts) for r in rows]))
 
 
 def _vectors(cfg: BuildConfig, path: Path) -> None:
@@ -207,7 +211,7 @@ def _calibrate(cfg: BuildConfig, model, path: Path) -> AssistantAxis:
     unit = axis / axis.norm(dim=-1, keepdim=True)
     means = load_file(str(cfg.work / "activations.safetensors"))["means"].float()
     default_idx = [i for i, r in enumerate(rows) if r["role"] is None]
-    in_role_idx = [i for i, s in enumerate(scores) if s == 3]
+    in_role_idx = [i for i, s in enumerate(scores) if s == persona_data.FULLY_IN_ROLE]
     separation = cohens_d((means[default_idx] * unit).sum(-1), (means[in_role_idx] * unit).sum(-1))
     band = list(range(cfg.band[0], cfg.band[1] + 1)) if cfg.band else choose_band(separation)
     monitor = cfg.monitor_layer if cfg.monitor_layer is not None else band[-1]

@@ -95,6 +95,8 @@ def auc_line(checks: dict) -> str:
     parts = [one(checks["all_roleplay"], "role answers")]
     if checks["fully_in_role"] is not None:
         parts.append(one(checks["fully_in_role"], "fully in role (score 3)"))
+    if checks.get("by_score"):  # reports written before it have none
+        parts.append("by score: " + ", ".join(one(figure, f"scored {k}") for k, figure in checks["by_score"].items()))
     return "; ".join(parts)
 
 

@@ -134,6 +134,7 @@ def _check(args: argparse.Namespace) -> None:
     import json
 
     from axiscap.axes.check import check_answers, separation
+    from axiscap.axes.pipeline import BuildConfig
     from axiscap.axes.report import auc_line
     from axiscap.axes.role_scoring import EmbeddingScorer
     from axiscap.server.engines.hf.model_loading import load_model
@@ -151,7 +152,9 @@ def _check(args: argparse.Namespace) -> None:
     engine.start()
     try:
         score = None if args.no_role_scoring else EmbeddingScorer().score
-        rows = check_answers(loaded.name, generate, score, loaded.tokenizer, 0.7, 0.9, args.max_new_tokens, args.quick)
+        # Sampled as a build samples, so a built axis is checked on answers like its own.
+        rows = check_answers(loaded.name, generate, score, loaded.tokenizer, BuildConfig.temperature, BuildConfig.top_p,
+                             args.max_new_tokens, args.quick)
     finally:
         engine.stop()
     results = {}
@@ -226,8 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "or imported; its direction is kept). tau comes from the model's own answers to ordinary "
                     "Assistant prompts (axes/data/calibration_prompts.json, train split). Each point is scored "
                     "by the share of validation prompts whose greedy answer capping leaves identical, and by "
-                    "how far capping lifts role-play answers at the monitor layer; the point with the largest "
-                    "lift inside --capability-budget is written to OUT, then checked by generating for real. "
+                    "how far capping lifts role-play answers at the monitor layer; the points on the Pareto front "
+                    "of the two then generate for real on the role prompts (answers still in character, their low "
+                    "tail). The point with the largest lift inside --capability-budget is written to OUT, then "
+                    "checked by generating for real. "
                     "Writes OUT, a report (OUT's .calibration folder: table, Pareto plot) and stages in OUT's "
                     ".calibrate folder; finished stages and measured points are skipped on a rerun.")
     cal.add_argument("--axis", required=True, type=Path, help="the axis file to calibrate")

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from axiscap.axes.calibrate import CalibrateConfig, Point, choose, pareto_front, sweep_points, teacher_forced
 from axiscap.stats import mean_ci, wilson
-from axiscap.steering import AxisHooks, load_axis
+from axiscap.steering import AxisHooks, load_axis, record_layer_outputs
 
 from .conftest import REPO, chat_ids
 
@@ -124,7 +124,8 @@ def test_quick_calibration_of_an_imported_paper_axis_respects_the_budget_and_res
         assert f"stage {stage}\n" in first.stderr
     assert "stage sweep: 0 of 2 points measured before" in first.stderr and "stage choose: 22:23@p" in first.stderr
     work, report = tmp_path / "axis.calibrate", tmp_path / "axis.calibration"
-    assert {p.name for p in report.iterdir()} == {"calibration.md", "pareto.png", "sweep.jsonl", "verify.json"}
+    assert {p.name for p in report.iterdir()} == {"calibration.md", "pareto.png", "sweep.jsonl", "front.jsonl",
+                                                  "verify.json"}
     points = [json.loads(line) for line in (work / "sweep.jsonl").read_text().splitlines()]
     assert [p["point"] for p in points] == ["22:23@p5", "22:23@p25"]  # --quick: one band ending before layer 24
     chosen = load_axis(axis, n_layers=30, hidden_size=576)
@@ -152,6 +153,25 @@ def test_quick_calibration_of_an_imported_paper_axis_respects_the_budget_and_res
     text = (report / "calibration.md").read_text()
     assert "**Chosen**: " + picked["point"] in text and "| 22–23 | 25 |" in text
 
+    # The Pareto front generated for real, after the uncapped baseline: the answers stage's own role
+    # answers, so it counts as many in character as verify's uncapped run of the same answers.
+    front = [json.loads(line) for line in (work / "front.jsonl").read_text().splitlines()]
+    assert (report / "front.jsonl").read_text() == (work / "front.jsonl").read_text()
+    assert front[0]["point"] == "uncapped" and front[0]["in_character"] == verify["uncapped"]["in_character"]
+    assert sorted(p["point"] for p in front[1:]) == sorted(p["point"] for p in pareto_front(points))
+    assert all(p["n_roles"] == 3 and 0 <= p["in_character"] <= 3 for p in front)
+    assert f"| uncapped | – | – | – | {front[0]['in_character']} of 3 | – |" in text
+    # The low tail: each role answer's 10th percentile of its tokens' monitor projections (here 24,
+    # uncapped), recomputed from the layer's own output, one answer at a time.
+    roles = [r for r in map(json.loads, (work / "answers.jsonl").read_text().splitlines()) if r["kind"] == "role"]
+    lows = []
+    for r in roles:
+        with torch.no_grad(), record_layer_outputs(smollm2.model, [24]) as seen:
+            smollm2.model(input_ids=torch.tensor([r["prompt_ids"] + r["answer_ids"]]))
+        tokens = seen[24][0][0, len(r["prompt_ids"]):].float() @ original.unit(24)
+        lows.append(float(np.percentile(tokens.numpy(), 10)))
+    assert front[0]["low"][0] == pytest.approx(float(np.mean(lows)), abs=1e-2)
+
     # Interrupted in the sweep after one point: the rerun measures only the other; a new budget, a new choice.
     (work / "sweep.jsonl").write_text((work / "sweep.jsonl").read_text().splitlines()[0] + "\n")
     again = calibrate(axis, axis, "--capability-budget", "1.0", "--no-role-scoring")
@@ -159,6 +179,7 @@ def test_quick_calibration_of_an_imported_paper_axis_respects_the_budget_and_res
     for stage in ("input", "answers", "projections"):
         assert f"stage {stage}: " in again.stderr
     assert "stage sweep: 1 of 2 points measured before" in again.stderr
+    assert f"stage front: {len(front)} of {len(front)} points measured before" in again.stderr
     assert [json.loads(line)["point"] for line in (work / "sweep.jsonl").read_text().splitlines()] == \
         ["22:23@p5", "22:23@p25"]
     assert "stage verify\n" in again.stderr and "stage report\n" in again.stderr
@@ -170,6 +191,12 @@ def test_quick_calibration_of_an_imported_paper_axis_respects_the_budget_and_res
     assert "stage verify: " in third.stderr and "stage report: " in third.stderr
     # Started from the kept input, not from the file the first run replaced.
     assert json.loads((report / "verify.json").read_text())["input"]["band"] == "21:26"
+    # A report whose figures are not the measured ones (a grid widened, the same choice) is written again.
+    (report / "front.jsonl").write_text("")
+    fourth = calibrate(axis, axis, "--capability-budget", "1.0")
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert "stage verify: " in fourth.stderr and "stage report\n" in fourth.stderr
+    assert (report / "front.jsonl").read_text() == (work / "front.jsonl").read_text()
 
 
 def test_a_budget_outside_zero_to_one_is_refused(tmp_path):
@@ -177,21 +204,40 @@ def test_a_budget_outside_zero_to_one_is_refused(tmp_path):
     assert run.returncode == 2 and "--capability-budget is a share between 0 and 1, not 90" in run.stderr
 
 
-def test_the_shipped_axis_is_its_calibrations_choice():
-    """The committed sweep, the shipped axis and the README's figures agree."""
+def test_the_shipped_axis_against_its_recalibration():
+    """The shipped axis (22:25@p5, chosen on the 41 roles of the earlier persona data) and the committed
+    recalibration on today's 82 roles: the shipped point is measured there with the very tau it ships,
+    inside the budget; the recalibration's choice ties it (the same identical share, a lift inside its
+    interval), and generating for real it keeps the same validation answers and role answers in
+    character as the shipped one, which is why the shipped one (monitor layer 25) was kept."""
     axis = load_axis(SHIPPED)
     record = json.loads(axis.extra["calibration"])
     folder = REPO / "axes" / "smollm2-135m-instruct.calibration"
     points = [json.loads(line) for line in (folder / "sweep.jsonl").read_text().splitlines()]
     assert len(points) == 156
-    chosen = next(p for p in points if p["point"] == record["point"])
-    assert record["inside_budget"] and chosen["identical"] >= record["budget"] == 0.85
-    assert chosen["role_lift"] == max(p["role_lift"] for p in points if p["identical"] >= record["budget"])
-    assert axis.cap_layers == Point(chosen["start"], chosen["width"], chosen["percentile"]).band
-    assert axis.cap_thresholds == pytest.approx(chosen["tau"]) and axis.monitor_layer == axis.cap_layers[-1]
+    shipped = next(p for p in points if p["point"] == record["point"])
+    assert record["inside_budget"] and shipped["identical"] >= record["budget"] == 0.85
+    assert axis.cap_layers == Point(shipped["start"], shipped["width"], shipped["percentile"]).band
+    assert axis.cap_thresholds == pytest.approx(shipped["tau"]) and axis.monitor_layer == axis.cap_layers[-1]
+    chosen, inside = choose(points, record["budget"])
+    assert inside and chosen["identical"] == shipped["identical"]
+    assert chosen["role_lift_ci"][0] <= shipped["role_lift"] <= chosen["role_lift"]
+    assert f"**Chosen**: {chosen['point']} for a capability budget of 0.85" in (folder / "calibration.md").read_text()
     verify = json.loads((folder / "verify.json").read_text())
-    assert verify["chosen"]["identical"] >= 0.85 and verify["chosen"]["role_lift"] >= 10
-    assert verify["input"]["identical"] < verify["chosen"]["identical"]
+    assert verify["input"]["band"] == "22:25" and verify["input"]["identical"] == verify["chosen"]["identical"] >= 0.85
+    assert abs(verify["input"]["in_character"] - verify["chosen"]["in_character"]) <= 2
+    # The front generating for real: no point inside the budget takes role answers out of character
+    # (the issue's 30% fewer than uncapped); only bands that change half the answers or more do.
+    front = [json.loads(line) for line in (folder / "front.jsonl").read_text().splitlines()]
+    assert front[0]["point"] == "uncapped" and front[0]["in_character"] == verify["uncapped"]["in_character"]
+    assert {p["point"] for p in front[1:]} == {p["point"] for p in pareto_front(points)}
+    assert all(p["n_roles"] == verify["n_roles"] == 82 for p in front)
+    identical = {p["point"]: p["identical"] for p in points}
+    cut = [p for p in front[1:] if p["in_character"] <= 0.7 * front[0]["in_character"]]
+    assert cut and max(identical[p["point"]] for p in cut) < 0.55
+    assert all(p["in_character"] > 0.9 * front[0]["in_character"] for p in front[1:] if identical[p["point"]] >= 0.85)
+    # ... while capping lifts their low tail (the drift floor) at every point of the front.
+    assert all(p["low"][0] > front[0]["low"][0] for p in front[1:])
 
 
 def test_gate_only_adds_the_gate_threshold_and_keeps_band_and_tau(smollm2, smollm2_axis, tmp_path):

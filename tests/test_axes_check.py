@@ -33,6 +33,11 @@ def test_quick_check_measures_every_axis_on_the_same_answers(smollm2, tmp_path):
     assert shipped == copied  # the same answers, the same axis: the same figures
     assert shipped["all_roleplay"]["auc"] in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # a share of 5 default answers
     assert shipped["fully_in_role"]["n"] <= 1
+    # The one role answer falls in one score's row, with the AUC of all role answers.
+    scored = [figure for figure in shipped["by_score"].values() if figure["n"]]
+    assert sorted(shipped["by_score"]) == ["0", "1", "2", "3"] and len(scored) == 1
+    assert scored[0]["auc"] == shipped["all_roleplay"]["auc"]
+    assert shipped["by_score"]["3"]["n"] == shipped["fully_in_role"]["n"]
     assert f"{SHIPPED_AXIS} (monitor layer 25): 5 default answers vs 1 role answers" in run.stdout
 
 
