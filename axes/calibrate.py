@@ -33,7 +33,8 @@ stopped):
                                        GATE_PERCENTILE-th percentile of the train answers' mean projections
                                        at the monitor layer, a whole message of ordinary Assistant work
   verify       verify.json             the chosen and the input axis generating for real (engine)
-  report       OUT.calibration/        calibration.md, pareto.png, the points and the verification
+  report       OUT.calibration/        calibration.md, pareto.png, the points, the front and the verification;
+                                       written again when its copies of the figures differ from the measured ones
 and the chosen axis is copied to OUT.
 """
 
