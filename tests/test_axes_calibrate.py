@@ -170,7 +170,8 @@ def test_quick_calibration_of_an_imported_paper_axis_respects_the_budget_and_res
             smollm2.model(input_ids=torch.tensor([r["prompt_ids"] + r["answer_ids"]]))
         tokens = seen[24][0][0, len(r["prompt_ids"]):].float() @ original.unit(24)
         lows.append(float(np.percentile(tokens.numpy(), 10)))
-    assert front[0]["low"][0] == pytest.approx(float(np.mean(lows)), abs=1e-2)
+    # Batched with left padding there, one at a time here: other kernel shapes, so a tolerance.
+    assert front[0]["low"][0] == pytest.approx(float(np.mean(lows)), rel=1e-3, abs=1e-2)
 
     # Interrupted in the sweep after one point: the rerun measures only the other; a new budget, a new choice.
     (work / "sweep.jsonl").write_text((work / "sweep.jsonl").read_text().splitlines()[0] + "\n")
@@ -227,7 +228,7 @@ def test_the_shipped_axis_against_its_recalibration():
     assert verify["input"]["band"] == "22:25" and verify["input"]["identical"] == verify["chosen"]["identical"] >= 0.85
     assert abs(verify["input"]["in_character"] - verify["chosen"]["in_character"]) <= 2
     # The front generating for real: no point inside the budget takes role answers out of character
-    # (the 30% fewer than uncapped); only bands that change half the answers or more do.
+    # (the 30% fewer than uncapped); only bands that change about half the answers or more do.
     front = [json.loads(line) for line in (folder / "front.jsonl").read_text().splitlines()]
     assert front[0]["point"] == "uncapped" and front[0]["in_character"] == verify["uncapped"]["in_character"]
     assert {p["point"] for p in front[1:]} == {p["point"] for p in pareto_front(points)}
