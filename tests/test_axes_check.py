@@ -7,8 +7,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 from axiscap.stats import auc_ci
 
 from .conftest import SHIPPED_AXIS
