@@ -439,7 +439,8 @@ def _report(cfg: CalibrateConfig, axis_in: AssistantAxis, points: list[dict], fr
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    chosen = json.loads(load_axis(cfg.chosen).extra["calibration"])
+    chosen_axis = load_axis(cfg.chosen)
+    chosen = json.loads(chosen_axis.extra["calibration"])
     uncapped, front = front[0], front[1:]
     verify = json.loads((cfg.work / "verify.json").read_text())
     rows = _load_answers(cfg)
@@ -520,7 +521,7 @@ def _report(cfg: CalibrateConfig, axis_in: AssistantAxis, points: list[dict], fr
         "| --- | --- | --- | --- | --- | --- | --- |",
         f"| uncapped | – | – | – | – | – | {in_char(verify['uncapped']['in_character'], verify['n_roles'])} |",
     ]
-    for name, monitor in (("input", axis_in.monitor_layer), ("chosen", load_axis(cfg.chosen).monitor_layer)):
+    for name, monitor in (("input", axis_in.monitor_layer), ("chosen", chosen_axis.monitor_layer)):
         v = verify[name]
         lines.append(f"| {name} | {v['band']} | {v['percentile']:g} | {monitor} | "
                      f"{share(v['identical'], v['identical_ci'])} | {lift(v['role_lift'], v['role_lift_ci'])} | "

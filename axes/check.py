@@ -86,16 +86,14 @@ def separation(model, axis: AssistantAxis, rows: list[dict]) -> dict:
         hooks.remove()
     default = [m for r, m in zip(rows, means) if r["role"] is None]
     played = [m for r, m in zip(rows, means) if r["role"] is not None]
-    in_role = [m for r, m in zip(rows, means) if r["role"] is not None and r["score"] == FULLY_IN_ROLE]
-    scored = any(r["score"] is not None for r in rows)
+    # Where the misses are: a role answer the scorer finds out of role is the Assistant talking.
+    by_score = {str(k): _auc(default, [m for r, m in zip(rows, means) if r["role"] is not None and r["score"] == k])
+                for k in range(FULLY_IN_ROLE + 1)} if any(r["score"] is not None for r in rows) else None
     return {"monitor_layer": axis.monitor_layer, "n_default": len(default),
             "n_roles": len({r["role"] for r in rows} - {None}), "n_questions": len({r["question"] for r in rows}),
             "all_roleplay": _auc(default, played),
-            "fully_in_role": _auc(default, in_role) if scored else None,
-            # Where the misses are: a role answer the scorer finds out of role is the Assistant talking.
-            "by_score": {str(k): _auc(default, [m for r, m in zip(rows, means) if r["role"] is not None
-                                                and r["score"] == k]) for k in range(FULLY_IN_ROLE + 1)}
-            if scored else None,
+            "fully_in_role": by_score[str(FULLY_IN_ROLE)] if by_score else None,
+            "by_score": by_score,
             "default_mean": sum(default) / len(default) if default else None,
             "roleplay_mean": sum(played) / len(played) if played else None,
             "default_projections": default, "roleplay_projections": played}
