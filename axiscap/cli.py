@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -41,36 +43,57 @@ def _import_paper(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: capped layers {axis.cap_layers}, monitor layer {axis.monitor_layer}")
 
 
-def engine_generate(loaded, max_batch_size: int = 16, axis=None):
-    """The server's engine as the axis tools' batched generate function: without an axis (building
-    one), or capping every request with ``axis`` (calibrating)."""
-    import asyncio
-    import itertools
-
-    from axiscap.server.chat_template import chat_prompt_ids
+def offline_engine(loaded, axis=None, max_batch_size: int = 16):
+    """The built-in engine, started, for the axis tools' batched generation: without an axis (building
+    one) or with one (calibrating)."""
     from axiscap.server.engines.hf.engine import Engine
+    from axiscap.server.engines.offline import OfflineEngine
     from axiscap.server.metrics import ServingMetrics
-    from axiscap.server.engines import SamplingParams
 
     engine = Engine(loaded, axis, ServingMetrics(loaded.name, [], [0.0]), max_batch_size=max_batch_size,
                     max_waiting=1 << 20)
-    seeds = itertools.count()
+    return OfflineEngine(engine, loaded.tokenizer, loaded.eos_ids)
 
-    def generate(conversations, temperature, top_p, max_tokens):
-        async def one(messages):
-            ids = chat_prompt_ids(loaded.tokenizer, messages)
-            request = await engine.submit(ids, SamplingParams(max_tokens, temperature, top_p, seed=next(seeds)))
-            answer = []
-            async for delta in request.deltas():
-                answer += delta.token_ids
-            return ids, [t for t in answer if t not in engine.eos_ids]
 
-        async def run_all():
-            return await asyncio.gather(*[one(m) for m in conversations])
+class VllmGenerators:
+    """``axes calibrate --backend vllm``: one vLLM engine for every generating stage, started at the
+    first (a rerun whose generating stages are done never starts it), its workers' caps retargeted to
+    each axis in turn instead of a start (weights, compilation, graphs) per point of the front."""
 
-        return asyncio.run(run_all())
+    def __init__(self, args, loaded, axis_path: Path):
+        self.args, self.loaded, self.axis_path = args, loaded, axis_path
+        self.offline = None
 
-    return engine, generate
+    def _start(self):
+        from axiscap.server.engines.model_source import model_source
+        from axiscap.server.engines.offline import OfflineEngine
+        from axiscap.server.metrics import ServingMetrics
+        from axiscap.steering import load_axis
+
+        try:
+            from axiscap.server.engines.vllm.engine import VllmEngine, VllmOptions
+        except ImportError as exc:
+            raise RuntimeError(f"--backend vllm needs vLLM 0.32 ({exc}): pip install 'axiscap[vllm]'") from None
+        source, name = model_source(self.args.model, self.args.cache_dir)
+        axis = load_axis(self.axis_path)
+        # The dtype of the transformers model beside it, whose teacher-forced passes judge the same answers.
+        options = VllmOptions(gpu_memory_utilization=self.args.gpu_memory_utilization,
+                              dtype=str(self.loaded.model.dtype).removeprefix("torch."))
+        engine = VllmEngine(source, name, axis, ServingMetrics(name, axis.cap_layers, [0.0]), options,
+                            max_waiting=1 << 20, retargetable=True)
+        return OfflineEngine(engine, engine.model.tokenizer, self.loaded.eos_ids)
+
+    @contextmanager
+    def __call__(self, axis):
+        if self.offline is None:
+            self.offline = self._start()
+        if axis is not None:
+            self.offline.run(self.offline.engine.use_axis(axis))
+        yield functools.partial(self.offline.generate, capping=axis is not None)
+
+    def close(self) -> None:
+        if self.offline is not None:
+            self.offline.close()
 
 
 def _build(args: argparse.Namespace) -> None:
@@ -86,19 +109,16 @@ def _build(args: argparse.Namespace) -> None:
     cfg = BuildConfig(model_name=loaded.name, out=args.out, quick=args.quick, percentile=args.percentile,
                       band=band, monitor_layer=args.monitor_layer, max_new_tokens=args.max_new_tokens,
                       questions=args.questions, prompts_per_role=args.prompts_per_role, min_in_role=args.min_in_role)
-    engine, generate = engine_generate(loaded)
-    engine.start()
+    offline = offline_engine(loaded)
     try:
         scorer = JudgeScorer(args.judge_url, args.judge_model) if args.judge_url else EmbeddingScorer()
-        path = build(cfg, loaded.model, loaded.tokenizer, generate, scorer.score, in_compute_thread)
+        path = build(cfg, loaded.model, loaded.tokenizer, offline.generate, scorer.score, in_compute_thread)
     finally:
-        engine.stop()
+        offline.close()
     print(f"wrote {path} (stages in {cfg.work})")
 
 
 def _calibrate(args: argparse.Namespace) -> None:
-    from contextlib import contextmanager
-
     from axiscap.axes.calibrate import CalibrateConfig, calibrate, calibrate_gate
     from axiscap.axes.role_scoring import EmbeddingScorer
     from axiscap.server.engines.hf.model_loading import load_model
@@ -114,19 +134,24 @@ def _calibrate(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, device=args.device, cache_dir=args.cache_dir)
 
     @contextmanager
-    def generator_for(axis):
-        engine, generate = engine_generate(loaded, axis=axis)
-        engine.start()
+    def built_in_for(axis):  # an engine per axis: starting one takes no time
+        offline = offline_engine(loaded, axis=axis)
         try:
-            yield generate
+            yield functools.partial(offline.generate, capping=axis is not None)
         finally:
-            engine.stop()
+            offline.close()
 
-    if args.gate_only:
-        print(f"wrote {calibrate_gate(cfg, loaded.model, generator_for, in_compute_thread)} (its gate threshold only)")
-        return
-    score = None if args.no_role_scoring else EmbeddingScorer().score
-    path = calibrate(cfg, loaded.model, loaded.tokenizer, generator_for, score, in_compute_thread)
+    generator_for = VllmGenerators(args, loaded, args.axis) if args.backend == "vllm" else built_in_for
+    try:
+        if args.gate_only:
+            path = calibrate_gate(cfg, loaded.model, generator_for, in_compute_thread)
+            print(f"wrote {path} (its gate threshold only)")
+            return
+        score = None if args.no_role_scoring else EmbeddingScorer().score
+        path = calibrate(cfg, loaded.model, loaded.tokenizer, generator_for, score, in_compute_thread)
+    finally:
+        if args.backend == "vllm":
+            generator_for.close()
     print(f"wrote {path} (report in {cfg.report}, stages in {cfg.work})")
 
 
@@ -148,15 +173,14 @@ def _check(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, device=args.device, cache_dir=args.cache_dir)
     hidden = loaded.model.config.get_text_config().hidden_size
     axes = [load_axis(path, loaded.n_layers, hidden) for path in args.axis]
-    engine, generate = engine_generate(loaded)
-    engine.start()
+    offline = offline_engine(loaded)
     try:
         score = None if args.no_role_scoring else EmbeddingScorer().score
         # Sampled as a build samples, so a built axis is checked on answers like its own.
-        rows = check_answers(loaded.name, generate, score, loaded.tokenizer, BuildConfig.temperature, BuildConfig.top_p,
-                             args.max_new_tokens, args.quick)
+        rows = check_answers(loaded.name, offline.generate, score, loaded.tokenizer, BuildConfig.temperature,
+                             BuildConfig.top_p, args.max_new_tokens, args.quick)
     finally:
-        engine.stop()
+        offline.close()
     results = {}
     for path, axis in zip(args.axis, axes):
         figures = in_compute_thread(lambda: separation(loaded.model, axis, rows))
@@ -252,7 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the band and tau; only measure the gated policy's threshold (--capping-policy "
                           "gated) from the train answers and write it into OUT (for files calibrated before it)")
     cal.add_argument("--quick", action="store_true", help="a tiny slice of every stage (tests, smoke runs)")
-    cal.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    cal.add_argument("--device", default="auto", help="cpu, cuda or auto (the transformers model's: the "
+                                                      "teacher-forced sweep, and generating on --backend transformers)")
+    cal.add_argument("--backend", choices=("transformers", "vllm"), default="transformers",
+                     help="the engine that generates the answers, the front and the verification: the built-in "
+                          "one, or vLLM (pip install 'axiscap[vllm]'; one start, each point's caps copied into its "
+                          "workers). The sweep's teacher-forced passes run on the transformers model either way "
+                          "(default transformers)")
+    cal.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                     help="--backend vllm: share of GPU memory vLLM takes; the transformers model shares the GPU "
+                          "(default 0.5)")
     cal.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/axiscap)")
     cal.set_defaults(run=_calibrate)
 

@@ -217,3 +217,54 @@ def test_split_residual_cap_caps_the_sum_and_keeps_vllms_split():
     assert state.hits[0] == (projections[:3] < 0.3).sum() > 0
     assert state.hits[1] == 0  # layer 2 has not run
     assert not isinstance(layers[0], type(layers[1]))  # layers neither capped nor monitored stay as they were
+
+
+def test_retargeted_split_residual_caps_act_as_a_fresh_install_of_the_new_axis():
+    """The calibration sweep's vLLM path: one retargetable install, then another axis's band, tau and
+    vectors copied into its buffers, must cap exactly as an install of that axis would."""
+    from torch import nn
+
+    from axiscap.steering.split_residual import install_split_residual_caps, retarget_split_residual_caps
+
+    class SplitLayer(nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, positions, hidden, residual):
+            return hidden * self.scale, residual + self.scale
+
+    def stack():
+        return nn.ModuleList([SplitLayer(1 + i / 4) for i in range(6)])
+
+    def run(layers, state, hidden, residual):
+        state.hits.zero_()
+        for layer in layers:
+            hidden, residual = layer(None, hidden, residual)
+        return hidden + residual, state.projections[:hidden.shape[0]].clone()
+
+    g = torch.Generator().manual_seed(11)
+    first = AssistantAxis(torch.randn(6, 16, generator=g), [1, 2], [0.3, -0.2], 4, "tiny", 25.0, 1)
+    second = AssistantAxis(torch.randn(6, 16, generator=g), [3, 4], [2.0, 1.5], 3, "tiny", 5.0, 1)
+    hidden, residual = torch.randn(5, 16, generator=g), torch.randn(5, 16, generator=g)
+    mask = torch.tensor([1.0, 1, 0, 1, 0])
+
+    retargetable = stack()
+    state = install_split_residual_caps(retargetable, first, range(6), 8, torch.device("cpu"), torch.float32,
+                                        retargetable=True)
+    state.mask[:5] = mask
+    for axis in (first, second, first):  # and back: nothing of the second axis stays behind
+        retarget_split_residual_caps(retargetable, axis, torch.float32)
+        fresh = stack()
+        fresh_state = install_split_residual_caps(fresh, axis, range(6), 8, torch.device("cpu"), torch.float32)
+        fresh_state.mask[:5] = mask
+        got, got_projections = run(retargetable, state, hidden, residual)
+        want, want_projections = run(fresh, fresh_state, hidden, residual)
+        assert torch.allclose(got, want, atol=1e-5)
+        assert torch.equal(got_projections, want_projections)  # the monitor layer's, moved with the axis
+        assert state.hits[axis.cap_layers].tolist() == fresh_state.hits.tolist()
+        assert state.hits.sum() == fresh_state.hits.sum() > 0  # layers outside the band never cap
+    with pytest.raises(RuntimeError, match="not installed retargetable"):
+        retarget_split_residual_caps(fresh, first, torch.float32)
+    with pytest.raises(ValueError, match="retargetable caps need every layer in one process, not layers 0-2"):
+        install_split_residual_caps(stack(), first, range(3), 8, torch.device("cpu"), torch.float32, retargetable=True)

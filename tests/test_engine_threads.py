@@ -53,7 +53,7 @@ def test_forward_passes_run_on_the_engine_thread_with_every_intra_op_thread():
 
 BATCH_TOOL = r"""
 import json, threading, torch
-from axiscap.cli import engine_generate
+from axiscap.cli import offline_engine
 from axiscap.server.engines.hf.model_loading import load_model
 from axiscap.server.engines.hf.threads import in_compute_thread, reserve_threads_for_engine
 
@@ -63,8 +63,8 @@ loaded = load_model("smollm2-135m-instruct", device="cpu")
 forwards = []
 loaded.model.model.register_forward_pre_hook(
     lambda module, args: forwards.append((threading.current_thread().name, torch.get_num_threads())))
-engine, generate = engine_generate(loaded)
-engine.start()
+offline = offline_engine(loaded)
+generate = offline.generate
 question = [[{"role": "user", "content": "Hello there"}]]
 generate(question, 0.0, 1.0, 2)
 with torch.inference_mode():
@@ -75,7 +75,7 @@ try:
 except ZeroDivisionError as exc:
     raised = type(exc).__name__
 generate(question, 0.0, 1.0, 2)
-engine.stop()
+offline.close()
 print(json.dumps({"started_with": started_with, "main": torch.get_num_threads(), "width": width, "raised": raised,
                   "forwards": sorted(set(map(tuple, forwards)))}))
 """

@@ -64,7 +64,7 @@ class Engine:
         self.kv_cache_tokens = kv_cache_tokens  # None: unbounded
         # What one API request (all its choices) may reserve of it, so that one client cannot hold the rest.
         self.max_request_kv_tokens = int(kv_cache_tokens * max_request_kv_share) if kv_cache_tokens else None
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = loaded.eos_ids
         vocab_size = self.model.config.get_text_config().vocab_size  # the logits' width
         self.grammars = GrammarCompiler(self.tokenizer, vocab_size)
         self.device_error: str | None = None  # set once the device itself has failed
@@ -78,12 +78,6 @@ class Engine:
         self.stat_logger = stat_logger
         self._stopping = False
         self._thread: threading.Thread | None = None
-
-    def _eos_ids(self) -> set[int]:
-        ids = {self.tokenizer.eos_token_id}
-        configured = self.model.generation_config.eos_token_id
-        ids.update(configured if isinstance(configured, list) else [configured])
-        return {i for i in ids if i is not None}
 
     # --- life cycle -------------------------------------------------------------------------
 

@@ -32,6 +32,14 @@ class LoadedModel:
         return self.model.config.get_text_config().num_hidden_layers
 
     @property
+    def eos_ids(self) -> set[int]:
+        """The tokens that end an answer: the tokenizer's and the generation config's."""
+        ids = {self.tokenizer.eos_token_id}
+        configured = self.model.generation_config.eos_token_id
+        ids.update(configured if isinstance(configured, list) else [configured])
+        return {i for i in ids if i is not None}
+
+    @property
     def vocab_size(self) -> int:
         """Rows of the input embedding: the token ids this model can take."""
         return self.model.get_input_embeddings().num_embeddings

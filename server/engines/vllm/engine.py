@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from axiscap.steering import AssistantAxis
+from axiscap.steering import AssistantAxis, save_axis
 
 from ..base import (LOGPROB_FLOOR, Delta, GrammarError, Logprob, QueueFull, Request, SamplingParams,
                     StatLogger, StepStats, over_request_share)
@@ -180,8 +181,9 @@ class VllmEngine:
     gated_capping = False
 
     def __init__(self, model_path: str, served_name: str, axis: AssistantAxis, stat_logger: StatLogger,
-                 options: VllmOptions, max_waiting: int, max_request_kv_share: float = 1.0):
+                 options: VllmOptions, max_waiting: int, max_request_kv_share: float = 1.0, retargetable: bool = False):
         self.device_error: str | None = None
+        self.retargetable = retargetable
         self.stat_logger, self.max_waiting = stat_logger, max_waiting
         self._running = self._waiting = 0
         self._active: set[VllmRequest] = set()
@@ -203,7 +205,8 @@ class VllmEngine:
             logprobs_mode="processed_logprobs",
             worker_cls=f"{__package__}.worker.CappingWorker",
             distributed_executor_backend=options.distributed_executor_backend,
-            additional_config=CappingConfig(str(axis_path), axis_sha256, self.reports.address, self.reports.key),
+            additional_config=CappingConfig(str(axis_path), axis_sha256, self.reports.address, self.reports.key,
+                                            retargetable),
         )
         engine = self
 
@@ -279,6 +282,20 @@ class VllmEngine:
             self.reports.open(rid, bool(p.prompt_projections))
             requests.append(request)
         return requests
+
+    async def use_axis(self, axis: AssistantAxis) -> None:
+        """Cap and monitor with another axis (its band, tau, vectors and monitor layer) from the next
+        request on, without a restart: for an engine started ``retargetable``, with no request running.
+        The cap-hit metrics keep the first axis's layers."""
+        if not self.retargetable:
+            raise RuntimeError("this vLLM engine was not started retargetable: its workers wrap only its axis's layers")
+        if self._active:
+            raise RuntimeError(f"the axis changes only between requests; {len(self._active)} are running")
+        with tempfile.TemporaryDirectory(prefix="axiscap-axis-") as folder:
+            path = Path(folder) / "axis.safetensors"  # the workers load it, as they loaded the first one
+            save_axis(axis, path)
+            await self.llm.collective_rpc("axiscap_use_axis", args=(str(path),))
+            self._salt = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
     # --- requests ---------------------------------------------------------------------------
 

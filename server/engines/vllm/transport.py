@@ -119,7 +119,7 @@ class ReportSender:
     def put(self, ids: list[str], prompt: list[tuple[str, int]], ready: torch.Event | None,
             host: torch.Tensor) -> None:
         """``host`` is being filled by a non-blocking copy that ``ready`` marks (None: already done)."""
-        self._queue.put((ids, prompt, ready, host))
+        self._queue.put((ids, prompt, ready, host, self.layers))  # layers as of this step (they may be retargeted)
 
     def _run(self) -> None:
         # A thread that waits on a device's events must bind that device first, or CUDA opens a second
@@ -127,9 +127,9 @@ class ReportSender:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         while True:
-            ids, prompt, ready, host = self._queue.get()
+            ids, prompt, ready, host, layers = self._queue.get()
             if ready is not None:
                 ready.synchronize()  # a blocking event: the thread sleeps until the copy lands
-            self._socket.send_multipart(encode(self.key, self.sender, self._seq, ids, self.monitor, self.layers,
+            self._socket.send_multipart(encode(self.key, self.sender, self._seq, ids, self.monitor, layers,
                                                host.numpy(), prompt))
             self._seq += 1

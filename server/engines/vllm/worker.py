@@ -29,7 +29,7 @@ from vllm.utils.import_utils import resolve_obj_by_qualname
 
 from axiscap.steering import load_axis
 from axiscap.steering.hooks import decoder_layers
-from axiscap.steering.split_residual import install_split_residual_caps
+from axiscap.steering.split_residual import install_split_residual_caps, retarget_split_residual_caps
 
 from .transport import ReportSender
 
@@ -56,9 +56,13 @@ class CappingConfig:
     axis_sha256: str
     reports: str
     key: str
+    # Every layer wrapped, so that ``CappingWorker.axiscap_use_axis`` can cap another band later
+    # (``axiscap axes calibrate --backend vllm``); the server's caps wrap only the axis's layers.
+    retargetable: bool = False
 
     def compute_hash(self) -> str:
-        return hashlib.sha256(f"axiscap-capping-1:{self.axis_sha256}".encode()).hexdigest()[:32]
+        graph = f"axiscap-capping-1:{self.axis_sha256}" + (":retargetable" if self.retargetable else "")
+        return hashlib.sha256(graph.encode()).hexdigest()[:32]
 
 
 def _platform_worker() -> type:
@@ -75,6 +79,11 @@ class CappingWorker(_platform_worker()):
         config = self.vllm_config.additional_config
         if isinstance(config, CappingConfig):
             self.batch_capping = BatchCapping(self.model_runner, config, self.vllm_config)
+
+    def axiscap_use_axis(self, path: str) -> None:
+        """Cap with the axis file at ``path`` from the next step on (``collective_rpc``; the engine core
+        runs it between steps). Only for an engine started with ``CappingConfig.retargetable``."""
+        self.batch_capping.use_axis(path)
 
 
 @dataclass
@@ -103,8 +112,10 @@ class BatchCapping:
         # A pipeline stage holds layers [start_layer, end_layer); the rest are placeholders.
         present = range(getattr(inner, "start_layer", 0), getattr(inner, "end_layer", len(layers)))
         axis = load_axis(config.axis, len(layers), vllm_config.model_config.get_hidden_size())
-        dtype = vllm_config.model_config.dtype
-        self.state = install_split_residual_caps(layers, axis, present, runner.max_num_tokens, runner.device, dtype)
+        self.layers, self.hidden_size = layers, vllm_config.model_config.get_hidden_size()
+        self.dtype = vllm_config.model_config.dtype
+        self.state = install_split_residual_caps(layers, axis, present, runner.max_num_tokens, runner.device, self.dtype,
+                                                 config.retargetable)
         self.device = runner.device
         self.pin = self.device.type != "cpu"
         self.requests: dict[str, _Tracked] = {}  # by vLLM's request id
@@ -121,10 +132,21 @@ class BatchCapping:
             # forward by an event, so the next step's kernels do not queue behind it.
             if self.device.type == "cuda":
                 self.copy_stream = torch.cuda.Stream(self.device)
-        self.held_slots = torch.tensor(held, dtype=torch.long, device=self.device)
+        # Where each held capped layer counts its hits in state.hits (retargetable: the layer's own slot).
+        self.held_slots = torch.tensor([axis.cap_layers[i] if config.retargetable else i for i in held],
+                                       dtype=torch.long, device=self.device)
         self._wrap(runner)
-        log.info("axiscap: capping layers %s%s in this worker", [axis.cap_layers[i] for i in held],
-                 f", monitoring layer {axis.monitor_layer}" if monitor else "")
+        log.info("axiscap: capping layers %s%s in this worker%s", [axis.cap_layers[i] for i in held],
+                 f", monitoring layer {axis.monitor_layer}" if monitor else "",
+                 " (retargetable: every layer wrapped)" if config.retargetable else "")
+
+    def use_axis(self, path: str) -> None:
+        axis = load_axis(path, len(self.layers), self.hidden_size)
+        retarget_split_residual_caps(self.layers, axis, self.dtype)
+        self.held_slots = torch.tensor(axis.cap_layers, dtype=torch.long, device=self.device)
+        if self.sender is not None:
+            self.sender.layers = list(axis.cap_layers)
+        log.info("axiscap: now capping layers %s, monitoring layer %d (%s)", axis.cap_layers, axis.monitor_layer, path)
 
     def _wrap(self, runner) -> None:
         execute = runner.execute_model
