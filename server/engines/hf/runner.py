@@ -117,9 +117,11 @@ class ModelRunner:
         end = min(group.width, start + max(1, budget // n))
         # Logits only where a row's prompt ends inside this slice (each row at its own column).
         ending = [i for i, length in enumerate(group.lengths) if start < length <= end]
-        if ending:  # per row, the slice column of its last token (clamped for rows not ending here)
-            last = torch.tensor([[min(max(length - 1 - start, 0), end - start - 1)] for length in group.lengths],
-                                device=self.device)
+        # Per ending row, the slice column of its last token.
+        columns = {i: group.lengths[i] - 1 - start for i in ending}
+        # Logits at those columns for every row, a 1-D logits_to_keep: transformers reads per-row (2-D)
+        # positions only from 5.2x, and vLLM 0.32 pins it below 5.20.
+        kept = sorted(set(columns.values()))
         self._set_cap_mask(group.cap_mask[:, start:end] if group.cap_mask is not None else None)
         group.store.begin(start, end, self.device)
         positions = torch.arange(start, end, device=self.device).expand(n, -1)
@@ -127,24 +129,25 @@ class ModelRunner:
         with slot_attention_for(self.model):
             out = self.model(input_ids=group.ids[:, start:end], position_ids=positions, past_key_values=group.store,
                              kv_store=group.store, use_cache=True,
-                             logits_to_keep=0 if every_column else (last if ending else 1))
+                             logits_to_keep=0 if every_column else (torch.tensor(kept, device=self.device)
+                                                                    if ending else 1))
         logits = out.logits
         if group.projection_rows and self.hooks is not None:
             rows = torch.tensor(group.projection_rows, device=self.hooks.monitor_projection.device)
             group.projection_slices.append(self.hooks.monitor_projection.index_select(0, rows))
         if every_column:
             self._prompt_logprobs(group, logits, start, end)
-            if ending:
-                logits = logits.gather(1, last.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         if ending:
             if group.last_logits is None:
                 group.last_logits = logits.new_empty((n, logits.shape[-1]))
                 group.last_projections = torch.zeros(n, device=self.device)
             index = torch.tensor(ending, device=self.device)
-            group.last_logits[index] = logits[index, -1]
+            at = [columns[i] if every_column else kept.index(columns[i]) for i in ending]
+            group.last_logits[index] = logits[index, torch.tensor(at, device=self.device)]
             if self.hooks is not None:
-                projections = self.hooks.monitor_projection.gather(1, last.to(self.hooks.monitor_projection.device))
-                group.last_projections[index] = projections[:, 0].to(self.device)[index]
+                monitor = self.hooks.monitor_projection
+                last = torch.tensor([columns[i] for i in ending], device=monitor.device)
+                group.last_projections[index] = monitor[index.to(monitor.device), last].to(self.device)
         group.done = end
         if end < group.width:
             return None
