@@ -6,7 +6,7 @@ import argparse
 import functools
 import logging
 import sys
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -43,64 +43,12 @@ def _import_paper(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: capped layers {axis.cap_layers}, monitor layer {axis.monitor_layer}")
 
 
-def offline_engine(loaded, axis=None, max_batch_size: int = 16):
-    """The built-in engine, started, for the axis tools' batched generation: without an axis (building
-    one) or with one (calibrating)."""
-    from axiscap.server.engines.hf.engine import Engine
-    from axiscap.server.engines.offline import OfflineEngine
-    from axiscap.server.metrics import ServingMetrics
-
-    engine = Engine(loaded, axis, ServingMetrics(loaded.name, [], [0.0]), max_batch_size=max_batch_size,
-                    max_waiting=1 << 20)
-    return OfflineEngine(engine, loaded.tokenizer, loaded.eos_ids)
-
-
-class VllmGenerators:
-    """``axes calibrate --backend vllm``: one vLLM engine for every generating stage, started at the
-    first (a rerun whose generating stages are done never starts it), its workers' caps retargeted to
-    each axis in turn instead of a start (weights, compilation, graphs) per point of the front."""
-
-    def __init__(self, args, loaded, axis_path: Path):
-        self.args, self.loaded, self.axis_path = args, loaded, axis_path
-        self.offline = None
-
-    def _start(self):
-        from axiscap.server.engines.model_source import model_source
-        from axiscap.server.engines.offline import OfflineEngine
-        from axiscap.server.metrics import ServingMetrics
-        from axiscap.steering import load_axis
-
-        try:
-            from axiscap.server.engines.vllm.engine import VllmEngine, VllmOptions
-        except ImportError as exc:
-            raise RuntimeError(f"--backend vllm needs vLLM 0.32 ({exc}): pip install 'axiscap[vllm]'") from None
-        source, name = model_source(self.args.model, self.args.cache_dir)
-        axis = load_axis(self.axis_path)
-        # The dtype of the transformers model beside it, whose teacher-forced passes judge the same answers.
-        options = VllmOptions(gpu_memory_utilization=self.args.gpu_memory_utilization,
-                              dtype=str(self.loaded.model.dtype).removeprefix("torch."))
-        engine = VllmEngine(source, name, axis, ServingMetrics(name, axis.cap_layers, [0.0]), options,
-                            max_waiting=1 << 20, retargetable=True)
-        return OfflineEngine(engine, engine.model.tokenizer, self.loaded.eos_ids)
-
-    @contextmanager
-    def __call__(self, axis):
-        if self.offline is None:
-            self.offline = self._start()
-        if axis is not None:
-            self.offline.run(self.offline.engine.use_axis(axis))
-        yield functools.partial(self.offline.generate, capping=axis is not None)
-
-    def close(self) -> None:
-        if self.offline is not None:
-            self.offline.close()
-
-
 def _build(args: argparse.Namespace) -> None:
     from axiscap.axes.pipeline import BuildConfig, build
     from axiscap.axes.role_scoring import EmbeddingScorer, JudgeScorer
     from axiscap.server.engines.hf.model_loading import load_model
     from axiscap.server.engines.hf.threads import in_compute_thread, reserve_threads_for_engine
+    from axiscap.server.engines.offline import built_in
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     reserve_threads_for_engine()  # the engine decodes at full speed; the stages' own passes: in_compute_thread
@@ -109,7 +57,7 @@ def _build(args: argparse.Namespace) -> None:
     cfg = BuildConfig(model_name=loaded.name, out=args.out, quick=args.quick, percentile=args.percentile,
                       band=band, monitor_layer=args.monitor_layer, max_new_tokens=args.max_new_tokens,
                       questions=args.questions, prompts_per_role=args.prompts_per_role, min_in_role=args.min_in_role)
-    offline = offline_engine(loaded)
+    offline = built_in(loaded)
     try:
         scorer = JudgeScorer(args.judge_url, args.judge_model) if args.judge_url else EmbeddingScorer()
         path = build(cfg, loaded.model, loaded.tokenizer, offline.generate, scorer.score, in_compute_thread)
@@ -123,6 +71,7 @@ def _calibrate(args: argparse.Namespace) -> None:
     from axiscap.axes.role_scoring import EmbeddingScorer
     from axiscap.server.engines.hf.model_loading import load_model
     from axiscap.server.engines.hf.threads import in_compute_thread, reserve_threads_for_engine
+    from axiscap.server.engines.offline import VllmForAxes, built_in_for, vllm_engine_module
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     reserve_threads_for_engine()  # as in _build
@@ -131,27 +80,18 @@ def _calibrate(args: argparse.Namespace) -> None:
                           capability_budget=args.capability_budget, max_new_tokens=args.max_new_tokens,
                           **({"widths": tuple(args.widths)} if args.widths else {}),
                           **({"percentiles": tuple(args.percentiles)} if args.percentiles else {}))
+    if args.backend == "vllm":
+        vllm_engine_module()  # a missing vLLM fails before the model loads
     loaded = load_model(args.model, device=args.device, cache_dir=args.cache_dir)
-
-    @contextmanager
-    def built_in_for(axis):  # an engine per axis: starting one takes no time
-        offline = offline_engine(loaded, axis=axis)
-        try:
-            yield functools.partial(offline.generate, capping=axis is not None)
-        finally:
-            offline.close()
-
-    generator_for = VllmGenerators(args, loaded, args.axis) if args.backend == "vllm" else built_in_for
-    try:
+    generators = (VllmForAxes(args.model, args.cache_dir, args.gpu_memory_utilization, loaded, args.axis)
+                  if args.backend == "vllm" else nullcontext(functools.partial(built_in_for, loaded)))
+    with generators as generator_for:
         if args.gate_only:
             path = calibrate_gate(cfg, loaded.model, generator_for, in_compute_thread)
             print(f"wrote {path} (its gate threshold only)")
             return
         score = None if args.no_role_scoring else EmbeddingScorer().score
         path = calibrate(cfg, loaded.model, loaded.tokenizer, generator_for, score, in_compute_thread)
-    finally:
-        if args.backend == "vllm":
-            generator_for.close()
     print(f"wrote {path} (report in {cfg.report}, stages in {cfg.work})")
 
 
@@ -164,6 +104,7 @@ def _check(args: argparse.Namespace) -> None:
     from axiscap.axes.role_scoring import EmbeddingScorer
     from axiscap.server.engines.hf.model_loading import load_model
     from axiscap.server.engines.hf.threads import in_compute_thread, reserve_threads_for_engine
+    from axiscap.server.engines.offline import built_in
     from axiscap.steering import load_axis
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -173,7 +114,7 @@ def _check(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, device=args.device, cache_dir=args.cache_dir)
     hidden = loaded.model.config.get_text_config().hidden_size
     axes = [load_axis(path, loaded.n_layers, hidden) for path in args.axis]
-    offline = offline_engine(loaded)
+    offline = built_in(loaded)
     try:
         score = None if args.no_role_scoring else EmbeddingScorer().score
         # Sampled as a build samples, so a built axis is checked on answers like its own.

@@ -53,7 +53,7 @@ def test_forward_passes_run_on_the_engine_thread_with_every_intra_op_thread():
 
 BATCH_TOOL = r"""
 import json, threading, torch
-from axiscap.cli import offline_engine
+from axiscap.server.engines.offline import built_in
 from axiscap.server.engines.hf.model_loading import load_model
 from axiscap.server.engines.hf.threads import in_compute_thread, reserve_threads_for_engine
 
@@ -63,7 +63,7 @@ loaded = load_model("smollm2-135m-instruct", device="cpu")
 forwards = []
 loaded.model.model.register_forward_pre_hook(
     lambda module, args: forwards.append((threading.current_thread().name, torch.get_num_threads())))
-offline = offline_engine(loaded)
+offline = built_in(loaded)
 generate = offline.generate
 question = [[{"role": "user", "content": "Hello there"}]]
 generate(question, 0.0, 1.0, 2)

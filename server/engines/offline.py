@@ -1,17 +1,23 @@
-"""An engine driven from synchronous code: the axis tools' batched generate function.
+"""Engines driven from synchronous code: the axis tools' batched generate functions.
 
 ``axes build``, ``check`` and ``calibrate`` hand whole lists of conversations to a generate
 function; ``OfflineEngine`` submits them all at once, so the engine batches them as it batches a
 server's requests. One event loop, in a thread of its own, serves the engine for its whole life:
 vLLM's AsyncLLM binds its output handler to the loop it first runs on.
+
+``calibrate`` generates with one axis after another (``GeneratorFor``): ``built_in_for`` starts the
+built-in engine for each (no time), ``VllmForAxes`` starts vLLM once and retargets its caps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import threading
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
@@ -61,3 +67,74 @@ class OfflineEngine:
         self.engine.stop()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=30)
+
+
+def built_in(loaded, axis=None, max_batch_size: int = 16) -> OfflineEngine:
+    """The built-in engine on a loaded model, started: without an axis (building one) or with one."""
+    from ..metrics import ServingMetrics
+    from .hf.engine import Engine
+
+    engine = Engine(loaded, axis, ServingMetrics(loaded.name, [], [0.0]), max_batch_size=max_batch_size,
+                    max_waiting=1 << 20)
+    return OfflineEngine(engine, loaded.tokenizer, loaded.eos_ids)
+
+
+@contextmanager
+def built_in_for(loaded, axis) -> Iterator:
+    """Generate with the built-in engine, every request capped by ``axis`` (None: uncapped)."""
+    offline = built_in(loaded, axis)
+    try:
+        yield functools.partial(offline.generate, capping=axis is not None)
+    finally:
+        offline.close()
+
+
+def vllm_engine_module():
+    """The vLLM engine's module, or a RuntimeError that says how to install vLLM."""
+    try:
+        from .vllm import engine
+    except ImportError as exc:
+        raise RuntimeError(f"--backend vllm needs vLLM 0.32 ({exc}): pip install 'axiscap[vllm]'") from None
+    return engine
+
+
+class VllmForAxes:
+    """One vLLM engine for every axis a calibration generates with, started at the first (a rerun whose
+    generating stages are done never starts it) and retargeted to each axis in turn, instead of a start
+    (weights, compilation, graphs) per axis. A context manager whose value is the ``GeneratorFor``."""
+
+    def __init__(self, model: str, cache_dir: Path | None, gpu_memory_utilization: float, loaded, axis_path: Path):
+        self.model, self.cache_dir, self.gpu_memory_utilization = model, cache_dir, gpu_memory_utilization
+        self.loaded, self.axis_path = loaded, axis_path  # the transformers model judging the same answers
+        self.offline: OfflineEngine | None = None
+
+    def _start(self) -> OfflineEngine:
+        from axiscap.steering import load_axis
+
+        from ..metrics import ServingMetrics
+        from .model_source import model_source
+
+        vllm = vllm_engine_module()
+        source, name = model_source(self.model, self.cache_dir)
+        axis = load_axis(self.axis_path)
+        # In the transformers model's dtype, so that both read the same answers alike.
+        options = vllm.VllmOptions(gpu_memory_utilization=self.gpu_memory_utilization,
+                                   dtype=str(self.loaded.model.dtype).removeprefix("torch."))
+        engine = vllm.VllmEngine(source, name, axis, ServingMetrics(name, axis.cap_layers, [0.0]), options,
+                                 max_waiting=1 << 20, retargetable=True)
+        return OfflineEngine(engine, engine.model.tokenizer, self.loaded.eos_ids)
+
+    @contextmanager
+    def generate_with(self, axis) -> Iterator:
+        if self.offline is None:
+            self.offline = self._start()
+        if axis is not None:
+            self.offline.run(self.offline.engine.use_axis(axis))
+        yield functools.partial(self.offline.generate, capping=axis is not None)
+
+    def __enter__(self):
+        return self.generate_with
+
+    def __exit__(self, *exc) -> None:
+        if self.offline is not None:
+            self.offline.close()
