@@ -10,9 +10,9 @@ values, so torch.compile traces it once and CUDA graphs replay it: the caller wr
 positions are capped into ``CapState.mask`` before each forward, and reads the monitor layer's
 projections and the per-layer cap counts from ``CapState`` after it.
 
-Installed ``retargetable``, every layer is wrapped and another axis's band, thresholds and vectors
-can be copied into the same buffers later (``retarget_split_residual_caps``): the calibration sweep
-tries many bands on one running vLLM instead of one start (and compilation) per band.
+Installed ``retargetable``, every layer is wrapped, and another axis's band, thresholds, vectors and
+monitor layer can be copied into the same buffers later (``retarget_split_residual_caps``): a
+calibration tries many bands on one running vLLM instead of one start (and compilation) per band.
 """
 
 from __future__ import annotations
