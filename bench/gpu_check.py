@@ -2,7 +2,8 @@
 H200) with nothing but torch, transformers and the project's own wheel: a random-weight model of a
 real shape (Llama-3-8B by default) in bf16, built from its config on the device, and
 
-1. capping on the device against the reference formula, layer by layer;
+1. capping on the device against the reference formula, layer by layer; the retargetable caps of
+   ``axes calibrate --backend vllm`` replayed from a CUDA graph after each retarget;
 2. a mixed batch (capping on and off) against each request alone, greedy;
 3. the built-in engine's throughput at concurrency 1, 8 and 64 (capping on, and off at 8) next to
    the memory-bandwidth ceiling measured on the same device;
@@ -98,6 +99,81 @@ def capping_against_the_formula(loaded, axis) -> dict:
         worst = max(worst, float((after[l][0].float() - want).abs().max() / h.abs().max()))
     return {"layers": axis.cap_layers, "positions_capped_per_layer": hits,
             "max_error_relative_to_largest_activation": worst, "ok": worst < 2e-2 and sum(hits) > 0}
+
+
+def retargeted_caps_in_a_cuda_graph(device: str, dtype: torch.dtype, hidden: int, n_layers: int = 8,
+                                    tokens: int = 64) -> dict:
+    """The caps ``axes calibrate --backend vllm`` retargets between requests (``steering.split_residual``,
+    retargetable), replayed from one captured CUDA graph as vLLM replays them: after each retarget
+    (another band, tau, vectors and monitor layer, and back) the replay must give what an eager fresh
+    install of that axis gives. Layers with vLLM's split residual, random weights. On a CPU: eager."""
+    from torch import nn
+
+    from axiscap.steering import AssistantAxis
+    from axiscap.steering.split_residual import install_split_residual_caps, retarget_split_residual_caps
+
+    class SplitLayer(nn.Module):  # vLLM's contract: the stream after the layer is hidden + residual
+        def __init__(self):
+            super().__init__()
+            self.mix = nn.Linear(hidden, hidden, bias=False)
+
+        def forward(self, positions, h, residual):
+            return torch.tanh(self.mix(h)), h + residual
+
+    torch.manual_seed(4)
+    with torch.device(device):
+        base = [SplitLayer().to(dtype) for _ in range(n_layers)]
+    g = torch.Generator().manual_seed(5)
+    axes = [AssistantAxis(torch.randn(n_layers, hidden, generator=g), band, [0.0] * len(band), monitor, "random", 50.0, 1)
+            for band, monitor in (([2, 3, 4], 4), ([5, 6], 6))]
+    h0 = torch.randn(tokens, hidden, generator=g).to(device, dtype)
+    r0 = torch.randn(tokens, hidden, generator=g).to(device, dtype)
+    mask = (torch.arange(tokens) % 2).float().to(device)  # every other token asks for capping
+
+    def run(layers):
+        h, r = h0, r0
+        for layer in layers:
+            h, r = layer(None, h, r)
+        return h + r
+
+    def installed(axis, retargetable=False):
+        layers = nn.ModuleList(base)
+        state = install_split_residual_caps(layers, axis, range(n_layers), tokens, torch.device(device), dtype,
+                                            retargetable)
+        state.mask[:tokens] = mask
+        return layers, state
+
+    layers, state = installed(axes[0], retargetable=True)
+    graph = None
+    with torch.inference_mode():
+        if device.startswith("cuda"):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                run(layers)  # warm-up off the capture, as torch.cuda.graph asks
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = run(layers)
+        rows = []
+        for axis in (axes[1], axes[0], axes[1]):
+            retarget_split_residual_caps(layers, axis, dtype)
+            state.hits.zero_()
+            if graph is not None:
+                graph.replay()
+            else:
+                out = run(layers)
+            fresh, fresh_state = installed(axis)
+            want = run(fresh)
+            scale = float(want.float().abs().max())
+            rows.append({"band": axis.cap_layers, "monitor": axis.monitor_layer,
+                         "max_error_relative": float((out.float() - want.float()).abs().max()) / scale,
+                         "projections_max_error": float((state.projections[:tokens] -
+                                                         fresh_state.projections[:tokens]).abs().max()),
+                         "hits": state.hits[axis.cap_layers].tolist(), "fresh_hits": fresh_state.hits.tolist()})
+    return {"cuda_graph": graph is not None, "hidden": hidden, "retargets": rows,
+            "ok": all(r["max_error_relative"] < 1e-3 and r["projections_max_error"] < 1e-3 * hidden ** 0.5
+                      and r["hits"] == r["fresh_hits"] and sum(r["hits"]) > 0 for r in rows)}
 
 
 async def _generate(engine, prompts: list[list[int]], cappings: list[bool], max_tokens: int,
@@ -205,6 +281,8 @@ def main() -> None:
     report["steps"]["build"].pop("model")
     axis = random_axis(loaded.model)
     step("capping_against_the_formula", lambda: capping_against_the_formula(loaded, axis))
+    step("retargeted_caps_in_a_cuda_graph", lambda: retargeted_caps_in_a_cuda_graph(
+        args.device, getattr(torch, args.dtype), loaded.model.config.hidden_size))
     engine = Engine(loaded, axis, ServingMetrics(loaded.name, axis.cap_layers, [0.0]), max_batch_size=64,
                     max_waiting=256)
     engine.start()
