@@ -7,6 +7,7 @@ built-in engine started with that axis. Skipped without vLLM, as test_vllm_backe
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -62,8 +63,6 @@ def answers(offline, capping: bool) -> list[tuple[list[int], list[float]]]:
         return tokens, projections
 
     async def all_of_them():  # one batch, as calibrate submits
-        import asyncio
-
         return await asyncio.gather(*[one(*p) for p in PROMPTS])
 
     return offline.run(all_of_them())

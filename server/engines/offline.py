@@ -39,6 +39,9 @@ class OfflineEngine:
     async def _start(self) -> None:  # on the loop: the vLLM engine starts its reports task there
         self.engine.start()
 
+    async def _stop(self) -> None:  # and cancels it there
+        self.engine.stop()
+
     def run(self, coroutine: Coroutine):
         """Run a coroutine on the engine's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
@@ -64,7 +67,7 @@ class OfflineEngine:
         return self.run(all_of_them())
 
     def close(self) -> None:
-        self.engine.stop()
+        self.run(self._stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=30)
 
