@@ -71,7 +71,8 @@ def _calibrate(args: argparse.Namespace) -> None:
     from axiscap.axes.role_scoring import EmbeddingScorer
     from axiscap.server.engines.hf.model_loading import load_model
     from axiscap.server.engines.hf.threads import in_compute_thread, reserve_threads_for_engine
-    from axiscap.server.engines.offline import VllmForAxes, built_in_for, vllm_engine_module
+    from axiscap.server.engines.offline import VllmForAxes, built_in_for
+    from axiscap.server.engines.vllm import engine_module
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     reserve_threads_for_engine()  # as in _build
@@ -81,7 +82,7 @@ def _calibrate(args: argparse.Namespace) -> None:
                           **({"widths": tuple(args.widths)} if args.widths else {}),
                           **({"percentiles": tuple(args.percentiles)} if args.percentiles else {}))
     if args.backend == "vllm":
-        vllm_engine_module()  # a missing vLLM fails before the model loads
+        engine_module()  # a missing vLLM fails before the model loads
     loaded = load_model(args.model, device=args.device, cache_dir=args.cache_dir)
     generators = (VllmForAxes(args.model, args.cache_dir, args.gpu_memory_utilization, loaded, args.axis)
                   if args.backend == "vllm" else nullcontext(functools.partial(built_in_for, loaded)))

@@ -16,6 +16,7 @@ from .engines.hf.engine import Engine
 from .engines.hf.model_loading import LoadedModel, kv_cache_budget, load_model
 from .engines.hf.threads import reserve_threads_for_engine
 from .engines.model_source import model_source
+from .engines.vllm import engine_module
 from .metrics import ServingMetrics, projection_buckets
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
@@ -91,18 +92,15 @@ def build_vllm_state(settings: Settings, axis_path: str | Path) -> ServerState:
     if settings.capping_policy == "gated":
         raise RuntimeError("--capping-policy gated runs on the transformers backend only (the vLLM workers cap "
                            "by each request's switch, not by its projections): use another policy")
-    try:
-        from .engines.vllm.engine import VllmEngine, VllmOptions
-    except ImportError as exc:  # vLLM is an optional extra
-        raise RuntimeError(f"--backend vllm needs vLLM 0.32 ({exc}): pip install 'axiscap[vllm]'") from None
+    vllm = engine_module()
 
     source, name = model_source(settings.model, settings.cache_dir)
     config = AutoConfig.from_pretrained(source).get_text_config()
     axis = load_axis(axis_path, config.num_hidden_layers, config.hidden_size)
     name = settings.served_model_name or name
     metrics = _metrics(settings, axis, name)
-    options = VllmOptions(settings.tensor_parallel_size, settings.pipeline_parallel_size,
+    options = vllm.VllmOptions(settings.tensor_parallel_size, settings.pipeline_parallel_size,
                           settings.gpu_memory_utilization, settings.max_model_len, settings.max_num_seqs, settings.dtype,
                           settings.distributed_executor_backend)
-    engine = VllmEngine(source, name, axis, metrics, options, settings.max_waiting, settings.max_request_kv_share)
+    engine = vllm.VllmEngine(source, name, axis, metrics, options, settings.max_waiting, settings.max_request_kv_share)
     return ServerState.around(settings, engine.model, axis, metrics, engine)

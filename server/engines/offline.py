@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..chat_template import chat_prompt_ids
 from .base import EngineClient, SamplingParams
+from .vllm import engine_module
 
 Conversation = list[dict[str, str]]
 
@@ -92,15 +93,6 @@ def built_in_for(loaded, axis) -> Iterator:
         offline.close()
 
 
-def vllm_engine_module():
-    """The vLLM engine's module, or a RuntimeError that says how to install vLLM."""
-    try:
-        from .vllm import engine
-    except ImportError as exc:
-        raise RuntimeError(f"--backend vllm needs vLLM 0.32 ({exc}): pip install 'axiscap[vllm]'") from None
-    return engine
-
-
 class VllmForAxes:
     """One vLLM engine for every axis a calibration generates with, started at the first (a rerun whose
     generating stages are done never starts it) and retargeted to each axis in turn, instead of a start
@@ -117,7 +109,7 @@ class VllmForAxes:
         from ..metrics import ServingMetrics
         from .model_source import model_source
 
-        vllm = vllm_engine_module()
+        vllm = engine_module()
         source, name = model_source(self.model, self.cache_dir)
         axis = load_axis(self.axis_path)
         # In the transformers model's dtype, so that both read the same answers alike.
