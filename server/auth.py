@@ -3,6 +3,7 @@ Both are Bearer tokens compared in constant time; with no client keys configured
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 
 from fastapi import Request
@@ -29,6 +30,12 @@ async def require_scrape_key(http: Request) -> None:
     if key is not None and not _bearer_is_one_of(http, [key]):
         raise APIError(401, "/metrics needs the scrape credential: send 'Authorization: Bearer <metrics key>'",
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def key_owner(http: Request) -> str:
+    """Who owns what this request stores (a stored response): its Authorization header, hashed, so
+    that one key never reads or deletes another's. With an open API every client is one owner."""
+    return hashlib.sha256(http.headers.get("authorization", "").encode()).hexdigest()
 
 
 def _bearer_is_one_of(http: Request, keys: list[bytes]) -> bool:

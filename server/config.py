@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .engines.grammar import VLLM_MAX_DEPTH, SchemaLimits
+
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
 # Argument groups of ``axiscap serve --help``, in order; a field names its group in json_schema_extra.
@@ -99,6 +101,22 @@ class Settings(BaseSettings):
     request_timeout: float = Field(600.0, gt=0, json_schema_extra={"group": "limits"},
                                    description="seconds a request may take, queueing included; then it ends with a "
                                                "timeout error")
+    # Structured output (response_format, forced tool calls): what one JSON schema may cost to compile.
+    max_schema_bytes: int = Field(SchemaLimits.max_bytes, ge=16, json_schema_extra={"group": "limits"},
+                                  description="larger JSON schemas get 400")
+    max_schema_enum_values: int = Field(SchemaLimits.max_enum_values, ge=0, json_schema_extra={"group": "limits"},
+                                        description="enum members and consts one JSON schema may list (a compile's "
+                                                    "cost grows with them); more get 400")
+    max_schema_depth: int = Field(SchemaLimits.max_depth, ge=1, le=VLLM_MAX_DEPTH,
+                                  json_schema_extra={"group": "limits"},
+                                  description=f"objects and arrays a JSON schema may nest (at most vLLM's "
+                                              f"{VLLM_MAX_DEPTH}); deeper gets 400")
+    grammar_compile_timeout: float = Field(SchemaLimits.compile_timeout, gt=0, json_schema_extra={"group": "limits"},
+                                           description="seconds one JSON schema's compile may take; a slower one is "
+                                                       "stopped and its request gets 400")
+    grammar_compile_workers: int = Field(SchemaLimits.compile_workers, ge=1, json_schema_extra={"group": "limits"},
+                                         description="processes compiling JSON schemas; more compiles wait for one, "
+                                                     "so they never take every core")
 
     # The vLLM backend's own settings, under vLLM's names.
     tensor_parallel_size: int = Field(1, ge=1, json_schema_extra=_only("vllm", "vllm"),
@@ -165,6 +183,12 @@ class Settings(BaseSettings):
         so they are exported only where clients may have projections anyway, or where only the scrape
         credential opens /metrics."""
         return self.allow_projections or bool(self.metrics_key)
+
+    @property
+    def schema_limits(self) -> SchemaLimits:
+        return SchemaLimits(max_bytes=self.max_schema_bytes, max_enum_values=self.max_schema_enum_values,
+                            max_depth=self.max_schema_depth, compile_timeout=self.grammar_compile_timeout,
+                            compile_workers=self.grammar_compile_workers)
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -12,6 +12,8 @@ from .engines.base import FINISH_REASONS, StepStats
 PREFIX = "axiscap"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
                     10.0, 20.0, 40.0, 80.0)
+_COMPILE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+GRAMMAR_OUTCOMES = ("ok", "error", "timeout")
 _GENERIC_PROJECTION_BUCKETS = (-50, -20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20, 50)
 # Conversation depth of a request's previous assistant turn (the k-th of its conversation), bucketed.
 DEPTHS = ("1", "2-3", "4-7", "8+")
@@ -93,6 +95,16 @@ class ServingMetrics:
         self.request_duration = Histogram(
             f"{PREFIX}_e2e_request_latency_seconds", "Per engine request that finished generating (stop or "
             "length): from its arrival to its last token.", ["model"], buckets=_LATENCY_BUCKETS, registry=r).labels(m)
+        self.grammar_compile = Histogram(
+            f"{PREFIX}_grammar_compile_seconds", "Per JSON schema compiled for structured output (response_format, "
+            "forced tool calls), in a compile worker: ok, error (xgrammar refused it: 400) or timeout (stopped at "
+            "--grammar-compile-timeout: 400). Schemas over a --max-schema-* limit are refused before any compile.",
+            ["model", "outcome"], buckets=_COMPILE_BUCKETS, registry=r)
+        self.grammar_cache_hits = Counter(
+            f"{PREFIX}_grammar_cache_hits", "JSON schemas answered from the compile cache (a compiled grammar or "
+            "a refusal), with no compile.", ["model"], registry=r).labels(m)
+        for outcome in GRAMMAR_OUTCOMES:
+            self.grammar_compile.labels(m, outcome)
         self.prompt_tokens = Counter(
             f"{PREFIX}_prompt_tokens", "Prompt tokens prefilled, once per engine request.", ["model"],
             registry=r).labels(m)
@@ -161,6 +173,12 @@ class ServingMetrics:
         for counter, n in zip(self._cap, hits):
             if n:
                 counter.inc(n)
+
+    def observe_grammar(self, outcome: str, seconds: float | None = None) -> None:
+        if outcome == "cached":
+            self.grammar_cache_hits.inc()
+        else:
+            self.grammar_compile.labels(self.model, outcome).observe(seconds)
 
     def finished(self, reason: str) -> None:
         self.requests.labels(self.model, reason).inc()

@@ -113,6 +113,8 @@ class ChatMessage(_Body):
             raise ValueError(f"a {self.role} message needs 'content'")
         if self.tool_calls is not None and self.role != "assistant":
             raise ValueError("only an assistant message carries 'tool_calls'")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs 'tool_call_id': the id of the call it answers")
         return self
 
     def text(self) -> str:

@@ -129,7 +129,7 @@ class OpenAIServingChat(OpenAIServing):
         if mode == "auto":  # a forced call's schema is compiled with its grammar; here it is only checked
             schema = forced_schema(body.functions(), None, True)
             try:
-                await asyncio.to_thread(self.engine.grammars.compile, "json_schema", json.dumps(schema))
+                await self.engine.grammars.compile("json_schema", json.dumps(schema))
             except GrammarError as exc:
                 raise APIError(400, f"tools: {exc}", param="tools") from None
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if mode != "none" else None

@@ -6,18 +6,19 @@ output the Responses shape: output items (a message with ``output_text``, ``func
 and, streamed, the typed events (``response.created``, ``response.output_text.delta``, ...,
 ``response.completed``).
 
-``previous_response_id`` continues a stored conversation: responses are kept in memory (``store``,
-on by default as OpenAI's), the oldest dropped beyond ``STORE_CHARS`` of text, each readable only
-with the API key that made it. They live in one server process: behind several replicas a
-continuation must reach the same one, or it gets a 404.
+``previous_response_id`` continues a stored conversation, and ``GET`` / ``DELETE
+/v1/responses/{id}`` read and delete a stored response: responses are kept in memory (``store``, on
+by default as OpenAI's), the oldest dropped beyond ``STORE_CHARS`` of text, each readable only with
+the API key that made it (``auth.key_owner``). They live in one server process: behind several
+replicas a continuation must reach the same one, or it gets a 404.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request as HTTPRequest
@@ -25,6 +26,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
+from .auth import key_owner
 from .chat_template import ChatPrompt
 from .engines import Request
 from .protocol import APIError, ChatCompletionRequest, ResponsesRequest, Usage, new_id, now, validation_message
@@ -35,30 +37,51 @@ from .tool_calling import Call
 STORE_CHARS = 32 * 1024 * 1024  # text kept for previous_response_id, all conversations together
 
 
+@dataclass
+class _Stored:
+    owner: str
+    messages: list[dict]  # the conversation up to and with the answer, for previous_response_id
+    response: dict[str, Any]  # the response object, for GET
+    size: int
+
+
 class ResponseStore:
-    """Conversations by response id (the request's messages and the answer), least recent dropped first."""
+    """Responses by id (the response and its conversation), least recent dropped first."""
 
     def __init__(self, max_chars: int = STORE_CHARS):
         self.max_chars, self.chars = max_chars, 0
-        self._entries: OrderedDict[str, tuple[str, list[dict], int]] = OrderedDict()
+        self._entries: OrderedDict[str, _Stored] = OrderedDict()
 
-    def get(self, response_id: str, owner: str) -> list[dict]:
-        entry = self._entries.get(response_id)
-        if entry is None or entry[0] != owner:  # another key's response does not exist for this one
-            raise APIError(404, f"Previous response with id '{response_id}' not found.",
-                           param="previous_response_id", code="previous_response_not_found")
-        self._entries.move_to_end(response_id)
-        return [dict(m) for m in entry[1]]
+    def messages(self, response_id: str, owner: str) -> list[dict]:
+        """The conversation a continuation (previous_response_id) builds on."""
+        entry = self._entry(response_id, owner, f"Previous response with id '{response_id}' not found.",
+                            "previous_response_id", "previous_response_not_found")
+        return [dict(m) for m in entry.messages]
 
-    def put(self, response_id: str, owner: str, messages: list[dict]) -> None:
-        size = len(json.dumps(messages))
+    def response(self, response_id: str, owner: str) -> dict[str, Any]:
+        return self._entry(response_id, owner, f"Response with id '{response_id}' not found.").response
+
+    def delete(self, response_id: str, owner: str) -> None:
+        self.chars -= self._entry(response_id, owner, f"Response with id '{response_id}' not found.").size
+        del self._entries[response_id]
+
+    def put(self, response_id: str, owner: str, messages: list[dict], response: dict[str, Any]) -> None:
+        size = len(json.dumps(messages)) + len(json.dumps(response))
         if size > self.max_chars:
             return
-        self._entries[response_id] = (owner, messages, size)
+        self._entries[response_id] = _Stored(owner, messages, response, size)
         self.chars += size
         while self.chars > self.max_chars:
-            _, (_, _, dropped) = self._entries.popitem(last=False)
-            self.chars -= dropped
+            _, dropped = self._entries.popitem(last=False)
+            self.chars -= dropped.size
+
+    def _entry(self, response_id: str, owner: str, message: str, param: str | None = None,
+               code: str = "not_found") -> _Stored:
+        entry = self._entries.get(response_id)
+        if entry is None or entry.owner != owner:  # another key's response does not exist for this one
+            raise APIError(404, message, param=param, code=code)
+        self._entries.move_to_end(response_id)
+        return entry
 
 
 class OpenAIServingResponses(OpenAIServingChat):
@@ -66,9 +89,16 @@ class OpenAIServingResponses(OpenAIServingChat):
         super().__init__(*args, **kwargs)
         self.store = ResponseStore()
 
+    def retrieve(self, response_id: str, http: HTTPRequest) -> dict[str, Any]:
+        return self.store.response(response_id, key_owner(http))
+
+    def delete(self, response_id: str, http: HTTPRequest) -> dict[str, Any]:
+        self.store.delete(response_id, key_owner(http))
+        return {"id": response_id, "object": "response", "deleted": True}
+
     async def create(self, body: ResponsesRequest, http: HTTPRequest):
-        owner = hashlib.sha256(http.headers.get("authorization", "").encode()).hexdigest()
-        history = self.store.get(body.previous_response_id, owner) if body.previous_response_id else []
+        owner = key_owner(http)
+        history = self.store.messages(body.previous_response_id, owner) if body.previous_response_id else []
         try:
             chat = body.chat_request(history)
         except ValidationError as exc:  # what the chat request refuses (tool_choice without tools, ...)
@@ -149,6 +179,7 @@ class _Answer:
             items = ([_message(new_id("msg"), content, "completed")] if content or not calls else []) + \
                     [_function_call(new_id("fc"), Call.new_id(), c.name, c.arguments, "completed") for c in calls]
         status = "incomplete" if finish_reason == "length" else "completed"
+        response = self.response(status, items, Usage.of(self.n_prompt, n_generated), finish_reason)
         if self.body.store:
             said = [{"role": "assistant", "content": content or None,
                      **({"tool_calls": [{"id": i["call_id"], "type": "function",
@@ -157,8 +188,8 @@ class _Answer:
             asked = [m.model_dump(exclude_none=True) for m in self.chat.messages]
             # This request's instructions are its own: a continuation brings its own, as OpenAI's does.
             messages = (asked[1:] if self.body.instructions else asked) + said
-            self.serving.store.put(self.id, self.owner, messages)
-        return self.response(status, items, Usage.of(self.n_prompt, n_generated), finish_reason)
+            self.serving.store.put(self.id, self.owner, messages, response)
+        return response
 
     def _event(self, kind: str, **fields) -> dict[str, str]:
         self._seq += 1

@@ -70,7 +70,7 @@ def build_state(settings: Settings, loaded: LoadedModel, axis: AssistantAxis) ->
     kv_tokens = kv_cache_budget(loaded, settings.kv_cache_tokens, settings.gpu_memory_utilization)
     log.info("KV cache budget: %d tokens (%.1f GiB)", kv_tokens, kv_tokens * loaded.kv_bytes_per_token() / 2**30)
     engine = Engine(loaded, axis, metrics, settings.max_batch_size, settings.max_waiting,
-                    settings.prefill_chunk_tokens, kv_tokens, settings.max_request_kv_share)
+                    settings.prefill_chunk_tokens, kv_tokens, settings.max_request_kv_share, settings.schema_limits)
     return ServerState.around(settings, loaded, axis, metrics, engine)
 
 
@@ -102,5 +102,6 @@ def build_vllm_state(settings: Settings, axis_path: str | Path) -> ServerState:
     options = vllm.VllmOptions(settings.tensor_parallel_size, settings.pipeline_parallel_size,
                           settings.gpu_memory_utilization, settings.max_model_len, settings.max_num_seqs, settings.dtype,
                           settings.distributed_executor_backend)
-    engine = vllm.VllmEngine(source, name, axis, metrics, options, settings.max_waiting, settings.max_request_kv_share)
+    engine = vllm.VllmEngine(source, name, axis, metrics, options, settings.max_waiting, settings.max_request_kv_share,
+                             schema_limits=settings.schema_limits)
     return ServerState.around(settings, engine.model, axis, metrics, engine)

@@ -40,6 +40,8 @@ HOSTILE = [
     ("dict nested 5000 deep", "/v1/chat/completions", nested(5000, "dict"), 400, None),
     ("user content null", "/v1/chat/completions", chat(messages=[{"role": "user", "content": None}]), 400,
      "messages.0"),
+    ("tool message without tool_call_id", "/v1/chat/completions",
+     chat(messages=[{"role": "user", "content": "hi"}, {"role": "tool", "content": "sunny"}]), 400, "messages.1"),
     ("1000 messages", "/v1/chat/completions",
      chat(messages=[{"role": "user" if i % 2 == 0 else "assistant", "content": "ok"} for i in range(1000)]),
      400, "messages"),

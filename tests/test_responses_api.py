@@ -87,12 +87,33 @@ def test_a_conversation_continues_from_a_stored_response(client, live_server):
 
 
 def test_the_store_is_bounded_and_keeps_the_most_recent():
-    store = ResponseStore(max_chars=200)
+    store = ResponseStore(max_chars=300)
     for k in range(10):
-        store.put(f"r{k}", "me", [{"role": "user", "content": "x" * 30}])
-    assert store.chars <= 200 and store.get("r9", "me")
+        store.put(f"r{k}", "me", [{"role": "user", "content": "x" * 30}], {"id": f"r{k}"})
+    assert store.chars <= 300 and store.messages("r9", "me") and store.response("r9", "me") == {"id": "r9"}
     with pytest.raises(Exception, match="not found"):
-        store.get("r0", "me")
+        store.messages("r0", "me")
+    kept = store.chars
+    store.delete("r9", "me")
+    assert store.chars < kept
+    with pytest.raises(Exception, match="not found"):
+        store.response("r9", "me")
+
+
+def test_a_stored_response_is_retrieved_and_deleted_by_its_owner_alone(client, live_server):
+    made = create(client, input="Name a colour.")
+    got = client.responses.retrieve(made.id)
+    assert got.to_dict() == made.to_dict()  # the same response object, as OpenAI's GET returns it
+    url, theirs = f"{live_server.base_url}/v1/responses/{made.id}", {"Authorization": "Bearer someone-else"}
+    assert_openai_error(httpx.get(url, headers=theirs), 404)
+    assert_openai_error(httpx.delete(url, headers=theirs), 404)
+    assert httpx.delete(url).json() == {"id": made.id, "object": "response", "deleted": True}
+    with pytest.raises(openai.NotFoundError, match="not found"):
+        client.responses.retrieve(made.id)
+    with pytest.raises(openai.NotFoundError):
+        create(client, input="again", previous_response_id=made.id)
+    unstored = create(client, input="hi", store=False)
+    assert_openai_error(httpx.get(f"{live_server.base_url}/v1/responses/{unstored.id}"), 404)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])

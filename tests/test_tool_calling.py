@@ -101,6 +101,8 @@ def test_request_checks():
         body(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "add"}})
     with pytest.raises(ValueError, match="requires tools"):
         body(tool_choice="required")
+    with pytest.raises(ValueError, match="a tool message needs 'tool_call_id'"):
+        ChatCompletionRequest(model=MODEL, messages=[*ASK, {"role": "tool", "content": "sunny"}])
     with pytest.raises(ValueError, match="unique"):
         body(tools=[WEATHER, WEATHER])
     with pytest.raises(ValueError, match="same output"):

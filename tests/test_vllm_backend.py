@@ -275,6 +275,17 @@ def test_bad_schema_is_a_400_and_the_engine_lives_on(vllm_server, schema):
     assert ask(vllm_server.base_url, PROMPTS[1], True, max_tokens=4)[0]
 
 
+def test_the_schema_table_gets_the_same_answers_on_both_backends(vllm_server, smollm2, smollm2_axis):
+    """One structured-output policy: the same status and, greedy, the same JSON text or the same error."""
+    from .test_structured_output import ask_table, check_table
+
+    with server(smollm2, smollm2_axis) as built_in:
+        want = ask_table(built_in.base_url)
+    got = ask_table(vllm_server.base_url)
+    check_table(got)
+    assert got == want
+
+
 def test_every_hostile_request_is_its_own_400_here_too(vllm_server):
     from .test_hostile_clients import HOSTILE, post
 

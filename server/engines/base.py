@@ -200,6 +200,10 @@ class StatLogger(Protocol):
 
     def record(self, stats: StepStats) -> None: ...
 
+    def observe_grammar(self, outcome: str, seconds: float | None = None) -> None:
+        """A response format's compile (outcome ok, error or timeout, with its seconds) or cache hit
+        (outcome cached)."""
+
 
 class ServedModel(Protocol):
     """What the HTTP layer needs to know of the model an engine serves."""
@@ -218,7 +222,7 @@ class EngineClient(Protocol):
     """What the HTTP layer needs of an engine."""
 
     device_error: str | None  # set once the device itself has failed (/health answers 503)
-    grammars: GrammarCompiler  # the response formats' compiler, which also checks tool schemas
+    grammars: GrammarCompiler  # response formats' and tool schemas' policy and compiler (``grammar``)
     gated_capping: bool  # whether it runs SamplingParams.gate (else requests carry none)
 
     def start(self) -> None: ...

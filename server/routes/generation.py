@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions, /v1/completions and /v1/responses."""
+"""POST /v1/chat/completions, /v1/completions and /v1/responses; GET and DELETE /v1/responses/{id}."""
 
 from __future__ import annotations
 
@@ -23,3 +23,13 @@ async def completions(body: CompletionRequest, http: Request):
 @router.post("/v1/responses")
 async def responses(body: ResponsesRequest, http: Request):
     return await http.app.state.axiscap.responses.create(body, http)
+
+
+@router.get("/v1/responses/{response_id}")
+async def retrieve_response(response_id: str, http: Request):
+    return http.app.state.axiscap.responses.retrieve(response_id, http)
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str, http: Request):
+    return http.app.state.axiscap.responses.delete(response_id, http)

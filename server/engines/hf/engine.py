@@ -30,7 +30,7 @@ import torch
 from axiscap.steering import AssistantAxis, AxisHooks
 
 from ..base import Delta, DoesNotFit, Request, SamplingParams, StatLogger, over_request_share
-from ..grammar import GrammarCompiler
+from ..grammar import GrammarCompiler, SchemaLimits
 from .kv_slots import check_supported, slot_capacity
 from .model_loading import LoadedModel
 from .output import OutputProcessor
@@ -55,7 +55,8 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, axis: AssistantAxis | None, stat_logger: StatLogger,
                  max_batch_size: int = 16, max_waiting: int = 64, prefill_chunk_tokens: int = 512,
-                 kv_cache_tokens: int | None = None, max_request_kv_share: float = 1.0):
+                 kv_cache_tokens: int | None = None, max_request_kv_share: float = 1.0,
+                 schema_limits: SchemaLimits = SchemaLimits()):
         check_supported(loaded.model)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -66,7 +67,7 @@ class Engine:
         self.max_request_kv_tokens = int(kv_cache_tokens * max_request_kv_share) if kv_cache_tokens else None
         self.eos_ids = loaded.eos_ids
         vocab_size = self.model.config.get_text_config().vocab_size  # the logits' width
-        self.grammars = GrammarCompiler(self.tokenizer, vocab_size)
+        self.grammars = GrammarCompiler(self.tokenizer, vocab_size, schema_limits, stat_logger)
         self.device_error: str | None = None  # set once the device itself has failed
 
         # Without an axis (while one is being built) the engine generates with no hooks at all.
@@ -93,6 +94,7 @@ class Engine:
             self._thread.join(timeout=30)
         if self.hooks is not None:
             self.hooks.remove()
+        self.grammars.stop()
 
     @property
     def max_waiting(self) -> int:
@@ -117,8 +119,8 @@ class Engine:
     async def submit_all(self, prompt_ids: list[int], params: list[SamplingParams],
                          timeout: float | None = None) -> list[Request]:
         """Queue requests on one prompt (the choices of an ``n > 1`` request), all or none."""
-        # xgrammar takes up to a second on a large schema: in a thread, not on the event loop.
-        grammars = [await asyncio.to_thread(self.grammars.compile, *p.response_format) if p.response_format else None
+        # Off the event loop, in the compile pool (the choices share one compile).
+        grammars = [await self.grammars.compile(*p.response_format) if p.response_format else None
                     for p in params]
         loop = self.output.stats_loop = asyncio.get_running_loop()
         requests = [self._new_request(prompt_ids, p, g, loop, timeout) for p, g in zip(params, grammars)]

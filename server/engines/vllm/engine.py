@@ -24,6 +24,7 @@ import zmq
 import zmq.asyncio
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from vllm import SamplingParams as VllmSamplingParams
+from vllm.config import StructuredOutputsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs.engine import tokens_input
@@ -37,7 +38,7 @@ from axiscap.steering import AssistantAxis, save_axis
 
 from ..base import (LOGPROB_FLOOR, Delta, GrammarError, Logprob, QueueFull, Request, SamplingParams,
                     StatLogger, StepStats, over_request_share)
-from ..grammar import GrammarCompiler
+from ..grammar import GrammarCompiler, SchemaLimits, vllm_structured_outputs_config
 from .transport import Forged, Receiver, StepReport, new_key
 from .worker import CAPPING_ARG, ID_ARG, PROMPT_ARG, CappingConfig
 
@@ -181,7 +182,8 @@ class VllmEngine:
     gated_capping = False
 
     def __init__(self, model_path: str, served_name: str, axis: AssistantAxis, stat_logger: StatLogger,
-                 options: VllmOptions, max_waiting: int, max_request_kv_share: float = 1.0, retargetable: bool = False):
+                 options: VllmOptions, max_waiting: int, max_request_kv_share: float = 1.0, retargetable: bool = False,
+                 schema_limits: SchemaLimits = SchemaLimits()):
         self.device_error: str | None = None
         self.retargetable = retargetable
         self.stat_logger, self.max_waiting = stat_logger, max_waiting
@@ -201,6 +203,8 @@ class VllmEngine:
             pipeline_parallel_size=options.pipeline_parallel_size,
             gpu_memory_utilization=options.gpu_memory_utilization, max_model_len=options.max_model_len,
             max_num_seqs=options.max_num_seqs, enable_prefix_caching=True,
+            # Compiles a response format as the built-in engine does (``grammar``), after the same checks.
+            structured_outputs_config=StructuredOutputsConfig(**vllm_structured_outputs_config()),
             # The logprobs axiscap reports are after penalties, bias and temperature, on both backends.
             logprobs_mode="processed_logprobs",
             worker_cls=f"{__package__}.worker.CappingWorker",
@@ -237,7 +241,10 @@ class VllmEngine:
         self.max_request_kv_tokens = int(self.kv_cache_tokens * max_request_kv_share)
         self.model = VllmModel(served_name, AutoTokenizer.from_pretrained(model_path),
                                config.model_config.get_vocab_size(), config.model_config.max_model_len)
-        self.grammars = GrammarCompiler(self.model.tokenizer, self.model.vocab_size)
+        # Checks and compiles each schema under the limits and deadline before vLLM compiles it again
+        # in its engine core, where a compile has neither.
+        self.grammars = GrammarCompiler(self.model.tokenizer, self.model.vocab_size, schema_limits, stat_logger,
+                                        keep_compiled=False)
 
     # --- EngineClient ---------------------------------------------------------------------
 
@@ -246,6 +253,7 @@ class VllmEngine:
 
     def stop(self) -> None:
         self.reports.stop()
+        self.grammars.stop()
         self.llm.shutdown()
 
     @property
@@ -254,10 +262,12 @@ class VllmEngine:
 
     async def submit_all(self, prompt_ids: list[int], params: list[SamplingParams],
                          timeout: float | None = None) -> list[Request]:
-        # All or none: validate every choice first. A schema is compiled in a thread, so a large one
-        # does not stall the other streams.
-        prepared = [await asyncio.to_thread(self._vllm_params, p) if p.response_format else self._vllm_params(p)
-                    for p in params]
+        # All or none: validate every choice first. A schema is compiled in the compile pool, so a large
+        # one does not stall the other streams (the choices share one compile).
+        for p in params:
+            if p.response_format:
+                await self.grammars.compile(*p.response_format)
+        prepared = [self._vllm_params(p) for p in params]
         needed = sum(len(prompt_ids) + p.max_tokens for p in params)
         if self.kv_cache_tokens and needed > self.max_request_kv_tokens:
             raise over_request_share(len(params), len(prompt_ids), params[0].max_tokens, needed,
@@ -302,10 +312,7 @@ class VllmEngine:
     def _vllm_params(self, p: SamplingParams) -> tuple[str, VllmSamplingParams]:
         structured = None
         if p.response_format is not None:
-            kind, schema = p.response_format
-            # vLLM's verify below only parses the schema; one xgrammar then fails to compile would
-            # fail in the engine core, as a 500. Compiled here, it is this request's 400.
-            self.grammars.compile(kind, schema)
+            kind, schema = p.response_format  # compiled already (submit_all): vLLM's compile will succeed
             structured = (StructuredOutputsParams(json_object=True) if kind == "json_object"
                           else StructuredOutputsParams(json=schema))
         rid = f"axc-{uuid.uuid4().hex}"

@@ -1,0 +1,150 @@
+"""What a hostile JSON schema costs: its own answer time, and an innocent stream's gaps beside it.
+
+Starts the server in-process on the embedded model (built-in engine, or ``--backend vllm`` from the
+vLLM environment), keeps one streaming completion running, and sends in turn: one JSON schema whose
+enum lists 20,000 unique strings (a 400 KB body), four such at once (each its own values, so no
+cache helps), and four at the limits (1,000 unique values each, compiled for real). It does this
+twice in one run: under the default limits, and with the schema limits lifted (a deadline of 600 s),
+where only the compile pool and its lower priority stand between the schemas and the stream.
+Prints one JSON document: per phase, the requests' statuses and seconds, and the stream's
+inter-chunk gaps (p50, p99, max) in a quiet stretch before it and while it runs.
+
+    python bench/structured_output_cost.py [--backend vllm] > result.json
+    python bench/structured_output_cost.py --render result.json   # the markdown table of a saved run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import asyncio
+import json
+import random
+import string
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve import MODEL, machine  # noqa: E402
+
+LIFTED = {"max_schema_bytes": 64 * 2**20, "max_schema_enum_values": 10**7, "grammar_compile_timeout": 600.0,
+          "max_body_bytes": 64 * 2**20}
+
+
+def enum_body(n: int, seed: int) -> dict:
+    rnd = random.Random(seed)
+    values = ["".join(rnd.choices(string.ascii_lowercase, k=16)) for _ in range(n)]
+    return {"model": MODEL, "messages": [{"role": "user", "content": "Pick one."}], "max_tokens": 8, "temperature": 0,
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": "pick", "schema": {"type": "string", "enum": values}}}}
+
+
+def gap_figures(gaps: list[float]) -> dict:
+    if not gaps:
+        return {"p50_s": None, "p99_s": None, "max_s": None, "n": 0}
+    return {"p50_s": round(float(np.median(gaps)), 3), "p99_s": round(float(np.percentile(gaps, 99)), 3),
+            "max_s": round(max(gaps), 3), "n": len(gaps)}
+
+
+async def measure(base_url: str, seed: int) -> list[dict]:
+    phases = [("one 20000-value enum", [enum_body(20000, seed)]),
+              ("four 20000-value enums at once", [enum_body(20000, seed + k) for k in range(1, 5)]),
+              ("four 1000-value enums at once", [enum_body(1000, seed + k) for k in range(5, 9)])]
+    async with httpx.AsyncClient(base_url=base_url, timeout=900) as http:
+        chunk_times: list[float] = []
+        stop = asyncio.Event()
+
+        async def innocent_stream():
+            body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 100_000, "ignore_eos": True,
+                    "stream": True}
+            async with http.stream("POST", "/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        chunk_times.append(time.monotonic())
+                    if stop.is_set():
+                        return
+
+        def gaps(since: float, until: float) -> list[float]:
+            times = [t for t in chunk_times if since <= t <= until]
+            return [float(g) for g in np.diff(times)] if len(times) > 1 else []
+
+        stream = asyncio.create_task(innocent_stream())
+        while len(chunk_times) < 10:
+            await asyncio.sleep(0.05)
+        results = []
+        for name, bodies in phases:
+            quiet_from = time.monotonic()
+            await asyncio.sleep(4)
+            start = time.monotonic()
+
+            async def send(body):
+                sent = time.monotonic()
+                r = await http.post("/v1/chat/completions", json=body)
+                error = r.json().get("error", {}).get("message") if r.status_code != 200 else None
+                return {"status": r.status_code, "seconds": round(time.monotonic() - sent, 2), "error": error}
+
+            answers = await asyncio.gather(*(send(b) for b in bodies))
+            end = time.monotonic()
+            results.append({"phase": name, "requests": answers, "seconds": round(end - start, 2),
+                            "stream_gaps_before": gap_figures(gaps(quiet_from, start)),
+                            "stream_gaps_during": gap_figures(gaps(start, end))})
+        stop.set()
+        await stream
+        return results
+
+
+def render(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"{report['backend']} backend; {m.get('cpu_model') or m['processor']}, {m['cpu_count']} cores, "
+             f"torch {m['torch']}, transformers {m['transformers']}", "",
+             "| limits | phase | statuses | slowest answer s | stream gap p50 s before / during | "
+             "during p99 / max s |", "| --- | --- | --- | --- | --- | --- |"]
+    for run in report["runs"]:
+        for phase in run["phases"]:
+            statuses = ", ".join(str(r["status"]) for r in phase["requests"])
+            before, during = phase["stream_gaps_before"], phase["stream_gaps_during"]
+            lines.append(f"| {run['settings']} | {phase['phase']} | {statuses} | "
+                         f"{max(r['seconds'] for r in phase['requests'])} | {before['p50_s']} / {during['p50_s']} | "
+                         f"{during['p99_s']} / {during['max_s']} |")
+    return "\n".join(lines)
+
+
+def cpu_model() -> str | None:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    parser.add_argument("--render", metavar="FILE", help="print the table of a saved run and exit")
+    args = parser.parse_args()
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())))
+        return
+
+    from axiscap.axes import axis_for
+    from axiscap.server.app import create_app, serve_in_background
+    from axiscap.server.config import Settings
+    from axiscap.server.state import load_state
+
+    extra = {"dtype": "float32", "gpu_memory_utilization": 0.3, "max_model_len": 2048} if args.backend == "vllm" else {}
+    report = {"machine": {**machine(), "cpu_model": cpu_model()}, "backend": args.backend, "runs": []}
+    for label, overrides, seed in [("default limits", {}, 0), ("schema limits lifted", LIFTED, 100)]:
+        settings = Settings(backend=args.backend, **extra, **overrides)
+        state = load_state(settings, axis_for(settings.model, settings.axis))
+        with serve_in_background(create_app(state)) as base_url:
+            phases = asyncio.run(measure(base_url, seed))
+        report["runs"].append({"settings": label, "limits": dataclasses.asdict(settings.schema_limits), "phases": phases})
+        print(json.dumps(report["runs"][-1]), file=sys.stderr, flush=True)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
