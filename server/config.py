@@ -112,8 +112,9 @@ class Settings(BaseSettings):
                                   description=f"objects and arrays a JSON schema may nest (at most vLLM's "
                                               f"{VLLM_MAX_DEPTH}); deeper gets 400")
     grammar_compile_timeout: float = Field(SchemaLimits.compile_timeout, gt=0, json_schema_extra={"group": "limits"},
-                                           description="seconds one JSON schema's compile may take; a slower one is "
-                                                       "stopped and its request gets 400")
+                                           description="CPU seconds one JSON schema's compile may take (in a worker "
+                                                       "process, stopped after ten times as long on the clock); "
+                                                       "a slower one is stopped and its request gets 400")
     grammar_compile_workers: int = Field(SchemaLimits.compile_workers, ge=1, json_schema_extra={"group": "limits"},
                                          description="processes compiling JSON schemas; more compiles wait for one, "
                                                      "so they never take every core")

@@ -107,13 +107,14 @@ def test_a_stored_response_is_retrieved_and_deleted_by_its_owner_alone(client, l
     url, theirs = f"{live_server.base_url}/v1/responses/{made.id}", {"Authorization": "Bearer someone-else"}
     assert_openai_error(httpx.get(url, headers=theirs), 404)
     assert_openai_error(httpx.delete(url, headers=theirs), 404)
-    assert httpx.delete(url).json() == {"id": made.id, "object": "response", "deleted": True}
+    mine = {"Authorization": "Bearer unused"}  # the client's key
+    assert httpx.delete(url, headers=mine).json() == {"id": made.id, "object": "response", "deleted": True}
     with pytest.raises(openai.NotFoundError, match="not found"):
         client.responses.retrieve(made.id)
     with pytest.raises(openai.NotFoundError):
         create(client, input="again", previous_response_id=made.id)
     unstored = create(client, input="hi", store=False)
-    assert_openai_error(httpx.get(f"{live_server.base_url}/v1/responses/{unstored.id}"), 404)
+    assert_openai_error(httpx.get(f"{live_server.base_url}/v1/responses/{unstored.id}", headers=mine), 404)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])

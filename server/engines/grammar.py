@@ -11,8 +11,9 @@ it, whichever backend serves:
    stands, rather than answered with JSON that ignores it. vLLM's xgrammar backend refuses the same
    set, so both backends accept and refuse the same schemas.
 3. **A compile with a deadline**, in a worker process of a small pool (``grammar_pool``): compiles
-   queue there instead of taking every core, and one past ``--grammar-compile-timeout`` is killed
-   and answered 400. Results (compiled grammars and refusals alike) are cached by the schema's text.
+   queue there instead of taking every core, and one past ``--grammar-compile-timeout`` CPU seconds
+   is killed and answered 400. Results (compiled grammars and refusals alike) are cached by the
+   schema's text.
 
 The xgrammar settings live here once (``JSON_OPTIONS``); the vLLM engine starts vLLM's xgrammar
 backend with the same ones (``vllm_structured_outputs_config``), so a greedy answer under a schema
@@ -45,7 +46,7 @@ JSON_OBJECT_SCHEMA = '{"type": "object"}'
 # The string formats xgrammar turns into a grammar; any other it would ignore.
 STRING_FORMATS = frozenset({"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid",
                             "uri", "uri-reference", "uri-template", "json-pointer", "relative-json-pointer"})
-ARRAY_ONLY_IGNORED = ("uniqueItems", "contains", "minContains", "maxContains")
+ARRAY_KEYWORDS_IGNORED = ("uniqueItems", "contains", "minContains", "maxContains")
 # Depth vLLM's own request check allows (vllm.sampling_params.MAX_STRUCTURED_OUTPUT_JSON_NESTING).
 VLLM_MAX_DEPTH = 64
 
@@ -57,7 +58,7 @@ class SchemaLimits:
     max_bytes: int = 128 * 1024
     max_enum_values: int = 1000  # enum members and consts, over the whole schema
     max_depth: int = VLLM_MAX_DEPTH  # objects and arrays nested in the schema document
-    compile_timeout: float = 5.0  # seconds one compile may take in its worker
+    compile_timeout: float = 5.0  # CPU seconds one compile may take in its worker
     compile_workers: int = 1  # worker processes compiling at once
     cache_bytes: int = 256 * 1024 * 1024  # compiled grammars kept (and refusals), least recently used dropped
 
@@ -121,9 +122,10 @@ def _unsupported(node: dict) -> str | None:
     types = _types(node)
     if types & {"integer", "number"} and "multipleOf" in node:
         return "'multipleOf' on a number"
-    if "array" in types and (key := next((k for k in ARRAY_ONLY_IGNORED if k in node), None)):
+    if "array" in types and (key := next((k for k in ARRAY_KEYWORDS_IGNORED if k in node), None)):
         return f"'{key}' on an array"
-    if "string" in types and "format" in node and node["format"] not in STRING_FORMATS:
+    if "string" in types and "format" in node and not (isinstance(node["format"], str)
+                                                         and node["format"] in STRING_FORMATS):
         return f"the string format {json.dumps(node['format'])} (supported: {', '.join(sorted(STRING_FORMATS))})"
     if "string" in types and _bounded_text(node):
         return "'minLength' or 'maxLength' beside a pattern or format"
@@ -203,11 +205,12 @@ class GrammarCompiler:
             return self._keep(text, exc)  # no compile: nothing to time
         try:
             serialized, seconds = await self._pool.compile(text, JSON_OPTIONS, self.keep_compiled)
-            outcome, result = "ok", (xgr.CompiledGrammar.deserialize_json(serialized, self._info)
-                                     if serialized is not None else None)
+            # Megabytes for a large enum: off the event loop.
+            outcome, result = "ok", (await asyncio.to_thread(xgr.CompiledGrammar.deserialize_json, serialized,
+                                                             self._info) if serialized is not None else None)
         except CompileTimedOut as exc:
             outcome, seconds, result = "timeout", exc.seconds, GrammarError(
-                f"the JSON schema took longer than {self.limits.compile_timeout:g} s to compile "
+                f"the JSON schema took more than {self.limits.compile_timeout:g} s to compile "
                 f"(--grammar-compile-timeout); simplify it")
             log.warning("a JSON schema of %d bytes did not compile in %g s; its worker was stopped",
                         len(text), self.limits.compile_timeout)

@@ -3,10 +3,16 @@
 xgrammar compiles in C++ and cannot be interrupted: a compile on a thread that runs past any
 deadline holds its core to the end. In a process it can be killed. The pool keeps a few workers
 (``--grammar-compile-workers``, default 1): compiles wait for a free one instead of taking every
-core, a worker runs at a lower CPU priority than the engine (``os.nice``), and one whose compile
-passes the deadline is killed and replaced. A worker starts at its first compile (about two seconds
-for its imports, not counted in the deadline) and lives as long as the server, or until its
-parent's end of the pipe closes.
+core, and a worker runs at a lower CPU priority than the engine (``os.nice``), so a running
+stream keeps its pace while a schema compiles beside it.
+
+The deadline counts the worker's CPU time, not the wall clock: at its low priority, beside a busy
+engine, a worker may get a tenth of a core, and a wall-clock deadline would then refuse ordinary
+schemas exactly when the server is busy. What a schema may cost is its CPU; a compile is also
+stopped after ``WALL_FACTOR`` times the deadline on the wall clock, so that no compile holds its
+worker (and the compiles queued behind it) for long. A worker starts at its first compile (about
+two seconds of imports, at normal priority and outside the deadline) and lives as long as the
+server, or until its parent's end of the pipe closes.
 """
 
 from __future__ import annotations
@@ -20,10 +26,14 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+import psutil
+
 # Added to a worker's niceness: the engine's decode steps come before compiles.
 WORKER_NICENESS = 10
 WORKER_CACHE_BYTES = 64 * 1024 * 1024  # the parent keeps the results; this cache only matches vLLM's path
 START_TIMEOUT_S = 120.0  # a worker's imports, on a loaded machine
+WALL_FACTOR = 10.0  # a compile's wall-clock bound, in deadlines
+POLL_S = 0.02  # how often the parent looks at a compiling worker's CPU time
 
 
 class CompileTimedOut(Exception):
@@ -45,7 +55,6 @@ class CompileFailed(Exception):
 def _serve(conn: Connection) -> None:
     """A worker's loop: its tokenizer in and "ready" out first; then (schema, options, send_back) in,
     ("ok", serialized grammar or None, seconds) or ("error", message, seconds) out."""
-    os.nice(WORKER_NICENESS)
     import xgrammar as xgr
 
     tokenizer_info = conn.recv()
@@ -53,18 +62,19 @@ def _serve(conn: Connection) -> None:
     # repetitions) only on that path, and both backends must refuse them alike.
     compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.deserialize_json(tokenizer_info), max_threads=1,
                                    cache_enabled=True, cache_limit_bytes=WORKER_CACHE_BYTES)
+    os.nice(WORKER_NICENESS)  # after the imports: a worker's start is not slowed by the engine's load
     conn.send("ready")
     while True:
         try:
             schema, options, send_back = conn.recv()
         except (EOFError, OSError):  # the server is gone
             return
-        started = time.monotonic()
+        started = time.process_time()
         try:
             grammar = compiler.compile_json_schema(schema, **options)
-            conn.send(("ok", grammar.serialize_json() if send_back else None, time.monotonic() - started))
+            conn.send(("ok", grammar.serialize_json() if send_back else None, time.process_time() - started))
         except Exception as exc:  # xgrammar's own RuntimeError / ValueError subclasses
-            conn.send(("error", str(exc), time.monotonic() - started))
+            conn.send(("error", str(exc), time.process_time() - started))
 
 
 class _Worker:
@@ -74,16 +84,18 @@ class _Worker:
         self._conn: Connection | None = None
 
     def run(self, job: tuple[str, dict[str, Any], bool], timeout: float) -> tuple[str | None, float]:
-        """Blocking (on a thread of the event loop's executor): one compile, within ``timeout``; the
-        serialized grammar and the compile's seconds."""
+        """Blocking (on a thread of the event loop's executor): one compile, within ``timeout`` CPU
+        seconds; the serialized grammar and the compile's CPU seconds."""
         try:
             if self._process is None or self._process.poll() is not None:
                 self._start()
+            cpu, started = self._cpu_seconds(), time.monotonic()
             self._conn.send(job)
-            if not self._conn.poll(timeout):
-                self.stop()
-                self._start()  # now, so that the next compile does not wait for it
-                raise CompileTimedOut(timeout)
+            while not self._conn.poll(POLL_S):
+                if self._cpu_seconds() - cpu > timeout or time.monotonic() - started > timeout * WALL_FACTOR:
+                    self.stop()
+                    self._start()  # now, so that the next compile does not wait for it
+                    raise CompileTimedOut(timeout)
             status, value, seconds = self._conn.recv()
         except (EOFError, OSError, ValueError):  # it died (ValueError: a message cut short)
             self.stop()
@@ -103,6 +115,11 @@ class _Worker:
         self._conn.send(self._tokenizer_info)
         if not self._conn.poll(START_TIMEOUT_S) or self._conn.recv() != "ready":
             raise EOFError
+        self._usage = psutil.Process(self._process.pid)
+
+    def _cpu_seconds(self) -> float:
+        times = self._usage.cpu_times()
+        return times.user + times.system
 
     def stop(self) -> None:
         if self._process is not None:
