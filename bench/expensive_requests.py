@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from innocent_stream import InnocentStream  # noqa: E402
 from serve import MODEL, machine  # noqa: E402
 
 # (n, prompt words): within --max-prompt-logprobs-tokens (4096) by default; a word is ~3-4 tokens.
@@ -27,27 +28,7 @@ CASES = [(1, 600), (4, 250), (8, 130)]
 
 
 async def measure(base_url: str) -> list[dict]:
-    async with httpx.AsyncClient(base_url=base_url, timeout=600) as http:
-        chunk_times: list[float] = []
-        stop = asyncio.Event()
-
-        async def background_stream():
-            body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True,
-                    "stream": True}
-            async with http.stream("POST", "/v1/completions", json=body) as r:
-                async for line in r.aiter_lines():
-                    if line.startswith("data: "):
-                        chunk_times.append(time.monotonic())
-                    if stop.is_set():
-                        return
-
-        def gaps(since: float, until: float) -> list[float]:
-            times = [t for t in chunk_times if since <= t <= until]
-            return list(np.diff(times)) if len(times) > 1 else []
-
-        stream = asyncio.create_task(background_stream())
-        while len(chunk_times) < 10:
-            await asyncio.sleep(0.05)
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as http, InnocentStream(http) as stream:
         results = []
         for n, words in CASES:
             quiet_from = time.monotonic()
@@ -57,7 +38,7 @@ async def measure(base_url: str) -> list[dict]:
             r = await http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "echo": True,
                                                          "logprobs": 20, "n": n, "max_tokens": 1})
             end = time.monotonic()
-            before, during = gaps(quiet_from, start), gaps(start, end)
+            before, during = stream.gaps(quiet_from, start), stream.gaps(start, end)
             results.append({
                 "n": n, "status": r.status_code, "prompt_tokens": r.json().get("usage", {}).get("prompt_tokens"),
                 "seconds": round(end - start, 2),
@@ -65,8 +46,6 @@ async def measure(base_url: str) -> list[dict]:
                 "stream_gap_p50_during_s": round(float(np.median(during)), 3) if during else None,
                 "stream_gap_max_during_s": round(max(during), 3) if during else None,
             })
-        stop.set()
-        await stream
         return results
 
 

@@ -28,6 +28,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from innocent_stream import InnocentStream  # noqa: E402
 from serve import MODEL, machine  # noqa: E402
 
 def plain_body() -> dict:
@@ -53,32 +54,7 @@ async def measure(base_url: str, seed: int) -> list[dict]:
               ("one 20000-value enum", [enum_body(20000, seed)]),
               ("four 20000-value enums at once", [enum_body(20000, seed + k) for k in range(1, 5)]),
               ("four 1000-value enums at once", [enum_body(1000, seed + k) for k in range(5, 9)])]
-    async with httpx.AsyncClient(base_url=base_url, timeout=900) as http:
-        chunk_times: list[float] = []
-        stop = asyncio.Event()
-
-        async def innocent_stream():
-            # Longer than the whole run at any speed this model has (and within its 8192-token window).
-            body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8000, "ignore_eos": True,
-                    "stream": True}
-            async with http.stream("POST", "/v1/completions", json=body) as r:
-                if r.status_code != 200:
-                    raise RuntimeError(f"the innocent stream was refused: {(await r.aread()).decode()}")
-                async for line in r.aiter_lines():
-                    if line.startswith("data: "):
-                        chunk_times.append(time.monotonic())
-                    if stop.is_set():
-                        return
-
-        def gaps(since: float, until: float) -> list[float]:
-            times = [t for t in chunk_times if since <= t <= until]
-            return [float(g) for g in np.diff(times)] if len(times) > 1 else []
-
-        stream = asyncio.create_task(innocent_stream())
-        while len(chunk_times) < 10:
-            if stream.done():
-                stream.result()  # its error
-            await asyncio.sleep(0.05)
+    async with httpx.AsyncClient(base_url=base_url, timeout=900) as http, InnocentStream(http) as stream:
         results = []
         for name, bodies in phases:
             quiet_from = time.monotonic()
@@ -94,10 +70,8 @@ async def measure(base_url: str, seed: int) -> list[dict]:
             answers = await asyncio.gather(*(send(b) for b in bodies))
             end = time.monotonic()
             results.append({"phase": name, "requests": answers, "seconds": round(end - start, 2),
-                            "stream_gaps_before": gap_figures(gaps(quiet_from, start)),
-                            "stream_gaps_during": gap_figures(gaps(start, end))})
-        stop.set()
-        await stream
+                            "stream_gaps_before": gap_figures(stream.gaps(quiet_from, start)),
+                            "stream_gaps_during": gap_figures(stream.gaps(start, end))})
         return results
 
 
