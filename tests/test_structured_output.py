@@ -226,3 +226,18 @@ def test_the_worker_stops_with_the_server(smollm2, smollm2_axis):
         process = worker._process
         assert process.poll() is None
     assert process.poll() is not None  # killed and reaped when the engine stopped
+
+
+def test_a_worker_that_died_is_replaced_at_the_next_schema(live_server):
+    first = httpx.post(f"{live_server.base_url}/v1/chat/completions", json=table_request({"type": "integer"}),
+                       timeout=120)
+    assert first.status_code == 200, first.text
+    (worker,) = live_server.state.engine.grammars._pool._workers
+    dead = worker._process
+    dead.kill()
+    dead.wait()
+    response = httpx.post(f"{live_server.base_url}/v1/chat/completions",
+                          json=table_request({"type": "array", "items": {"type": "boolean"}, "maxItems": 2}),
+                          timeout=120)
+    assert response.status_code == 200, response.text
+    assert worker._process is not dead and worker._process.poll() is None

@@ -29,12 +29,12 @@ import logging
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import xgrammar as xgr
 from transformers import PreTrainedTokenizerBase
 
-from .base import GrammarError
+from .base import GrammarError, StatLogger
 from .grammar_pool import CompileFailed, CompilePool, CompileTimedOut
 
 log = logging.getLogger(__name__)
@@ -155,13 +155,6 @@ def client_reason(message: str) -> str:
     return reason
 
 
-class GrammarStats(Protocol):
-    """Where compile figures go (``metrics.ServingMetrics``)."""
-
-    def observe_grammar(self, outcome: str, seconds: float | None = None) -> None:
-        """outcome: ok, error or timeout for a compile (with its seconds); cached for a cache hit."""
-
-
 class GrammarCompiler:
     """Compiles response formats for one tokenizer under ``SchemaLimits``.
 
@@ -170,7 +163,7 @@ class GrammarCompiler:
     same settings, will succeed within the deadline (``compile`` then returns None)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, limits: SchemaLimits = SchemaLimits(),
-                 stats: GrammarStats | None = None, keep_compiled: bool = True):
+                 stats: StatLogger | None = None, keep_compiled: bool = True):
         # vocab_size is the logits' width, which may exceed the tokenizer's own (padded embeddings).
         self._info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self.limits, self.keep_compiled, self._stats = limits, keep_compiled, stats

@@ -62,7 +62,7 @@ def _serve(conn: Connection) -> None:
     # repetitions) only on that path, and both backends must refuse them alike.
     compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.deserialize_json(tokenizer_info), max_threads=1,
                                    cache_enabled=True, cache_limit_bytes=WORKER_CACHE_BYTES)
-    os.nice(WORKER_NICENESS)  # after the imports: a worker's start is not slowed by the engine's load
+    os.nice(WORKER_NICENESS)  # after the imports, so that a busy engine does not slow a worker's start
     conn.send("ready")
     while True:
         try:
@@ -88,16 +88,17 @@ class _Worker:
         seconds; the serialized grammar and the compile's CPU seconds."""
         try:
             if self._process is None or self._process.poll() is not None:
+                self.stop()  # reaps one that died
                 self._start()
             cpu, started = self._cpu_seconds(), time.monotonic()
             self._conn.send(job)
             while not self._conn.poll(POLL_S):
                 if self._cpu_seconds() - cpu > timeout or time.monotonic() - started > timeout * WALL_FACTOR:
-                    self.stop()
-                    self._start()  # now, so that the next compile does not wait for it
+                    self._replace()
                     raise CompileTimedOut(timeout)
             status, value, seconds = self._conn.recv()
-        except (EOFError, OSError, ValueError):  # it died (ValueError: a message cut short)
+        # It died (ValueError: a message cut short; psutil.Error: no such process).
+        except (EOFError, OSError, ValueError, psutil.Error):
             self.stop()
             raise CompileFailed("the grammar compiler's worker process ended") from None
         if status == "error":
@@ -116,6 +117,14 @@ class _Worker:
         if not self._conn.poll(START_TIMEOUT_S) or self._conn.recv() != "ready":
             raise EOFError
         self._usage = psutil.Process(self._process.pid)
+
+    def _replace(self) -> None:
+        """Kill it and start another now, so that the next compile does not wait for the start."""
+        self.stop()
+        try:
+            self._start()
+        except (EOFError, OSError, psutil.Error):
+            self.stop()  # the next compile starts one
 
     def _cpu_seconds(self) -> float:
         times = self._usage.cpu_times()
