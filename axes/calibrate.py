@@ -310,7 +310,7 @@ def calibrate_gate(cfg: CalibrateConfig, model, generator_for: GeneratorFor, com
     means = compute(lambda: teacher_forced(model, answered, axis, capping=False, batch_size=cfg.batch_size))["monitor"]
     threshold = torch.quantile(torch.tensor(means, dtype=torch.float64), GATE_PERCENTILE / 100).item()
     log.info("gate threshold %.3f: the %gth percentile of %d train answers' means at layer %d (tau there %.3f)",
-             threshold, GATE_PERCENTILE, len(means), axis.monitor_layer, axis.threshold(axis.monitor_layer))
+             threshold, GATE_PERCENTILE, len(means), axis.monitor_layer, axis.monitor_tau)
     axis.extra = {**axis.extra, GATE_KEY: repr(threshold),
                   "gate_calibration": json.dumps({"percentile": GATE_PERCENTILE, "n_answers": len(means),
                                                   "max_new_tokens": cfg.max_new_tokens})}
@@ -332,7 +332,7 @@ def _choose(cfg: CalibrateConfig, axis: AssistantAxis, points: list[dict]) -> bo
     returns whether it wrote one."""
     chosen, inside = choose(points, cfg.capability_budget)
     record = {"budget": cfg.capability_budget, "inside_budget": inside, "point": chosen["point"]}
-    if cfg.chosen.exists() and json.loads(load_axis(cfg.chosen).extra.get("calibration", "{}")) == record:
+    if cfg.chosen.exists() and load_axis(cfg.chosen).calibration == record:
         log.info("stage choose: %s, as before, skipped", chosen["point"])
         return False
     log.info("stage choose: %s", chosen["point"])
@@ -348,7 +348,7 @@ def _choose(cfg: CalibrateConfig, axis: AssistantAxis, points: list[dict]) -> bo
         result.monitor_layer = result.cap_layers[-1]
     monitored = train[result.monitor_layer]
     lengths = [max(len(r["answer_ids"]), 1) for r in _load_answers(cfg) if r["kind"] == "train"]
-    origin = axis.extra.get("source", str(axis.path)).split(CALIBRATED_BY)[0]  # recalibrated: the earlier note goes
+    origin = (axis.source or str(axis.path)).split(CALIBRATED_BY)[0]  # recalibrated: the earlier note goes
     result.extra = {**axis.extra, "source": f"{origin}{CALIBRATED_BY}band {point.key} chosen for capability budget "
                     f"{cfg.capability_budget:g}",
                     # Histogram buckets and the CUSUM slack follow ordinary Assistant traffic.
@@ -440,7 +440,7 @@ def _report(cfg: CalibrateConfig, axis_in: AssistantAxis, points: list[dict], fr
 
     folder.mkdir(parents=True, exist_ok=True)
     chosen_axis = load_axis(cfg.chosen)
-    chosen = json.loads(chosen_axis.extra["calibration"])
+    chosen = chosen_axis.calibration
     uncapped, front = front[0], front[1:]
     verify = json.loads((cfg.work / "verify.json").read_text())
     rows = _load_answers(cfg)

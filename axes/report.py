@@ -107,7 +107,7 @@ def write_report(folder: Path, axis: AssistantAxis, space: dict, checks: dict, c
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    separation = [float(x) for x in axis.extra["separation_d"].split(",")]
+    separation = axis.separation_d
 
     fig, ax = plt.subplots(figsize=(9, 7))
     xs, ys = zip(*space["coords"])
@@ -128,7 +128,7 @@ def write_report(folder: Path, axis: AssistantAxis, space: dict, checks: dict, c
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.hist(checks["default_projections"], bins=20, alpha=0.6, label="default (check questions)")
     ax.hist(checks["roleplay_projections"], bins=20, alpha=0.6, label="check roles")
-    ax.axvline(axis.threshold(axis.monitor_layer) or 0, color="k", ls="--", label="tau")
+    ax.axvline(axis.monitor_tau or 0, color="k", ls="--", label="tau")
     ax.set(xlabel=f"mean projection, layer {axis.monitor_layer}", title="Default vs role-play")
     ax.legend()
     fig.savefig(folder / "projections.png", dpi=120, bbox_inches="tight")

@@ -118,9 +118,7 @@ class OpenAIServingChat(OpenAIServing):
     @property
     def axis_stats(self) -> tuple[float, float | None]:
         """tau at the monitor layer, and the default Assistant's spread there where the axis file has it."""
-        axis = self.axis
-        std = axis.extra.get("monitor_std")
-        return axis.threshold(axis.monitor_layer), float(std) if std is not None else None
+        return self.axis.monitor_tau, self.axis.monitor_std
 
     async def prompt(self, body: ChatCompletionRequest) -> ChatPrompt:
         """The prompt, tools included. Tokenizing runs in a thread (the tokenizer lets go of the GIL): a

@@ -144,7 +144,7 @@ class OpenAIServing:
                            param="capping")
         axis = self.axis
         watched = tuple((s.start, s.end) for s in spans or () if s.role in GATED_ROLES)
-        return CapGate(watched, gate_threshold(axis), axis.threshold(axis.monitor_layer))
+        return CapGate(watched, gate_threshold(axis), axis.monitor_tau)
 
     def sampling_params(self, body: _GenerationBody, prompt_ids: list[int],
                         spans: list[MessageSpan] | None = None) -> SamplingParams:

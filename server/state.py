@@ -51,11 +51,8 @@ class ServerState:
 
 
 def _metrics(settings: Settings, axis: AssistantAxis, model_name: str) -> ServingMetrics:
-    def stat(key):
-        return float(axis.extra[key]) if key in axis.extra else None
-
-    tau = axis.threshold(axis.monitor_layer)
-    buckets = projection_buckets(stat("monitor_mean"), stat("monitor_std"), tau)
+    tau = axis.monitor_tau
+    buckets = projection_buckets(axis.monitor_mean, axis.monitor_std, tau)
     if not settings.persona_metrics:
         log.warning("/metrics leaves out the projection histogram, tokens below tau and cap activations: "
                     "projections are withheld from clients (--no-allow-projections) and /metrics is open; "

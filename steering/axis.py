@@ -14,12 +14,17 @@ metadata (all strings, as safetensors requires)
   ``monitor_layer``   layer whose projection is exported as a metric
   ``percentile``      percentile of default-Assistant projections that set tau
   ``n_samples``       how many samples calibrated tau
-  optional: ``source`` (how it was made), ``monitor_mean``/``monitor_std`` (default-Assistant
-  projection statistics at the monitor layer, used to place histogram buckets)
+  optional            the keys of ``OPTIONAL_METADATA`` (how it was made, monitor statistics, the gate
+                      threshold, the calibration record, per-layer separation), each read through the
+                      ``AssistantAxis`` property of the same name and checked at load
+
+tau at the monitor layer has one name, ``AssistantAxis.monitor_tau`` (None where the monitor layer
+sits outside the capped band).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +35,32 @@ from safetensors.torch import load_file, save_file
 
 FORMAT = "axiscap-axis/1"
 REQUIRED_METADATA = ("format", "model", "monitor_layer", "percentile", "n_samples")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
+
+
+def _json_object(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+# Optional metadata: key -> (how its string is read, what it holds). Written by ``axes build`` and
+# ``axes calibrate``; a value its reader refuses makes the file fail at load, naming the key.
+OPTIONAL_METADATA = {
+    "source": (str, "how the file was made"),
+    "monitor_mean": (float, "mean projection of default-Assistant answer tokens at the monitor layer "
+                            "(places the projection histogram's buckets)"),
+    "monitor_std": (float, "their standard deviation"),
+    "gate_threshold": (float, "gated capping: a system or assistant message whose mean projection at the "
+                              "monitor layer is below it has drifted"),
+    "gate_calibration": (_json_object, "how the gate threshold was measured: percentile and answers (JSON)"),
+    "calibration": (_json_object, "axes calibrate's record of the chosen band and tau (JSON)"),
+    "separation_d": (_floats, "per layer, Cohen's d between default and role answers (comma-separated)"),
+}
 
 
 class AxisFileError(ValueError):
@@ -70,6 +101,43 @@ class AssistantAxis:
             return self.cap_thresholds[self.cap_layers.index(layer)]
         return None
 
+    @property
+    def monitor_tau(self) -> float | None:
+        """tau at the monitor layer: what the metrics, the gate and the drift figures compare against."""
+        return self.threshold(self.monitor_layer)
+
+    def _optional(self, key: str):
+        value = self.extra.get(key)
+        return None if value is None else OPTIONAL_METADATA[key][0](value)
+
+    @property
+    def source(self) -> str | None:
+        return self._optional("source")
+
+    @property
+    def monitor_mean(self) -> float | None:
+        return self._optional("monitor_mean")
+
+    @property
+    def monitor_std(self) -> float | None:
+        return self._optional("monitor_std")
+
+    @property
+    def gate_threshold(self) -> float | None:
+        return self._optional("gate_threshold")
+
+    @property
+    def gate_calibration(self) -> dict | None:
+        return self._optional("gate_calibration")
+
+    @property
+    def calibration(self) -> dict | None:
+        return self._optional("calibration")
+
+    @property
+    def separation_d(self) -> list[float] | None:
+        return self._optional("separation_d")
+
     def validate(self, n_layers: int | None = None, hidden_size: int | None = None) -> None:
         """Raise AxisFileError naming the first mismatch with the model or inside the file."""
         err = lambda problem: AxisFileError(self.path, problem)  # noqa: E731
@@ -97,6 +165,12 @@ class AssistantAxis:
         bad_tau = [l for l, t in zip(self.cap_layers, self.cap_thresholds) if not math.isfinite(t)]
         if bad_tau:
             raise err(f"thresholds of layers {bad_tau} are not finite")
+        for key, (read, meaning) in OPTIONAL_METADATA.items():
+            if key in self.extra:
+                try:
+                    read(self.extra[key])
+                except ValueError:
+                    raise err(f"metadata {key!r} ({meaning}) cannot be read: {self.extra[key][:80]!r}") from None
 
 
 def save_axis(axis: AssistantAxis, path: str | Path) -> None:

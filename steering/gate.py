@@ -22,13 +22,12 @@ from dataclasses import dataclass
 
 from .axis import AssistantAxis
 
-GATE_KEY = "gate_threshold"  # in the axis file's metadata
+GATE_KEY = "gate_threshold"  # in the axis file's metadata (``AssistantAxis.gate_threshold``)
 GATED_ROLES = ("system", "assistant")  # the messages whose drift the prompt gate reads
 
 
 def gate_threshold(axis: AssistantAxis) -> float:
-    value = axis.extra.get(GATE_KEY)
-    return float(value) if value is not None else axis.threshold(axis.monitor_layer)
+    return axis.gate_threshold if axis.gate_threshold is not None else axis.monitor_tau
 
 
 @dataclass(frozen=True)

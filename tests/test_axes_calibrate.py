@@ -129,7 +129,7 @@ def test_quick_calibration_of_an_imported_paper_axis_respects_the_budget_and_res
     points = [json.loads(line) for line in (work / "sweep.jsonl").read_text().splitlines()]
     assert [p["point"] for p in points] == ["22:23@p5", "22:23@p25"]  # --quick: one band ending before layer 24
     chosen = load_axis(axis, n_layers=30, hidden_size=576)
-    picked = next(p for p in points if p["point"] == json.loads(chosen.extra["calibration"])["point"])
+    picked = next(p for p in points if p["point"] == chosen.calibration["point"])
     assert picked["identical"] >= 0.5
     assert picked["role_lift"] == max(p["role_lift"] for p in points if p["identical"] >= 0.5)
     assert chosen.cap_layers == [22, 23] and chosen.cap_thresholds == pytest.approx(picked["tau"])
@@ -146,7 +146,7 @@ def test_quick_calibration_of_an_imported_paper_axis_respects_the_budget_and_res
         means.append(sum(per_token[at:at + n]) / n)
         at += n
     assert at == len(per_token) and len(means) > 1
-    assert float(chosen.extra["gate_threshold"]) == pytest.approx(float(np.percentile(means, 5)), abs=1e-4)
+    assert chosen.gate_threshold == pytest.approx(float(np.percentile(means, 5)), abs=1e-4)
     verify = json.loads((report / "verify.json").read_text())
     assert verify["input"]["band"] == "21:26" and verify["chosen"]["band"] == "22:23"
     assert verify["n_validation"] == 4 and verify["n_roles"] == 3
@@ -184,7 +184,7 @@ def test_quick_calibration_of_an_imported_paper_axis_respects_the_budget_and_res
     assert [json.loads(line)["point"] for line in (work / "sweep.jsonl").read_text().splitlines()] == \
         ["22:23@p5", "22:23@p25"]
     assert "stage verify\n" in again.stderr and "stage report\n" in again.stderr
-    assert json.loads(load_axis(axis).extra["calibration"])["budget"] == 1.0
+    assert load_axis(axis).calibration["budget"] == 1.0
     # Nothing new: every stage is skipped.
     third = calibrate(axis, axis, "--capability-budget", "1.0")
     assert third.returncode == 0, third.stderr[-3000:]
@@ -212,7 +212,7 @@ def test_the_shipped_axis_against_its_recalibration():
     interval), and generating for real it keeps the same validation answers and role answers in
     character as the shipped one, which is why the shipped one (monitor layer 25) was kept."""
     axis = load_axis(SHIPPED)
-    record = json.loads(axis.extra["calibration"])
+    record = axis.calibration
     folder = REPO / "axes" / "smollm2-135m-instruct.calibration"
     points = [json.loads(line) for line in (folder / "sweep.jsonl").read_text().splitlines()]
     assert len(points) == 156
@@ -252,7 +252,7 @@ def test_gate_only_adds_the_gate_threshold_and_keeps_band_and_tau(smollm2, smoll
     axis = load_axis(out, n_layers=30, hidden_size=576)
     assert axis.cap_layers == smollm2_axis.cap_layers and axis.cap_thresholds == smollm2_axis.cap_thresholds
     torch.testing.assert_close(axis.axis, smollm2_axis.axis)
-    assert json.loads(axis.extra["gate_calibration"])["n_answers"] == 4  # --quick: four train prompts
+    assert axis.gate_calibration["n_answers"] == 4  # --quick: four train prompts
 
     # Directly: each train prompt's greedy answer (8 tokens, --quick) through model.generate, the mean
     # projection of its own tokens at the monitor layer (as a prompt message's figures are taken, which

@@ -26,7 +26,8 @@ def test_round_trip(tmp_path):
     assert torch.equal(back.axis, axis.axis)
     assert (back.cap_layers, back.cap_thresholds, back.monitor_layer) == ([3, 4], [-1.5, 0.25], 4)
     assert (back.model, back.percentile, back.n_samples) == ("tiny", 25.0, 123)
-    assert back.extra["monitor_mean"] == "1.0" and back.threshold(4) == 0.25 and back.threshold(0) is None
+    assert back.monitor_mean == 1.0 and back.threshold(4) == 0.25 and back.threshold(0) is None
+    assert back.monitor_tau == 0.25 and back.gate_threshold is None and back.calibration is None
 
 
 @pytest.mark.parametrize("kwargs, problem", [
@@ -55,6 +56,9 @@ def write_raw(path, axis, cap_layers, thresholds, **meta):
     ("zero_axis", "axis of layer 1 is all zeros"),
     ("missing_metadata", "missing metadata ['percentile']"),
     ("wrong_format", "format is 'something-else'"),
+    ("bad_gate_threshold", "metadata 'gate_threshold' (gated capping: "),
+    ("bad_calibration", "metadata 'calibration' (axes calibrate's record"),
+    ("bad_separation", "metadata 'separation_d' (per layer, Cohen's d"),
 ])
 def test_bad_files_are_refused_with_a_message(tmp_path, case, problem):
     axis = torch.randn(4, 8)
@@ -71,6 +75,12 @@ def test_bad_files_are_refused_with_a_message(tmp_path, case, problem):
         meta = {"percentile": None}
     elif case == "wrong_format":
         meta = {"format": "something-else"}
+    elif case == "bad_gate_threshold":
+        meta = {"gate_threshold": "high"}
+    elif case == "bad_calibration":
+        meta = {"calibration": "[1, 2]"}  # JSON, but not the object calibrate writes
+    elif case == "bad_separation":
+        meta = {"separation_d": "0.1,,0.3"}
     path = tmp_path / f"{case}.safetensors"
     write_raw(path, axis, layers, taus, **meta)
     with pytest.raises(AxisFileError) as err:

@@ -70,7 +70,7 @@ def test_per_message_figures_equal_a_direct_computation(live_server, smollm2, sm
         assert message["p10"] == pytest.approx(own[int(0.1 * (len(own) - 1))], rel=1e-3, abs=1e-3)
     turns = [m["mean"] for m in figures["messages"] if m["role"] == "assistant"]
     tau = smollm2_axis.threshold(monitor)
-    expected = conversation_drift(turns, tau, float(smollm2_axis.extra["monitor_std"]))
+    expected = conversation_drift(turns, tau, smollm2_axis.monitor_std)
     assert figures["drift"] == pytest.approx(expected.as_dict())
     assert figures["drift"]["assistant_turns"] == 2
 

@@ -24,10 +24,10 @@ async def health(http: Request):
             "capping_policy": settings.capping_policy, "capping_default": settings.capping_default,
             "allow_projections": settings.allow_projections, "gated_capping": engine.gated_capping,
             "cap_layers": axis.cap_layers,
-            "monitor_layer": axis.monitor_layer, "monitor_tau": axis.threshold(axis.monitor_layer)}
-    for key in ("monitor_mean", "monitor_std"):  # the default Assistant's spread, when the file has it
-        if key in axis.extra:
-            body[key] = float(axis.extra[key])
+            "monitor_layer": axis.monitor_layer, "monitor_tau": axis.monitor_tau}
+    # The default Assistant's spread, when the file has it.
+    body |= {key: value for key, value in (("monitor_mean", axis.monitor_mean), ("monitor_std", axis.monitor_std))
+             if value is not None}
     if engine.device_error:
         body["device_error"] = engine.device_error
     return JSONResponse(body, status_code=200 if engine.healthy else 503)
