@@ -175,6 +175,10 @@ class JudgeScorer:
         prompt = JUDGE_RUBRIC.format(role=role.name, description=role.description, question=question, answer=answer)
         reply = self.client.chat.completions.create(model=self.model, temperature=0, max_tokens=4,
                                                     messages=[{"role": "user", "content": prompt}])
-        text = reply.choices[0].message.content or ""
-        digits = [c for c in text if c in "0123"]
-        return int(digits[0]) if digits else 1  # an unreadable verdict counts as "not in role"
+        return verdict(reply.choices[0].message.content or "")
+
+
+def verdict(text: str) -> int:
+    """A judge's reply as a score: its first digit 0-3; an unreadable verdict counts as 1 ("not in role")."""
+    digits = [c for c in text if c in "0123"]
+    return int(digits[0]) if digits else 1

@@ -59,10 +59,8 @@ def capability() -> Capability:
     return Capability(tuple(data["prompts"]), tuple(data["passages"]))
 
 
-def quick_slice(items: list, kinds_key=None, n: int = 4) -> list:
-    """A few items for --quick, covering both drifting and steady kinds where that applies."""
-    if kinds_key is None:
-        return items[:n]
+def quick_slice(items: list, kinds_key, n: int = 4) -> list:
+    """A few items for --quick, one of each kind (``kinds_key``: drifting and steady)."""
     picked, seen = [], set()
     for item in items:
         if kinds_key(item) not in seen:

@@ -52,7 +52,6 @@ class AxisHooks:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         axis.validate(len(layers), getattr(model.config, "hidden_size", None))
-        self.axis = axis
         self.monitor_layer = axis.monitor_layer
         self.cap_layers = list(axis.cap_layers)
         # A model split across GPUs (device_map) has layers on several devices: each layer's vectors

@@ -37,9 +37,11 @@ def smollm2_axis(smollm2):
 
 
 def chat_ids(tokenizer, user: str, system: str | None = None) -> list[int]:
+    """A chat prompt's token ids, through the server's own path (``render_chat``)."""
+    from axiscap.server.chat_template import render_chat
+
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return render_chat(tokenizer, messages, spans=False).ids
 
 
 def assert_openai_error(response, status: int, param=...) -> dict:

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from axiscap.axes.pipeline import choose_band
@@ -36,7 +37,9 @@ def test_quick_build_runs_every_stage_then_resumes(smollm2, tmp_path):  # smollm
     checks = json.loads((report / "checks.json").read_text())
     # --quick: one check role's answer to one check question, against the 5 default conditions' answers
     assert checks["n_default"] == 5 and checks["all_roleplay"]["n"] == 1 and checks["n_roles"] == 1
-    assert 0 <= checks["all_roleplay"]["auc"] <= 1 and checks["fully_in_role"]["n"] <= 1
+    # One role answer against five default ones: AUC counts the defaults above it (ties half), so it is k/10.
+    assert checks["all_roleplay"]["auc"] * 10 == pytest.approx(round(checks["all_roleplay"]["auc"] * 10))
+    assert checks["fully_in_role"]["n"] <= 1
     assert 0 < checks["greedy_tokens_identical"] <= checks["greedy_tokens"]
     assert "## Held-out checks" in (report / "report.md").read_text()
     axis = load_axis(out, n_layers=30, hidden_size=576)

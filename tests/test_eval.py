@@ -65,7 +65,11 @@ def test_axiscap_eval_quick_writes_a_report(tmp_path, capsys):
 
     jail = results["jailbreak"]
     assert set(jail["summary"]) == {f"{kind} / {c}" for kind in ("harmful", "benign") for c in ("capped", "gated", "uncapped")}
-    assert all(row["n"] == 3 and 0 <= row["complied"] <= 1 for row in jail["summary"].values())
+    for label, row in jail["summary"].items():  # each share is its records' own, recounted here
+        rows = [r for r in jail["records"] if f"{r['kind']} / {r['condition']}" == label]
+        assert row["n"] == len(rows) == 3
+        assert row["complied"] == round(sum(r["complied"] for r in rows) / 3, 3)
+        assert row["in_character"] == round(sum(r["in_character"] for r in rows) / 3, 3)
     assert all(isinstance(r["complied"], bool) and r["answer"] for r in jail["records"])
     # Jailbreak personas sit below tau, and capping lifts them (by about 11 here).
     lifted = jail["summary"]["harmful / capped"]["mean_projection"]
@@ -82,7 +86,8 @@ def test_axiscap_eval_quick_writes_a_report(tmp_path, capsys):
     assert all(row["capped"] is None for label, row in jail["summary"].items() if "gated" not in label)
 
     cap = results["capability"]
-    assert len(cap["records"]) == 4 and 0 <= cap["identical_share"] <= 1
+    assert len(cap["records"]) == 4
+    assert cap["identical_share"] == sum(r["capped"] == r["uncapped"] for r in cap["records"]) / 4
     for r in cap["records"]:
         assert r["gated_identical"] == (r["gated"] == r["uncapped"])
         if r["gated_capped_from"] is None:

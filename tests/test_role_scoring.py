@@ -6,7 +6,7 @@ import openai
 import pytest
 
 from axiscap.axes import persona_data
-from axiscap.axes.role_scoring import EmbeddingScorer, labelled_set, validate
+from axiscap.axes.role_scoring import JUDGE_RUBRIC, EmbeddingScorer, labelled_set, validate, verdict
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +42,25 @@ def test_clear_cases(scorer):
     assert scorer.score(texts, [roles["pirate"]] * 3) == [3, 1, 0]
 
 
+def test_a_judges_verdict_is_its_first_digit_and_unreadable_is_1():
+    assert [verdict(t) for t in ("3", "Score: 2.", "0 - out of role", "between 1 and 3", "none", "")] == \
+        [3, 2, 0, 1, 1, 1]
+
+
 def test_llm_judge_scores_through_a_real_openai_compatible_server(live_server):
     from axiscap.axes.role_scoring import JudgeScorer
 
     judge = JudgeScorer(live_server.base_url + "/v1", "smollm2-135m-instruct")
     roles = {r.name: r for r in persona_data.roles()}
-    scores = judge.score(["Arr, I sail the seven seas!", "I am an AI assistant."], [roles["pirate"]] * 2,
-                         ["Tell me about yourself."] * 2)
-    assert len(scores) == 2 and all(s in (0, 1, 2, 3) for s in scores)
+    answers = ["Arr, I sail the seven seas!", "I am an AI assistant."]
+    scores = judge.score(answers, [roles["pirate"]] * 2, ["Tell me about yourself."] * 2)
+    # The server's own greedy verdicts on the same rubric, read by the rule tested below.
+    client = openai.OpenAI(base_url=live_server.base_url + "/v1", api_key="unused")
+    replies = [client.chat.completions.create(
+        model="smollm2-135m-instruct", temperature=0, max_tokens=4,
+        messages=[{"role": "user", "content": JUDGE_RUBRIC.format(
+            role="pirate", description=roles["pirate"].description, question="Tell me about yourself.", answer=a)}],
+    ).choices[0].message.content for a in answers]
+    assert scores == [verdict(r) for r in replies]
     with pytest.raises(openai.NotFoundError, match="no-such-model"):  # the server's own error, through the SDK
         JudgeScorer(live_server.base_url + "/v1", "no-such-model").score(["x"], [roles["pirate"]])

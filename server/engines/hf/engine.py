@@ -8,7 +8,8 @@ own capping switch and sampling parameters.
 
 Why our own scheduler rather than transformers' ``ContinuousBatchingManager``: that manager packs
 all requests into one row (hooks see ``(1, total_tokens, hidden)``) and measured 4x slower than a
-padded batch on this CPU; a padded batch gives the capping hooks a plain ``[batch, 1]`` row mask.
+batch of rows on this CPU. Here a decode step has one row per request (``[batch, 1]``, each
+request's KV in a slot of its own: ``kv_slots``), so the capping hooks take a plain per-row mask.
 
 Isolation: what can fail for one request alone (its generator, detokenizer, stop strings) is set
 up in ``submit``, before it joins a batch. If a step fails anyway, the engine narrows the failure

@@ -44,7 +44,7 @@ from .worker import CAPPING_ARG, ID_ARG, PROMPT_ARG, CappingConfig
 
 log = logging.getLogger(__name__)
 
-# How long a token waits for its projection before it goes out without one (NaN). Reports leave
+# How long a token waits for its projection before it goes out without one (None: JSON null). Reports leave
 # the worker before the token does, so this only matters if a worker stops reporting.
 REPORT_WAIT_S = 5.0
 
