@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from axiscap.axes import persona_data
 from axiscap.axes.role_scoring import JUDGE_RUBRIC, EmbeddingScorer, labelled_set, validate, verdict
@@ -42,6 +44,12 @@ def test_clear_cases(scorer):
     assert scorer.score(texts, [roles["pirate"]] * 3) == [3, 1, 0]
 
 
+def finished_requests(base_url: str) -> float:
+    text = httpx.get(base_url + "/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "axiscap_requests_total")
+
+
 def test_a_judges_verdict_is_its_first_digit_and_unreadable_is_1():
     assert [verdict(t) for t in ("3", "Score: 2.", "0 - out of role", "between 1 and 3", "none", "")] == \
         [3, 2, 0, 1, 1, 1]
@@ -53,7 +61,9 @@ def test_llm_judge_scores_through_a_real_openai_compatible_server(live_server):
     judge = JudgeScorer(live_server.base_url + "/v1", "smollm2-135m-instruct")
     roles = {r.name: r for r in persona_data.roles()}
     answers = ["Arr, I sail the seven seas!", "I am an AI assistant."]
+    before = finished_requests(live_server.base_url)
     scores = judge.score(answers, [roles["pirate"]] * 2, ["Tell me about yourself."] * 2)
+    assert finished_requests(live_server.base_url) == before + 2  # it asked the server, once per answer
     # The server's own greedy verdicts on the same rubric, read by the rule tested below.
     client = openai.OpenAI(base_url=live_server.base_url + "/v1", api_key="unused")
     replies = [client.chat.completions.create(
@@ -61,6 +71,7 @@ def test_llm_judge_scores_through_a_real_openai_compatible_server(live_server):
         messages=[{"role": "user", "content": JUDGE_RUBRIC.format(
             role="pirate", description=roles["pirate"].description, question="Tell me about yourself.", answer=a)}],
     ).choices[0].message.content for a in answers]
+    # SmolLM2 writes no digit as a judge, so these are 1s: the rule itself is tested on fixed replies above.
     assert scores == [verdict(r) for r in replies]
     with pytest.raises(openai.NotFoundError, match="no-such-model"):  # the server's own error, through the SDK
         JudgeScorer(live_server.base_url + "/v1", "no-such-model").score(["x"], [roles["pirate"]])
