@@ -203,10 +203,10 @@ def test_metrics_count_tokens_projections_and_caps(vllm_server):
 
 def test_a_projection_that_never_came_is_null_and_kept_out_of_the_histogram(vllm_server, monkeypatch):
     from axiscap.server.engines import StepStats
-    from axiscap.server.engines.vllm import engine as vllm_engine
+    from axiscap.server.engines.vllm import reports as vllm_reports
 
     engine, on = vllm_server.state.engine, (("capping", "on"), ("model", MODEL))
-    monkeypatch.setattr(vllm_engine, "REPORT_WAIT_S", 0.2)
+    monkeypatch.setattr(vllm_reports, "REPORT_WAIT_S", 0.2)
 
     async def take_unreported():
         engine.reports.open("never-scheduled")

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Request
 
 from ..auth import require_api_key
 from ..protocol import ModelList, VersionResponse
+from . import state
 
 router = APIRouter()
 
@@ -14,9 +15,9 @@ router = APIRouter()
 @router.head("/v1/models", dependencies=[Depends(require_api_key)], include_in_schema=False)
 @router.get("/v1/models", dependencies=[Depends(require_api_key)])  # registered first: a 405's Allow names it
 async def models(http: Request) -> ModelList:
-    return http.app.state.axiscap.models.models()
+    return state(http).models.models()
 
 
 @router.get("/version")
 async def version(http: Request) -> VersionResponse:
-    return http.app.state.axiscap.models.version()
+    return state(http).models.version()

@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..auth import require_api_key, require_api_key_for_health, require_scrape_key
+from . import state
 
 PLAYGROUND = Path(__file__).parent.parent / "playground"
 
@@ -18,9 +19,9 @@ router = APIRouter()
 @router.head("/health", dependencies=[Depends(require_api_key_for_health)], include_in_schema=False)
 @router.get("/health", dependencies=[Depends(require_api_key_for_health)])
 async def health(http: Request):
-    state = http.app.state.axiscap
-    engine, axis, settings = state.engine, state.axis, state.settings
-    body = {"status": "ok" if engine.healthy else "unavailable", "model": state.model.name,
+    served = state(http)
+    engine, axis, settings = served.engine, served.axis, served.settings
+    body = {"status": "ok" if engine.healthy else "unavailable", "model": served.model.name,
             "capping_policy": settings.capping_policy, "capping_default": settings.capping_default,
             "allow_projections": settings.allow_projections, "gated_capping": engine.gated_capping,
             "cap_layers": axis.cap_layers,
@@ -36,7 +37,7 @@ async def health(http: Request):
 @router.head("/metrics", dependencies=[Depends(require_scrape_key)], include_in_schema=False)
 @router.get("/metrics", dependencies=[Depends(require_scrape_key)])
 async def prometheus_metrics(http: Request):
-    return Response(generate_latest(http.app.state.axiscap.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(state(http).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/openapi.json", dependencies=[Depends(require_api_key)], include_in_schema=False)

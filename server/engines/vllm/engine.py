@@ -3,7 +3,8 @@
 vLLM runs as it always does (its V1 engine core in its own process, its workers with paged KV,
 torch.compile and CUDA graphs, tensor and pipeline parallelism); axiscap asks it for
 ``worker.CappingWorker``, hands each request its capping switch in ``SamplingParams.extra_args``,
-and joins each generated token with the projection its worker reported over ``transport``.
+and joins each generated token with the projection its worker reported over ``transport`` (received
+by ``reports``).
 Prefix caching is salted by the axis and the switch, so a capped request never reuses KV that
 was computed uncapped, or the reverse.
 """
@@ -20,8 +21,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import zmq
-import zmq.asyncio
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from vllm import SamplingParams as VllmSamplingParams
 from vllm.config import StructuredOutputsConfig
@@ -29,7 +28,6 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs.engine import tokens_input
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
-from vllm.utils.network_utils import get_ip, get_open_port
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
@@ -39,15 +37,10 @@ from axiscap.steering import AssistantAxis, save_axis
 from ..base import (LOGPROB_FLOOR, Delta, GrammarError, Logprob, QueueFull, Request, SamplingParams,
                     StatLogger, StepStats, over_request_share)
 from ..grammar import GrammarCompiler, SchemaLimits, vllm_structured_outputs_config
-from .transport import Forged, Receiver, StepReport, new_key
+from .reports import ProjectionReports
 from .worker import CAPPING_ARG, ID_ARG, PROMPT_ARG, CappingConfig
 
 log = logging.getLogger(__name__)
-
-# How long a token waits for its projection before it goes out without one (None: JSON null). Reports leave
-# the worker before the token does, so this only matters if a worker stops reporting.
-REPORT_WAIT_S = 5.0
-
 
 @dataclass
 class VllmOptions:
@@ -84,96 +77,6 @@ class VllmRequest(Request):
             self._loop.call_soon_threadsafe(self.task.cancel)
 
 
-class _Reports:
-    """The front end's end of ``transport``: projections by request and position, cap hits to the stat logger."""
-
-    def __init__(self, record_cap_hits, cap_layers: list[int], other_nodes: bool):
-        self._record_cap_hits, self._cap_layers = record_cap_hits, cap_layers
-        self.key = new_key()
-        self._receiver = Receiver(self.key)
-        self.forged = 0  # messages dropped for a bad signature or a replayed sequence number
-        self._socket = zmq.asyncio.Context.instance().socket(zmq.PULL)
-        port = get_open_port()
-        # Loopback unless workers may run on other nodes (Ray); either way only signed messages count.
-        self._socket.bind(f"tcp://*:{port}" if other_nodes else f"tcp://127.0.0.1:{port}")
-        self.address = f"tcp://{get_ip() if other_nodes else '127.0.0.1'}:{port}"
-        self._projections: dict[str, dict[int, float]] = {}
-        self._prompt: dict[str, dict[int, float]] = {}  # prompt projections, for requests that asked
-        self._arrived: dict[str, asyncio.Event] = {}
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._receive())
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        self._socket.close(linger=0)
-
-    def open(self, rid: str, prompt: bool = False) -> None:
-        self._projections[rid], self._arrived[rid] = {}, asyncio.Event()
-        if prompt:
-            self._prompt[rid] = {}
-
-    def close(self, rid: str) -> None:
-        self._projections.pop(rid, None)
-        self._prompt.pop(rid, None)
-        self._arrived.pop(rid, None)
-
-    async def take(self, rid: str, positions: range) -> list[float | None]:
-        """The monitor projections at these positions, waiting for reports still on their way;
-        None for one that has not come in REPORT_WAIT_S (JSON null, and no histogram sample)."""
-        values = await self._wait(rid, self._projections[rid], positions)
-        seen = self._projections[rid]
-        for stale in [p for p in seen if p < positions.stop]:  # rows of chunked prefills, never sampled
-            del seen[stale]
-        return values
-
-    async def take_prompt(self, rid: str, cached: int, prompt_len: int) -> list[float | None]:
-        """Every prompt token's projection: None for the first ``cached`` (a prefix-cache hit, never
-        computed), the rest as the prefill's reports bring them."""
-        values = await self._wait(rid, self._prompt.pop(rid), range(cached, prompt_len))
-        return [None] * cached + values
-
-    async def _wait(self, rid: str, seen: dict[int, float], positions: range) -> list[float | None]:
-        arrived = self._arrived[rid]
-        deadline = time.monotonic() + REPORT_WAIT_S
-        while any(p not in seen for p in positions) and time.monotonic() < deadline:
-            arrived.clear()
-            try:
-                await asyncio.wait_for(arrived.wait(), deadline - time.monotonic())
-            except asyncio.TimeoutError:
-                log.warning("no projection reported for request %s at positions %s", rid, positions)
-        return [seen.pop(p, None) for p in positions]
-
-    async def _receive(self) -> None:
-        while True:
-            frames = await self._socket.recv_multipart()
-            try:
-                self._take_in(self._receiver.decode(frames))
-            except Forged as exc:  # another process on the port: never trusted, counted
-                self.forged += 1
-                log.warning("dropped a message on the projection reports socket that is not this server's "
-                            "workers' (%s; %d so far)", exc, self.forged)
-            except (ValueError, KeyError, TypeError, IndexError):
-                log.warning("ignored a malformed message on the projection reports socket")
-
-    def _take_in(self, report: StepReport) -> None:
-        if report.hits:
-            self._record_cap_hits([report.hits.get(layer, 0.0) for layer in self._cap_layers])
-        if report.projections is None:
-            return
-        for rid, position, value in zip(report.ids, report.positions.tolist(), report.projections.tolist()):
-            if rid in self._projections:
-                self._projections[rid][position] = value
-                self._arrived[rid].set()
-        for rid, position, value in zip(report.prompt_ids, report.prompt_positions.tolist(),
-                                        report.prompt_projections.tolist()):
-            if rid in self._prompt:
-                self._prompt[rid][position] = value
-                self._arrived[rid].set()
-
-
 class VllmEngine:
     """``EngineClient`` for vLLM. Construction starts vLLM (minutes: weights, compilation, graphs)."""
 
@@ -189,7 +92,7 @@ class VllmEngine:
         self.stat_logger, self.max_waiting = stat_logger, max_waiting
         self._running = self._waiting = 0
         self._active: set[VllmRequest] = set()
-        self.reports = _Reports(lambda hits: self._record(self._stats(cap_hits=[hits])), axis.cap_layers,
+        self.reports = ProjectionReports(lambda hits: self._record(self._stats(cap_hits=[hits])), axis.cap_layers,
                                 other_nodes=options.distributed_executor_backend == "ray")
         if axis.path is None:
             raise ValueError("the vLLM backend needs the axis as a file: its workers load it themselves")
