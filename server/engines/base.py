@@ -205,6 +205,16 @@ class StatLogger(Protocol):
         (outcome cached)."""
 
 
+class DiscardStats:
+    """The StatLogger of an engine that nobody scrapes (the axis tools' offline engines)."""
+
+    def record(self, stats: StepStats) -> None:
+        pass
+
+    def observe_grammar(self, outcome: str, seconds: float | None = None) -> None:
+        pass
+
+
 class ServedModel(Protocol):
     """What the HTTP layer needs to know of the model an engine serves."""
 

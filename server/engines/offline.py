@@ -22,7 +22,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from ..chat_template import chat_prompt_ids
-from .base import EngineClient, SamplingParams
+from .base import DiscardStats, EngineClient, SamplingParams
 from .vllm import engine_module
 
 Conversation = list[dict[str, str]]
@@ -75,10 +75,9 @@ class OfflineEngine:
 
 def built_in(loaded, axis=None, max_batch_size: int = 16) -> OfflineEngine:
     """The built-in engine on a loaded model, started: without an axis (building one) or with one."""
-    from ..metrics import ServingMetrics
     from .hf.engine import Engine
 
-    engine = Engine(loaded, axis, ServingMetrics(loaded.name, [], [0.0]), max_batch_size=max_batch_size,
+    engine = Engine(loaded, axis, DiscardStats(), max_batch_size=max_batch_size,
                     max_waiting=1 << 20)
     return OfflineEngine(engine, loaded.tokenizer, loaded.eos_ids)
 
@@ -106,7 +105,6 @@ class VllmForAxes:
     def _start(self) -> OfflineEngine:
         from axiscap.steering import load_axis
 
-        from ..metrics import ServingMetrics
         from .model_source import model_source
 
         vllm = engine_module()
@@ -115,7 +113,7 @@ class VllmForAxes:
         # In the transformers model's dtype, so that both read the same answers alike.
         options = vllm.VllmOptions(gpu_memory_utilization=self.gpu_memory_utilization,
                                    dtype=str(self.loaded.model.dtype).removeprefix("torch."))
-        engine = vllm.VllmEngine(source, name, axis, ServingMetrics(name, axis.cap_layers, [0.0]), options,
+        engine = vllm.VllmEngine(source, name, axis, DiscardStats(), options,
                                  max_waiting=1 << 20, retargetable=True)
         return OfflineEngine(engine, engine.model.tokenizer, self.loaded.eos_ids)
 
