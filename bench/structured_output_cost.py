@@ -49,12 +49,12 @@ def gap_figures(gaps: list[float]) -> dict:
             "max_s": round(max(gaps), 3), "n": len(gaps)}
 
 
-async def measure(base_url: str, seed: int) -> list[dict]:
+async def measure(base_url: str, seed: int, stream_tokens: int) -> list[dict]:
     phases = [("four plain requests at once (control)", [plain_body() for _ in range(4)]),
               ("one 20000-value enum", [enum_body(20000, seed)]),
               ("four 20000-value enums at once", [enum_body(20000, seed + k) for k in range(1, 5)]),
               ("four 1000-value enums at once", [enum_body(1000, seed + k) for k in range(5, 9)])]
-    async with httpx.AsyncClient(base_url=base_url, timeout=900) as http, InnocentStream(http) as stream:
+    async with httpx.AsyncClient(base_url=base_url, timeout=900) as http, InnocentStream(http, stream_tokens) as stream:
         results = []
         for name, bodies in phases:
             quiet_from = time.monotonic()
@@ -112,11 +112,12 @@ def main() -> None:
     from axiscap.server.config import Settings
     from axiscap.server.state import load_state
 
-    extra = {"dtype": "float32", "gpu_memory_utilization": 0.3, "max_model_len": 2048} if args.backend == "vllm" else {}
+    extra = {"dtype": "float32", "gpu_memory_utilization": 0.3, "max_model_len": 4096} if args.backend == "vllm" else {}
     settings = Settings(backend=args.backend, **extra)
     state = load_state(settings, axis_for(settings.model, settings.axis))
     with serve_in_background(create_app(state)) as base_url:
-        phases = asyncio.run(measure(base_url, int(time.time())))
+        window = min(state.model.context_length, settings.max_model_len or state.model.context_length)
+        phases = asyncio.run(measure(base_url, int(time.time()), min(8000, window - 16)))
     print(json.dumps({"machine": {**machine(), "cpu_model": cpu_model()}, "backend": args.backend,
                       "limits": dataclasses.asdict(settings.schema_limits), "phases": phases}, indent=2))
 
