@@ -8,7 +8,7 @@ values, so no cache helps), and four at the limit (1,000 unique values each, com
 Prints one JSON document: per phase, the requests' statuses and seconds, and the stream's
 inter-chunk gaps (p50, p99, max) in a quiet stretch before it and while it runs.
 
-    python bench/structured_output_cost.py [--backend vllm] > result.json
+    python bench/structured_output_cost.py [--backend vllm] --out result.json
     python bench/structured_output_cost.py --render result.json   # the markdown table of a saved run
 """
 
@@ -101,6 +101,7 @@ def cpu_model() -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    parser.add_argument("--out", metavar="FILE", help="also write the JSON here (vLLM logs to stdout too)")
     parser.add_argument("--render", metavar="FILE", help="print the table of a saved run and exit")
     args = parser.parse_args()
     if args.render:
@@ -118,8 +119,11 @@ def main() -> None:
     with serve_in_background(create_app(state)) as base_url:
         window = min(state.model.context_length, settings.max_model_len or state.model.context_length)
         phases = asyncio.run(measure(base_url, int(time.time()), min(8000, window - 16)))
-    print(json.dumps({"machine": {**machine(), "cpu_model": cpu_model()}, "backend": args.backend,
-                      "limits": dataclasses.asdict(settings.schema_limits), "phases": phases}, indent=2))
+    report = json.dumps({"machine": {**machine(), "cpu_model": cpu_model()}, "backend": args.backend,
+                         "limits": dataclasses.asdict(settings.schema_limits), "phases": phases}, indent=2)
+    if args.out:
+        Path(args.out).write_text(report + "\n")
+    print(report)
 
 
 if __name__ == "__main__":
