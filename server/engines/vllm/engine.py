@@ -42,6 +42,7 @@ from .worker import CAPPING_ARG, ID_ARG, PROMPT_ARG, CappingConfig
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class VllmOptions:
     """vLLM's own settings, under vLLM's names."""
