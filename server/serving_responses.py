@@ -34,7 +34,7 @@ from .serving_chat import ChatShape, OpenAIServingChat
 from .serving_engine import END_ERRORS, ChoiceText, collect
 from .tool_calling import Call
 
-STORE_CHARS = 32 * 1024 * 1024  # text kept for previous_response_id, all conversations together
+STORE_CHARS = 32 * 1024 * 1024  # text kept for previous_response_id and GET, all stored responses together
 
 
 @dataclass
