@@ -241,3 +241,28 @@ def test_a_worker_that_died_is_replaced_at_the_next_schema(live_server):
                           timeout=120)
     assert response.status_code == 200, response.text
     assert worker._process is not dead and worker._process.poll() is None
+
+
+def test_a_worker_that_dies_mid_compile_fails_that_request_alone_and_is_not_cached(smollm2):
+    import asyncio
+
+    from axiscap.server.engines.grammar import GrammarCompiler
+
+    grammars = GrammarCompiler(smollm2.tokenizer, smollm2.vocab_size,
+                               SchemaLimits(max_enum_values=10**4, compile_timeout=60.0))
+    schema = json.dumps(enum_schema(3000, 11))  # about 2 CPU seconds: still compiling when the worker dies
+
+    async def scenario():
+        await grammars.compile("json_schema", '{"type": "boolean"}')  # the worker is up
+        (worker,) = grammars._pool._workers
+        compiling = asyncio.ensure_future(grammars.compile("json_schema", schema))
+        await asyncio.sleep(0.3)
+        worker._process.kill()
+        with pytest.raises(GrammarError, match="worker process ended"):
+            await compiling
+        return await grammars.compile("json_schema", schema)  # asked again: compiled, not the cached failure
+
+    try:
+        assert asyncio.run(scenario()) is not None
+    finally:
+        grammars.stop()

@@ -210,6 +210,9 @@ class GrammarCompiler:
         except CompileFailed as exc:
             outcome, seconds = "error", exc.seconds
             result = GrammarError(f"the JSON schema cannot be used: {client_reason(str(exc))}")
+            if exc.worker_died:  # not the schema's verdict: the next asking compiles it again
+                self._observe(outcome, seconds)
+                return result
         self._observe(outcome, seconds)
         return self._keep(text, result)
 

@@ -45,11 +45,12 @@ class CompileTimedOut(Exception):
 
 
 class CompileFailed(Exception):
-    """xgrammar refused the schema (the message is xgrammar's), or the worker died."""
+    """xgrammar refused the schema (the message is xgrammar's), or the worker died (``worker_died``:
+    says nothing of the schema, which may compile in the next worker)."""
 
-    def __init__(self, message: str, seconds: float = 0.0):
+    def __init__(self, message: str, seconds: float = 0.0, worker_died: bool = False):
         super().__init__(message)
-        self.seconds = seconds
+        self.seconds, self.worker_died = seconds, worker_died
 
 
 def _serve(conn: Connection) -> None:
@@ -100,7 +101,7 @@ class _Worker:
         # It died (ValueError: a message cut short; psutil.Error: no such process).
         except (EOFError, OSError, ValueError, psutil.Error):
             self.stop()
-            raise CompileFailed("the grammar compiler's worker process ended") from None
+            raise CompileFailed("the grammar compiler's worker process ended", worker_died=True) from None
         if status == "error":
             raise CompileFailed(value, seconds)
         return value, seconds
