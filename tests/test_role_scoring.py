@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from axiscap.axes import persona_data
 from axiscap.axes.role_scoring import JUDGE_RUBRIC, EmbeddingScorer, labelled_set, validate, verdict
+
+from .metrics_mix import scrape
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,7 @@ def test_clear_cases(scorer):
 
 
 def finished_requests(base_url: str) -> float:
-    text = httpx.get(base_url + "/metrics").text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "axiscap_requests_total")
+    return sum(value for (name, _), value in scrape(base_url).items() if name == "axiscap_requests_total")
 
 
 def test_a_judges_verdict_is_its_first_digit_and_unreadable_is_1():

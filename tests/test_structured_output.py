@@ -11,12 +11,12 @@ import string
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from axiscap.server.engines import GrammarError
 from axiscap.server.engines.grammar import STRING_FORMATS, SchemaLimits, check_schema, client_reason
 
 from .conftest import assert_openai_error, server
+from .metrics_mix import scrape
 
 MODEL = "smollm2-135m-instruct"
 
@@ -177,12 +177,6 @@ def strict_server(smollm2, smollm2_axis):
     with server(smollm2, smollm2_axis, grammar_compile_timeout=0.5, max_schema_enum_values=10**6,
                 max_schema_bytes=4 * 2**20, max_body_bytes=8 * 2**20) as live:
         yield live
-
-
-def scrape(base_url: str) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(f"{base_url}/metrics", timeout=30).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def compiles(samples: dict, outcome: str) -> float:
