@@ -68,6 +68,12 @@ class AxisHooks:
         """Bool mask broadcastable to [batch, seq] of positions to cap; None caps nothing."""
         self._cap_mask = mask
 
+    def take_cap_hits(self) -> torch.Tensor:
+        """The counts since the last take, which starts the next count from zero (on the device, no sync)."""
+        hits = self.cap_hits.clone()
+        self.cap_hits.zero_()
+        return hits
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -123,7 +123,8 @@ class Engine:
         # Off the event loop, in the compile pool (the choices share one compile).
         grammars = [await self.grammars.compile(*p.response_format) if p.response_format else None
                     for p in params]
-        loop = self.output.stats_loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        self.output.record_on(loop)
         requests = [self._new_request(prompt_ids, p, g, loop, timeout) for p, g in zip(params, grammars)]
         # Prompt logprobs (echo) run the vocabulary-wide output head at every prompt position: the first
         # choice computes them in a prefill group of its own, and the other choices, which share its
@@ -160,7 +161,8 @@ class Engine:
         runner, lock = self.runner, self.scheduler.lock
         while True:
             with lock:
-                while not self._stopping and not self.scheduler.waiting and not runner.rows and not runner.prefilling:
+                while not self._stopping and not self.scheduler.has_waiting() and not runner.rows and \
+                        runner.prefilling is None:
                     lock.wait()
                 if self._stopping:
                     break
@@ -179,38 +181,32 @@ class Engine:
                         self._guarded(self._decode_step, self._decode_failed)
             except Exception:  # the bookkeeping itself broke: nothing can be trusted, fail what runs
                 log.exception("engine bookkeeping failed")
-                self.output.fail([row.request for row in runner.rows] +
-                                 (runner.prefilling.requests if runner.prefilling is not None else []))
-                runner.prefilling = None
+                group = runner.drop_group()
+                self.output.fail([row.request for row in runner.rows] + (group.requests if group is not None else []))
                 runner.reset()
             self._report()
-        with lock:
-            leftover = [row.request for row in runner.rows] + list(self.scheduler.waiting)
-            leftover += runner.prefilling.requests if runner.prefilling is not None else []
-            self.scheduler.waiting.clear()
+        group = runner.drop_group()
+        leftover = [row.request for row in runner.rows] + self.scheduler.take_all()
+        leftover += group.requests if group is not None else []
         for request in leftover:
             request.emit(Delta("", [], [], "cancelled"))
 
     def _report(self) -> None:
-        with self.scheduler.lock:
-            waiting = len(self.scheduler.waiting)
-        self.output.report(waiting, len(self.runner.rows))
+        self.output.report(self.scheduler.waiting_count(), len(self.runner.rows))
 
     def _prefill_slice(self) -> None:
         done = self.runner.prefill_slice()
         if done is None:
             return
-        for row in done.rows + [request.row for request in done.recap]:
-            if not row.prefilled:  # a re-prefill (after a failed step, or capped) is not new prompt work
-                row.prefilled = True
-                self.output.stats.prompt_tokens += len(row.request.prompt_ids)
-        # Published before the rows join, so the batch's sampler sees their first tokens on the host.
-        try:
-            finished = self.output.publish(done.rows, done.tokens, done.sampler, self.hooks,
-                                           done.projections) if done.rows else []
-        except BaseException:  # the group is retried: its rows give their slots back, all of them
-            self.runner.release(done.rows)
-            raise
+        self.output.count_prompt_tokens(done.prompt_tokens)
+        # Processed before the rows join, so the batch's sampler sees their first tokens on the host.
+        finished = []
+        if done.step is not None:
+            try:
+                finished = self.output.process(done.step).finished
+            except BaseException:  # the group is retried: its rows give their slots back, all of them
+                self.runner.release(done.step.rows)
+                raise
         with self.scheduler.lock:  # submit() counts busy slots under this lock: they move from group to batch at once
             self.runner.join(done)
             # Gated requests whose prompts drifted: prefilled again, capped, before anything else.
@@ -219,13 +215,11 @@ class Engine:
             self.runner.remove(finished)
 
     def _decode_step(self) -> None:
-        tokens = self.runner.decode_step()
-        finished = self.output.publish(self.runner.rows, tokens, self.runner.sampler, self.hooks)
-        if finished:
-            self.runner.remove(finished)
-        elif self.output.gate_switched:
+        done = self.output.process(self.runner.decode_step())
+        if done.finished:
+            self.runner.remove(done.finished)  # the batch's switches are taken again from its rows
+        elif done.switched:
             self.runner.capping_changed()
-        self.output.gate_switched = False
 
     def _drop_ended(self) -> None:
         """End cancelled and timed-out requests wherever they are, and free their rows
@@ -238,7 +232,7 @@ class Engine:
             in_group = [(r, reason) for r in group.requests if (reason := r.ended(now))]
             if len(in_group) == len(group.requests):
                 ended += in_group
-                runner.prefilling = None
+                runner.drop_group()
         gone = [(row, reason) for row in runner.rows if (reason := row.request.ended(now))]
         ended += [(row.request, reason) for row, reason in gone]
         if gone:
@@ -258,7 +252,7 @@ class Engine:
 
     def _prefill_failed(self, exc: Exception) -> None:
         """Only the group is involved: the running batch has its own cache and goes on."""
-        group, self.runner.prefilling = self.runner.prefilling, None
+        group = self.runner.drop_group()
         if len(group.requests) == 1:
             log.error("prefill failed; failing its one request: %s: %s", type(exc).__name__, exc)
             self.output.fail(group.requests)
@@ -272,7 +266,7 @@ class Engine:
         written: every row is re-prefilled from its own tokens, alone, and rejoins the batch."""
         rows = self.runner.rows
         if isinstance(exc, torch.OutOfMemoryError):
-            self.scheduler.batch_limit = max(1, len(rows) // 2)
+            self.scheduler.limit_batch(len(rows) // 2)
             log.warning("out of memory at batch %d: running at most %d requests from now on",
                         len(rows), self.scheduler.batch_limit)
         self.runner.reset()

@@ -11,26 +11,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
-from axiscap.steering import AxisHooks
-
 from ..base import Delta, Logprob, Request, StatLogger, StepStats
 from .request_state import Row
-from .sampling import BatchSampler
+from .runner import StepOutput
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProcessedStep:
+    """What a step's output changed: the rows that finished, and gated rows whose capping switched on."""
+
+    finished: list[Row]
+    switched: list[Row]
 
 
 class OutputProcessor:
     def __init__(self, eos_ids: set[int], stat_logger: StatLogger):
         self.eos_ids = eos_ids
         self.stat_logger = stat_logger
-        self.stats_loop: asyncio.AbstractEventLoop | None = None  # where statistics are recorded
+        self._stats_loop: asyncio.AbstractEventLoop | None = None  # where statistics are recorded
         self.stats = StepStats()  # the current step's
         self._outbox: list[tuple[Request, Delta]] = []
-        self.gate_switched = False  # a gated row's capping switched on since the runner last looked
 
     def send(self, request: Request, delta: Delta) -> None:
         if delta.finish_reason is not None:
@@ -48,7 +54,7 @@ class OutputProcessor:
         thread, which runs the model; they are queued there before the deltas."""
         stats, self.stats = self.stats, StepStats()
         stats.waiting, stats.running = waiting, running
-        loop = self.stats_loop
+        loop = self._stats_loop
         try:
             if loop is None:  # no request came from a loop yet
                 raise RuntimeError
@@ -65,30 +71,31 @@ class OutputProcessor:
         except Exception:  # metrics are not worth a request: log it and go on
             log.exception("recording engine statistics failed")
 
-    def publish(self, rows: list[Row], tokens: torch.Tensor, sampler: BatchSampler, hooks: AxisHooks | None,
-                projections: torch.Tensor | None = None) -> list[Row]:
-        """Move this step's tokens, projections (default: the monitor layer's at each row's last
-        position), logprobs and cap counts to the host in one transfer; returns the rows that finished."""
+    def record_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Record statistics on ``loop`` from now on (the loop the requests come from)."""
+        self._stats_loop = loop
+
+    def count_prompt_tokens(self, tokens: int) -> None:
+        self.stats.prompt_tokens += tokens
+
+    def process(self, step: StepOutput) -> ProcessedStep:
+        """Move the step's tokens, projections, logprobs and cap counts to the host in one transfer, and
+        turn each row's token into what its client may see."""
+        rows, tokens, logprobs = step.rows, step.tokens, step.logprobs
         n = len(rows)
         here = tokens.device  # a model split across GPUs leaves these on different devices
-        if hooks is not None:
-            hits = hooks.cap_hits.to(here)
-            projections = (projections if projections is not None else hooks.monitor_projection[:, -1]).to(here)
-        else:
-            projections, hits = torch.zeros(n, device=here), torch.zeros(0, device=here)
+        projections = step.projections.to(here) if step.projections is not None else torch.zeros(n, device=here)
+        hits = step.cap_hits.to(here) if step.cap_hits is not None else torch.zeros(0, device=here)
         parts = [tokens.double(), projections.double(), hits.double()]
-        logprobs = sampler.logprobs
         if logprobs is not None:
             parts += [logprobs.chosen.double(), logprobs.top_ids.double().flatten(),
                       logprobs.top_values.double().flatten()]
         host = torch.cat(parts).tolist()
-        if hooks is not None:
-            hooks.cap_hits.zero_()
         if len(hits):
             self.stats.cap_hits.append(host[2 * n: 2 * n + len(hits)])
         k, at = (logprobs.top_ids.shape[1], 2 * n + len(hits)) if logprobs is not None else (0, 0)
         now = time.monotonic()
-        finished: list[Row] = []
+        done = ProcessedStep([], [])
         for i, row in enumerate(rows):
             token = int(host[i])
             logprob = None
@@ -96,13 +103,16 @@ class OutputProcessor:
                 top = range(at + n + i * k, at + n + i * k + row.params.logprobs)
                 logprob = Logprob(token, host[at + i], [(int(host[j]), host[j + n * k]) for j in top])
             try:
+                gate_was_open = row.gate_open
                 if self._on_token(row, token, host[n + i], logprob, now):
-                    finished.append(row)
+                    done.finished.append(row)
+                elif gate_was_open and not row.gate_open:
+                    done.switched.append(row)
             except Exception:  # this row's text handling broke: it alone ends
                 log.exception("could not emit a generated token; failing that request")
                 self.fail([row.request])
-                finished.append(row)
-        return finished
+                done.finished.append(row)
+        return done
 
     def _on_token(self, row: Row, token: int, projection: float, logprob: Logprob | None, now: float) -> bool:
         """Record one token for a row and emit what the client may see; True when it finished."""
@@ -114,7 +124,6 @@ class OutputProcessor:
                               row.capped_from is not None and row.generated - 1 >= row.capped_from)
         if row.gate_open and params.gate.token_drifted(projection):
             row.capped_from = row.generated  # the next forward is capped: it makes the next token
-            self.gate_switched = True
         row.pending_ids.append(token)
         row.pending_projections.append(projection)
         if logprob is not None:

@@ -19,7 +19,7 @@ from axiscap.steering import AxisHooks
 from ..base import LOGPROB_FLOOR, Logprob
 from .kv_slots import PrefillStore, SlotStore, slot_attention_for
 from .request_state import EngineRequest, Row
-from .sampling import BatchSampler
+from .sampling import BatchSampler, TokenLogprobs
 
 # Prompt positions per prefill step while a group computes prompt logprobs (echo): each position
 # runs the vocabulary-wide output head (49k columns on SmolLM2), ~4x a plain prefill's cost per token.
@@ -66,14 +66,25 @@ class PrefillGroup:
 
 
 @dataclass
+class StepOutput:
+    """What one forward made for the rows it ran, still on the device: the output processor moves it
+    to the host in one transfer."""
+
+    rows: list[Row]  # in the order of the tensors' first dimension
+    tokens: torch.Tensor  # [rows] sampled
+    projections: torch.Tensor | None  # [rows] the monitor layer's projection that made each token; None: no axis
+    cap_hits: torch.Tensor | None  # [cap layers] positions capped since the last step's output; None: no axis
+    logprobs: TokenLogprobs | None  # for the rows that asked
+
+
+@dataclass
 class Prefilled:
     """A group whose prompts are in: its rows hold slots, and their first tokens are sampled."""
 
-    rows: list[Row]
-    tokens: torch.Tensor | None  # None when no row joins
-    sampler: BatchSampler | None
-    projections: torch.Tensor | None
+    step: StepOutput | None  # None when no row joins
+    sampler: BatchSampler | None  # the joining rows' own
     recap: list[EngineRequest]  # gated requests whose prompt drifted: to be prefilled again, capped
+    prompt_tokens: int  # prompt tokens prefilled for the first time (a re-prefill is not new prompt work)
 
 
 class ModelRunner:
@@ -101,13 +112,18 @@ class ModelRunner:
     def begin_group(self, requests: list[EngineRequest]) -> None:
         self.prefilling = PrefillGroup(requests, self.pad_id, self.device)
 
+    def drop_group(self) -> PrefillGroup | None:
+        """Give up the group in prefill (it failed, or all of it ended); returns it."""
+        group, self.prefilling = self.prefilling, None
+        return group
+
     def prefill_slice(self) -> Prefilled | None:
         """Prefill the next slice of the group's prompts; once they are all in, give the group's rows
         their slots and sample their first tokens.
 
         Slicing bounds how long running streams wait for a long prompt: one decode step runs
         between two slices of at most ``prefill_chunk_tokens`` tokens. Cap hits of the slices are
-        read back with the next decode step.
+        counted in the next step output, whichever step makes it.
         """
         group = self.prefilling
         n, start = len(group.requests), group.done
@@ -161,11 +177,16 @@ class ModelRunner:
                 if row.gate_open and row.params.gate.prompt_drifted(own):
                     row.capped_from = 0  # capped from the prompt on, as if it had asked: prefilled again
                     drifted.add(i)
+        prompt_tokens = 0
+        for request in group.requests:
+            if not request.row.prefilled:
+                request.row.prefilled = True
+                prompt_tokens += len(request.prompt_ids)
         keep = [i for i in range(n) if i not in drifted]
         rows = [group.requests[i].row for i in keep]
         recap = [group.requests[i] for i in sorted(drifted)]
         if not rows:
-            return Prefilled([], None, None, None, recap)
+            return Prefilled(None, None, recap, prompt_tokens)
         self._add_to_store(rows, group, keep)
         try:  # sample only the new rows, with their own parameters
             sampler = self.new_sampler()
@@ -174,7 +195,8 @@ class ModelRunner:
             logits, projections = group.last_logits, group.last_projections
             if index is not None:
                 logits, projections = logits[index], projections[index]
-            return Prefilled(rows, sampler.sample(logits), sampler, projections, recap)
+            tokens = sampler.sample(logits)
+            return Prefilled(self._step_output(rows, tokens, sampler, projections), sampler, recap, prompt_tokens)
         except BaseException:  # the group is retried: its rows give their slots back
             self.release(rows)
             raise
@@ -182,8 +204,8 @@ class ModelRunner:
     def join(self, done: Prefilled) -> None:
         """The prefilled group's rows join the running batch (call it under the scheduler's lock)."""
         self.prefilling = None
-        if done.rows:
-            self._reorder(done.rows, done.tokens)
+        if done.step is not None:
+            self._reorder(done.step.rows, done.step.tokens)
 
     def release(self, rows: list[Row]) -> None:
         """Rows of a group that will be retried give their slots back."""
@@ -215,8 +237,8 @@ class ModelRunner:
                 row.prompt_logprobs.append(Logprob(host_targets[j][c], host_chosen[j][c],
                                                    list(zip(host_ids[j][c][:kept], host_values[j][c][:kept]))))
 
-    def decode_step(self) -> torch.Tensor:
-        """One token for every running row; returns them (sampled by ``self.sampler``), on the device."""
+    def decode_step(self) -> StepOutput:
+        """One token for every running row."""
         self.store.begin_decode(self._positions)
         self._set_cap_mask(self._cap_rows if self._any_capping else None)
         with slot_attention_for(self.model):
@@ -227,7 +249,16 @@ class ModelRunner:
         self._positions = self._positions + 1
         tokens = self.sampler.sample(out.logits[:, -1, :])
         self._next_input = tokens
-        return tokens
+        return self._step_output(self.rows, tokens, self.sampler)
+
+    def _step_output(self, rows: list[Row], tokens: torch.Tensor, sampler: BatchSampler,
+                     projections: torch.Tensor | None = None) -> StepOutput:
+        """The step's output; ``projections`` default to the monitor layer's at each row's last position."""
+        if self.hooks is None:
+            return StepOutput(rows, tokens, None, None, sampler.logprobs)
+        if projections is None:
+            projections = self.hooks.monitor_projection[:, -1]
+        return StepOutput(rows, tokens, projections, self.hooks.take_cap_hits(), sampler.logprobs)
 
     def _set_cap_mask(self, mask: torch.Tensor | None) -> None:
         if self.hooks is not None:

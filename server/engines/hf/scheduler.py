@@ -22,7 +22,7 @@ SKIP_AHEAD_S = 10.0
 class Scheduler:
     def __init__(self, max_batch_size: int, max_waiting: int, kv_cache_tokens: int | None):
         self.max_batch_size = max_batch_size
-        self.batch_limit = max_batch_size  # lowered after an out-of-memory step
+        self.batch_limit = max_batch_size  # lowered after an out-of-memory step (``limit_batch``)
         self.max_waiting = max_waiting
         self.kv_cache_tokens = kv_cache_tokens  # None: unbounded
         self.waiting: deque[EngineRequest] = deque()
@@ -38,6 +38,24 @@ class Scheduler:
                 raise QueueFull()
             self.waiting.extend(requests)
             self.lock.notify()
+
+    def limit_batch(self, rows: int) -> None:
+        """Run at most ``rows`` requests from now on (a step at a larger batch ran out of memory)."""
+        self.batch_limit = max(1, rows)
+
+    def has_waiting(self) -> bool:
+        return bool(self.waiting)
+
+    def waiting_count(self) -> int:
+        with self.lock:
+            return len(self.waiting)
+
+    def take_all(self) -> list[EngineRequest]:
+        """Empty the queue (the engine stops); returns what waited."""
+        with self.lock:
+            waiting = list(self.waiting)
+            self.waiting.clear()
+        return waiting
 
     def requeue(self, requests: list[EngineRequest], alone: bool = True) -> None:
         """Put requests back at the head of the queue, each to be prefilled in a group of its own
