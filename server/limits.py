@@ -4,7 +4,7 @@ uvicorn reads headers and bodies for as long as a client cares to send them (one
 keeps a connection, and its task, alive indefinitely: slowloris), and ``--request-timeout`` only
 starts once a request is parsed. Here a client has ``--read-timeout`` seconds for its headers and
 again for its body; past that it is answered 408 and its connection closes. Connection counts, TLS
-and per-client rates belong to the reverse proxy in front (see the README's Operate section).
+and per-client rates belong to the reverse proxy in front (see docs/operate.md).
 """
 
 from __future__ import annotations

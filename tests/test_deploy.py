@@ -310,7 +310,8 @@ def build_context(tmp_path):
         *sources, target = line.split()[1:]
         for source in sources:
             origin = REPO / source
-            files = [origin] if origin.is_file() else [p for p in origin.rglob("*") if p.is_file()]
+            # COPY keeps a link as a link (axiscap/server -> ../server), as copy2 does with follow_symlinks off.
+            files = [origin] if origin.is_file() else [p for p in origin.rglob("*") if p.is_file() or p.is_symlink()]
             for f in files:
                 relative = f.relative_to(REPO).as_posix()
                 if skipped(relative):
@@ -318,14 +319,14 @@ def build_context(tmp_path):
                 dest = context / (relative if target.endswith("/") and origin.is_dir() or target == "./"
                                   else target)
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(f, dest)
+                shutil.copy2(f, dest, follow_symlinks=False)
     return context
 
 
 def test_the_image_builds_from_its_own_build_context(tmp_path):
     """What the Dockerfile's COPY lines put in the image is enough to pip-install the project and run
     its command (the image once failed: evals/ was not copied). The CUDA variant differs only in the
-    torch wheel its build argument picks, which the README documents."""
+    torch wheel its build argument picks, which docs/operate.md documents."""
     context = build_context(tmp_path)
     wheels = tmp_path / "wheels"
     run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
@@ -348,4 +349,4 @@ def test_the_image_builds_from_its_own_build_context(tmp_path):
     assert out.startswith(str(target)) and out.strip().endswith(".safetensors")
     text = (REPO / "Dockerfile").read_text()
     assert re.search(r"^ARG TORCH_VARIANT=cpu$", text, re.M) and "download.pytorch.org/whl/${TORCH_VARIANT}" in text
-    assert "--build-arg TORCH_VARIANT=cu128" in (REPO / "README.md").read_text().replace("\n", " ")
+    assert "--build-arg TORCH_VARIANT=cu128" in (REPO / "docs" / "operate.md").read_text().replace("\n", " ")

@@ -205,11 +205,11 @@ def test_tool_errors_are_openai_errors(live_server):
             assert error["param"] == param, error
 
 
-def test_the_readmes_agent_loop_runs(live_server, capsys, monkeypatch):
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+def test_the_api_docs_agent_loop_runs(live_server, capsys, monkeypatch):
+    readme = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
     block = re.search(r"An agent loop against `make serve`.*?```python\n(.*?)```", readme, re.DOTALL).group(1)
     monkeypatch.setenv("AXISCAP_URL", live_server.base_url + "/v1")
-    exec(compile(block, "README agent loop", "exec"), {"__name__": "readme"})
+    exec(compile(block, "docs/api.md agent loop", "exec"), {"__name__": "readme"})
     assert capsys.readouterr().out.strip()  # the final answer, after the tool's result
     assert os.environ["AXISCAP_URL"].startswith("http://127.0.0.1:")
 
