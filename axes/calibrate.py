@@ -33,7 +33,7 @@ stopped):
                                        GATE_PERCENTILE-th percentile of the train answers' mean projections
                                        at the monitor layer, a whole message of ordinary Assistant work
   verify       verify.json             the chosen and the input axis generating for real (engine)
-  report       OUT.calibration/        calibration.md, pareto.png, the points, the front and the verification;
+  report       OUT.calibration/        calibration.md, pareto.png (``calibration_report``), the points, the front and the verification;
                                        written again when its copies of the figures differ from the measured ones
 and the chosen axis is copied to OUT.
 """
@@ -56,21 +56,21 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from axiscap.stats import mean_ci, wilson
+from axiscap.flags import option
 from axiscap.steering import AssistantAxis, AxisHooks, decoder_layers, load_axis, record_layer_outputs, save_axis
 from axiscap.steering.gate import GATE_KEY
 
 from . import persona_data
 from .calibration_data import calibration_prompts
-from .pipeline import ComputeRunner, GenerateFn, ScoreFn, _stage, generate_in_chunks, run_here, score_answers
+from .calibration_report import LOW_PERCENTILE, report_figures, write_report
+from .stages import ComputeRunner, GenerateFn, ScoreFn, generate_in_chunks, run_here, score_answers, stage
+from .stats import mean_ci, wilson
 
 log = logging.getLogger(__name__)
 
 GATE_PERCENTILE = 5  # of ordinary answers' means: a message below it counts as drifted (gated policy)
 CALIBRATED_BY = "; axiscap axes calibrate: "  # in the chosen axis's source note
 UNCAPPED = "uncapped"  # the front's baseline line
-FRONT_FIGURES = ("point", "n_roles", "in_character", "low", "mean")
-LOW_PERCENTILE = 10  # an answer's low tail, as axiscap eval reads drifting conversations ("low")
 
 # A running engine that generates with an axis (capping every request), or with none, for the block.
 GeneratorFor = Callable[[AssistantAxis | None], AbstractContextManager[GenerateFn]]
@@ -78,15 +78,19 @@ GeneratorFor = Callable[[AssistantAxis | None], AbstractContextManager[GenerateF
 
 @dataclass
 class CalibrateConfig:
+    """What ``axiscap axes calibrate`` does; its flags are generated from the fields with help."""
+
     model_name: str
-    axis_in: Path
-    out: Path
-    quick: bool = False
-    starts: tuple[int, ...] | None = None  # None: every other layer from a third of the model to the monitor layer
-    widths: tuple[int, ...] = (2, 4, 6, 8)
-    percentiles: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0, 10.0, 25.0)
-    capability_budget: float = 0.9  # least share of validation answers capping must leave identical
-    max_new_tokens: int = 64
+    axis_in: Path = option(help="the axis file to calibrate", flag="--axis", metavar="FILE")
+    out: Path = option(help="output axis file (may be the input file)")
+    quick: bool = option(False, help="a tiny slice of every stage (tests, smoke runs)")
+    starts: tuple[int, ...] | None = option(None, help="first capped layers to try (default: every other layer "
+                                                       "from a third of the model to the monitor layer)")
+    widths: tuple[int, ...] = option((2, 4, 6, 8), help="band widths to try")
+    percentiles: tuple[float, ...] = option((1.0, 2.0, 3.0, 5.0, 10.0, 25.0), help="tau percentiles to try")
+    capability_budget: float = option(0.9, help="least share of validation answers that must stay identical "
+                                                "with capping")
+    max_new_tokens: int = option(64, help="tokens per answer")
     batch_size: int = 8
 
     def __post_init__(self):
@@ -431,135 +435,12 @@ def _verify(cfg: CalibrateConfig, model, tokenizer, axes: dict[str, AssistantAxi
     path.write_text(json.dumps(result, indent=1))
 
 
-def _report(cfg: CalibrateConfig, axis_in: AssistantAxis, points: list[dict], front: list[dict],
-            folder: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    chosen_axis = load_axis(cfg.chosen)
-    chosen = chosen_axis.calibration
-    uncapped, front = front[0], front[1:]
-    verify = json.loads((cfg.work / "verify.json").read_text())
+def _report(cfg: CalibrateConfig, axis_in: AssistantAxis, points: list[dict], front: list[dict], folder: Path) -> None:
     rows = _load_answers(cfg)
     counts = {k: sum(r["kind"] == k for r in rows) for k in ("train", "validation", "role")}
-    scored = uncapped["in_character"] is not None
-    best = next(p for p in points if p["point"] == chosen["point"])
-
-    fig, axes = plt.subplots(1, 2 if scored else 1, figsize=(14 if scored else 8, 5), squeeze=False)
-    ax = axes[0, 0]
-    ax.scatter([p["identical"] for p in points], [p["role_lift"] for p in points], s=14, c="0.6", label="sweep point")
-    ax.plot([p["identical"] for p in front], [p["role_lift"] for p in front], "o-", c="C0", label="Pareto front")
-    ax.scatter([best["identical"]], [best["role_lift"]], s=120, marker="*", c="C3", zorder=3,
-               label=f"chosen {best['point']}")
-    ax.axvline(cfg.capability_budget, ls="--", c="C3", lw=1, label=f"budget {cfg.capability_budget:g}")
-    ax.set(xlabel=f"validation answers identical with capping (of {counts['validation']})",
-           ylabel=f"role-play lift at layer {axis_in.monitor_layer} (mean of {counts['role']})",
-           title="Capping sweep: capability kept vs persona pulled back")
-    ax.legend(fontsize=8)
-    if scored:  # the front generating for real: does the lift take answers out of character?
-        ax = axes[0, 1]
-        n = uncapped["n_roles"]
-        shares = [p["in_character"] / n for p in front]
-        cis = [wilson(p["in_character"], n) for p in front]
-        ax.errorbar([p["identical"] for p in front], shares, fmt="o-", c="C0", capsize=3,
-                    yerr=[[s - lo for s, (lo, _) in zip(shares, cis)], [hi - s for s, (_, hi) in zip(shares, cis)]],
-                    label="Pareto front, capped (95% Wilson)")
-        base = uncapped["in_character"] / n
-        ax.axhline(base, c="0.3", lw=1, label=f"uncapped ({uncapped['in_character']} of {n})")
-        ax.axhline(0.7 * base, c="0.3", lw=1, ls=":", label="30% fewer than uncapped")
-        ax.axvline(cfg.capability_budget, ls="--", c="C3", lw=1, label=f"budget {cfg.capability_budget:g}")
-        ax.set(xlabel="validation answers identical with capping", ylabel=f"role answers fully in character (of {n})",
-               title="Generating for real: role answers still in character")
-        ax.legend(fontsize=8)
-    fig.savefig(folder / "pareto.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-    def share(x, ci):
-        return f"{100 * x:.0f}% [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
-
-    def lift(x, ci):
-        return f"{x:+.1f} [{ci[0]:+.1f}, {ci[1]:+.1f}]"
-
-    def mean(m):  # mean_ci's (mean, low, high)
-        return f"{m[0]:.1f} [{m[1]:.1f}, {m[2]:.1f}]"
-
-    def in_char(k, n):
-        return "not scored" if k is None else f"{k} of {n}"
-
-    def change(k):
-        if k is None or not uncapped["in_character"]:
-            return "–"
-        return f"{100 * (k / uncapped['in_character'] - 1):+.0f}%"
-
-    lines = [
-        f"# Capping calibration: {cfg.model_name}", "",
-        f"Input axis: `{cfg.axis_in}` (band {axis_in.cap_layers[0]}–{axis_in.cap_layers[-1]}, "
-        f"p{axis_in.percentile:g}, monitor layer {axis_in.monitor_layer}). Direction unchanged; band and tau swept.",
-        "",
-        f"- tau: percentile of {counts['train']} train-split Assistant answers' token projections per layer "
-        f"(`axes/data/calibration_prompts.json`).",
-        f"- capability: {counts['validation']} validation-split prompts, greedy answers identical with capping "
-        "(teacher-forced: capping changes no greedy choice along the uncapped answer), and the change in their "
-        "perplexity.",
-        f"- persona: {counts['role']} role prompts (one per non-Assistant role, the build's questions), mean lift of "
-        f"their answers' projection at the monitor layer, capped vs uncapped; for the Pareto front, generating "
-        f"for real: answers fully in character (the offline role scorer) and their low tail (mean over answers "
-        f"of the {LOW_PERCENTILE}th percentile of their tokens' projections).",
-        "- held out from all of it: the check roles and questions (`axes/data/check_*.json`, `axes check`) and "
-        "the `axiscap eval` suites.",
-        "- intervals: 95% (Wilson for shares, normal for means).", "",
-        f"**Chosen**: {chosen['point']} for a capability budget of {cfg.capability_budget:g}"
-        + ("" if chosen["inside_budget"] else " (no point met the budget: the least costly one)") + ".", "",
-        "## Generating for real (engine, greedy, capping on)", "",
-        "Each axis's lift is read at its own monitor layer, where the server reports it (a band that leaves "
-        "the input's monitor layer out moves it).", "",
-        "| axis | band | percentile | monitor layer | validation identical | role-play lift | "
-        "role answers in character |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-        f"| uncapped | – | – | – | – | – | {in_char(verify['uncapped']['in_character'], verify['n_roles'])} |",
-    ]
-    for name, monitor in (("input", axis_in.monitor_layer), ("chosen", chosen_axis.monitor_layer)):
-        v = verify[name]
-        lines.append(f"| {name} | {v['band']} | {v['percentile']:g} | {monitor} | "
-                     f"{share(v['identical'], v['identical_ci'])} | {lift(v['role_lift'], v['role_lift_ci'])} | "
-                     f"{in_char(v['in_character'], verify['n_roles'])} |")
-    lines += ["", "![Pareto](pareto.png)", "",
-              "## The Pareto front generating for real (role prompts, greedy, capping on)", "",
-              f"Identical share and lift (at layer {axis_in.monitor_layer}) from the sweep (teacher-forced); the "
-              "rest from the engine's own capped answers, at the same layer. The choice is made on the lift, not "
-              "on these counts: choosing among noisy counts would pick a lucky point.", "",
-              "| band | percentile | validation identical | role-play lift | in character | vs uncapped | low tail |",
-              "| --- | --- | --- | --- | --- | --- | --- |",
-              f"| uncapped | – | – | – | {in_char(uncapped['in_character'], uncapped['n_roles'])} | – | "
-              f"{mean(uncapped['low'])} |"]
-    for p in front:
-        mark = " ★" if p["point"] == chosen["point"] else ""
-        lines.append(f"| {p['start']}–{p['start'] + p['width'] - 1}{mark} | {p['percentile']:g} | "
-                     f"{share(p['identical'], p['identical_ci'])} | {lift(p['role_lift'], p['role_lift_ci'])} | "
-                     f"{in_char(p['in_character'], p['n_roles'])} | {change(p['in_character'])} | "
-                     f"{mean(p['low'])} |")
-    lines += ["", "## Sweep (teacher-forced)", "",
-              "| band | percentile | identical | perplexity change | role-play lift | front |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    front_keys = {p["point"] for p in front}
-    for p in sorted(points, key=lambda p: (p["start"], p["width"], p["percentile"])):
-        lines.append(f"| {p['start']}–{p['start'] + p['width'] - 1} | {p['percentile']:g} | "
-                     f"{share(p['identical'], p['identical_ci'])} | {100 * p['perplexity_change']:+.1f}% | "
-                     f"{lift(p['role_lift'], p['role_lift_ci'])} | {'◆' if p['point'] in front_keys else ''} |")
-    (folder / "calibration.md").write_text("\n".join(lines) + "\n")
-    # The figures behind the tables, for whoever wants to choose differently.
-    for name, entries in report_figures(points, [uncapped, *front]).items():
-        (folder / name).write_text(entries)
-    shutil.copyfile(cfg.work / "verify.json", folder / "verify.json")
-
-
-def report_figures(points: list[dict], front: list[dict]) -> dict[str, str]:
-    """The report folder's copies of the measured figures (a report whose copies differ is stale)."""
-    return {"sweep.jsonl": "".join(json.dumps(p) + "\n" for p in points),
-            "front.jsonl": "".join(json.dumps({k: p[k] for k in FRONT_FIGURES}) + "\n" for p in front)}
+    verify = cfg.work / "verify.json"
+    write_report(folder, cfg, axis_in, load_axis(cfg.chosen), points, front, json.loads(verify.read_text()), counts)
+    shutil.copyfile(verify, folder / "verify.json")
 
 
 def calibrate(cfg: CalibrateConfig, model, tokenizer, generator_for: GeneratorFor, score: ScoreFn | None,
@@ -569,7 +450,7 @@ def calibrate(cfg: CalibrateConfig, model, tokenizer, generator_for: GeneratorFo
     Forward passes of its own (not the engine's) run through ``compute``."""
     n_layers, hidden = len(decoder_layers(model)), model.config.get_text_config().hidden_size
     cfg.work.mkdir(parents=True, exist_ok=True)
-    _stage("input", cfg.input_copy, lambda p: save_axis(load_axis(cfg.axis_in, n_layers, hidden), p))
+    stage("input", cfg.input_copy, lambda p: save_axis(load_axis(cfg.axis_in, n_layers, hidden), p))
     axis_in = load_axis(cfg.input_copy, n_layers, hidden)
     sweep_points(cfg, n_layers, axis_in.monitor_layer)  # a grid with no band fails now, not after the answers
 
@@ -577,8 +458,8 @@ def calibrate(cfg: CalibrateConfig, model, tokenizer, generator_for: GeneratorFo
         with generator_for(None) as generate:
             _answers(cfg, generate, p)
 
-    _stage("answers", cfg.work / "answers.jsonl", answers)
-    _stage("projections", cfg.work / "projections.safetensors", lambda p: _projections(cfg, model, axis_in, p),
+    stage("answers", cfg.work / "answers.jsonl", answers)
+    stage("projections", cfg.work / "projections.safetensors", lambda p: _projections(cfg, model, axis_in, p),
            compute)
     points = compute(lambda: _sweep(cfg, model, axis_in))
     front = _front(cfg, model, tokenizer, points, generator_for, score, compute)
@@ -588,9 +469,9 @@ def calibrate(cfg: CalibrateConfig, model, tokenizer, generator_for: GeneratorFo
     elif any(not (cfg.report / name).exists() or (cfg.report / name).read_text() != text
              for name, text in report_figures(points, front).items()):
         shutil.rmtree(cfg.report, ignore_errors=True)  # same choice, new figures (a wider grid): report again
-    _stage("verify", cfg.work / "verify.json", lambda p: _verify(
+    stage("verify", cfg.work / "verify.json", lambda p: _verify(
         cfg, model, tokenizer, {"input": axis_in, "chosen": load_axis(cfg.chosen)}, generator_for, score, compute, p))
-    _stage("report", cfg.report, lambda p: _report(cfg, axis_in, points, front, p))
+    stage("report", cfg.report, lambda p: _report(cfg, axis_in, points, front, p))
     # A new file moved into place: a process still reading the old one (memory-mapped) keeps it.
     partial = cfg.out.with_name(cfg.out.name + ".partial")
     shutil.copyfile(cfg.chosen, partial)

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from axiscap.stats import auc_ci, roc_auc
 from axiscap.steering import AssistantAxis, AxisHooks
 
 from . import persona_data
 from .persona_data import FULLY_IN_ROLE
-from .pipeline import GenerateFn, ScoreFn, chat_messages, generate_in_chunks, score_answers
+from .stages import GenerateFn, ScoreFn, chat_messages, generate_in_chunks, score_answers
+from .stats import auc_ci, roc_auc
 
 
 def check_rows(model_name: str, quick: bool = False) -> list[dict]:
@@ -97,3 +97,18 @@ def separation(model, axis: AssistantAxis, rows: list[dict]) -> dict:
             "default_mean": sum(default) / len(default) if default else None,
             "roleplay_mean": sum(played) / len(played) if played else None,
             "default_projections": default, "roleplay_projections": played}
+
+
+def auc_line(checks: dict) -> str:
+    """The check set's two AUCs with their intervals and counts, for a report line."""
+    def one(figure: dict, what: str) -> str:
+        if figure["auc"] is None:
+            return f"{figure['n']} {what} (no AUC)"
+        lo, hi = figure["ci"]
+        return f"{figure['n']} {what}: {figure['auc']:.3f} [{lo:.3f}, {hi:.3f}]"
+    parts = [one(checks["all_roleplay"], "role answers")]
+    if checks["fully_in_role"] is not None:
+        parts.append(one(checks["fully_in_role"], "fully in role (score 3)"))
+    if checks.get("by_score"):  # reports written before it have none
+        parts.append("by score: " + ", ".join(one(figure, f"scored {k}") for k, figure in checks["by_score"].items()))
+    return "; ".join(parts)

@@ -7,15 +7,37 @@ import functools
 import logging
 import sys
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from axiscap.axes import axis_for
+from axiscap.axes.build import BuildConfig
+from axiscap.axes.calibrate import CalibrateConfig
 from axiscap.evals.cli import add_parser as add_eval_parser
-from axiscap.server.config import Settings, cli_overrides
+from axiscap.flags import add_flags, from_flags, option
+from axiscap.server.config import DEFAULT_MODEL_NAME, Settings, cli_overrides
 from axiscap.server.config import add_arguments as add_settings_arguments
 from axiscap.steering import AxisFileError
+
+
+@dataclass
+class ModelOptions:
+    """Which model an axis tool loads, and where."""
+
+    model: str = option(DEFAULT_MODEL_NAME, help="model id or path (the axis's model)")
+    device: str = option("auto", help="cpu, cuda or auto (the transformers model's)")
+    cache_dir: Path | None = option(None, help="model cache (default ~/.cache/axiscap)")
+
+
+@dataclass
+class JudgeOptions:
+    """An LLM judge on any OpenAI-compatible endpoint, in place of the offline role scorer."""
+
+    judge_url: str | None = option(None, help="score role expression with an LLM judge at this OpenAI-compatible "
+                                              "base URL (e.g. http://host:8000/v1) instead of the offline scorer")
+    judge_model: str = option("gpt-4o-mini", help="the judge's model name")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -44,7 +66,7 @@ def _import_paper(args: argparse.Namespace) -> None:
 
 
 def _build(args: argparse.Namespace) -> None:
-    from axiscap.axes.pipeline import BuildConfig, build
+    from axiscap.axes.build import build
     from axiscap.axes.role_scoring import EmbeddingScorer, JudgeScorer
     from axiscap.server.engines.hf.model_loading import load_model
     from axiscap.server.engines.hf.threads import in_compute_thread, reserve_threads_for_engine
@@ -53,10 +75,7 @@ def _build(args: argparse.Namespace) -> None:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     reserve_threads_for_engine()  # the engine decodes at full speed; the stages' own passes: in_compute_thread
     loaded = load_model(args.model, device=args.device, cache_dir=args.cache_dir)
-    band = tuple(int(x) for x in args.band.split(":")) if args.band else None
-    cfg = BuildConfig(model_name=loaded.name, out=args.out, quick=args.quick, percentile=args.percentile,
-                      band=band, monitor_layer=args.monitor_layer, max_new_tokens=args.max_new_tokens,
-                      questions=args.questions, prompts_per_role=args.prompts_per_role, min_in_role=args.min_in_role)
+    cfg = from_flags(BuildConfig, args, model_name=loaded.name)
     offline = built_in(loaded)
     try:
         scorer = JudgeScorer(args.judge_url, args.judge_model) if args.judge_url else EmbeddingScorer()
@@ -67,7 +86,7 @@ def _build(args: argparse.Namespace) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> None:
-    from axiscap.axes.calibrate import CalibrateConfig, calibrate, calibrate_gate
+    from axiscap.axes.calibrate import calibrate, calibrate_gate
     from axiscap.axes.role_scoring import EmbeddingScorer
     from axiscap.server.engines.hf.model_loading import load_model
     from axiscap.server.engines.hf.threads import in_compute_thread, reserve_threads_for_engine
@@ -76,15 +95,11 @@ def _calibrate(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     reserve_threads_for_engine()  # as in _build
-    cfg = CalibrateConfig(model_name=args.model, axis_in=args.axis, out=args.out, quick=args.quick,
-                          starts=tuple(args.starts) if args.starts else None,
-                          capability_budget=args.capability_budget, max_new_tokens=args.max_new_tokens,
-                          **({"widths": tuple(args.widths)} if args.widths else {}),
-                          **({"percentiles": tuple(args.percentiles)} if args.percentiles else {}))
+    cfg = from_flags(CalibrateConfig, args, model_name=args.model)
     if args.backend == "vllm":
         engine_module()  # a missing vLLM fails before the model loads
     loaded = load_model(args.model, device=args.device, cache_dir=args.cache_dir)
-    generators = (VllmForAxes(args.model, args.cache_dir, args.gpu_memory_utilization, loaded, args.axis)
+    generators = (VllmForAxes(args.model, args.cache_dir, args.gpu_memory_utilization, loaded, cfg.axis_in)
                   if args.backend == "vllm" else nullcontext(functools.partial(built_in_for, loaded)))
     with generators as generator_for:
         if args.gate_only:
@@ -100,8 +115,7 @@ def _check(args: argparse.Namespace) -> None:
     import json
 
     from axiscap.axes.check import check_answers, separation
-    from axiscap.axes.pipeline import BuildConfig
-    from axiscap.axes.report import auc_line
+    from axiscap.axes.check import auc_line
     from axiscap.axes.role_scoring import EmbeddingScorer
     from axiscap.server.engines.hf.model_loading import load_model
     from axiscap.server.engines.hf.threads import in_compute_thread, reserve_threads_for_engine
@@ -172,21 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "server's engine, average each answer's decoder-layer outputs, score role expression "
                     "0-3, take axis = default - mean of fully-in-role role vectors, choose the capped band "
                     "and calibrate tau. Stages whose output exists in OUT's .build folder are skipped.")
-    build.add_argument("--model", default="smollm2-135m-instruct", help="model id or path")
-    build.add_argument("--out", required=True, type=Path, help="output axis file (.safetensors)")
-    build.add_argument("--quick", action="store_true", help="a tiny slice of every stage (tests, smoke runs)")
-    build.add_argument("--percentile", type=float, default=25.0, help="tau percentile (default 25)")
-    build.add_argument("--band", help="capped layers FIRST:LAST (default: the documented rule)")
-    build.add_argument("--monitor-layer", type=int, help="monitor layer (default: the band's last)")
-    build.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default 64)")
-    build.add_argument("--questions", type=int, default=10, help="questions per prompt (default 10)")
-    build.add_argument("--prompts-per-role", type=int, default=2, help="system prompts per role (default 2)")
-    build.add_argument("--min-in-role", type=int, default=3, help="fully-in-role answers a role needs (default 3)")
-    build.add_argument("--judge-url", help="score role expression with an LLM judge at this OpenAI-compatible "
-                                           "base URL (e.g. http://host:8000/v1) instead of the offline scorer")
-    build.add_argument("--judge-model", default="gpt-4o-mini", help="the judge's model name")
-    build.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    build.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/axiscap)")
+    add_flags(build, ModelOptions)
+    add_flags(build, BuildConfig)
+    add_flags(build, JudgeOptions)
     build.set_defaults(run=_build)
 
     cal = axes.add_parser(
@@ -201,25 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "checked by generating for real. "
                     "Writes OUT, a report (OUT's .calibration folder: table, Pareto plot) and stages in OUT's "
                     ".calibrate folder; finished stages and measured points are skipped on a rerun.")
-    cal.add_argument("--axis", required=True, type=Path, help="the axis file to calibrate")
-    cal.add_argument("--model", default="smollm2-135m-instruct", help="model id or path (the axis's model)")
-    cal.add_argument("--out", required=True, type=Path, help="output axis file (may be the input file)")
-    cal.add_argument("--capability-budget", type=float, default=0.9,
-                     help="least share of validation answers that must stay identical with capping (default 0.9)")
-    cal.add_argument("--starts", type=int, nargs="+",
-                     help="first capped layers to try (default: every other layer from a third of the model "
-                          "to the monitor layer)")
-    cal.add_argument("--widths", type=int, nargs="+", help="band widths to try (default 2 4 6 8)")
-    cal.add_argument("--percentiles", type=float, nargs="+", help="tau percentiles to try (default 1 2 3 5 10 25)")
-    cal.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default 64)")
+    add_flags(cal, ModelOptions)
+    add_flags(cal, CalibrateConfig)
     cal.add_argument("--no-role-scoring", action="store_true",
                      help="skip the in-character share (needs the offline role scorer)")
     cal.add_argument("--gate-only", action="store_true",
                      help="keep the band and tau; only measure the gated policy's threshold (--capping-policy "
                           "gated) from the train answers and write it into OUT (for files calibrated before it)")
-    cal.add_argument("--quick", action="store_true", help="a tiny slice of every stage (tests, smoke runs)")
-    cal.add_argument("--device", default="auto", help="cpu, cuda or auto (the transformers model's: the "
-                                                      "teacher-forced sweep, and generating on --backend transformers)")
     cal.add_argument("--backend", choices=("transformers", "vllm"), default="transformers",
                      help="the engine that generates the answers, the front and the verification: the built-in "
                           "one, or vLLM (pip install 'axiscap[vllm]'; one start, each point's caps copied into its "
@@ -228,7 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--gpu-memory-utilization", type=float, default=0.5,
                      help="--backend vllm: share of GPU memory vLLM takes; the transformers model shares the GPU "
                           "(default 0.5)")
-    cal.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/axiscap)")
     cal.set_defaults(run=_calibrate)
 
     check = axes.add_parser(
@@ -240,14 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "against those the offline scorer finds fully in role, with 95%% intervals and counts. "
                     "Several files are checked on the same answers.")
     check.add_argument("--axis", required=True, type=Path, nargs="+", help="axis files of one model")
-    check.add_argument("--model", default="smollm2-135m-instruct", help="model id or path (the axes' model)")
+    add_flags(check, ModelOptions)
     check.add_argument("--out", type=Path, help="also write the figures as JSON here")
-    check.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default 64)")
+    check.add_argument("--max-new-tokens", type=int, default=BuildConfig.max_new_tokens,
+                       help=f"tokens per answer (default {BuildConfig.max_new_tokens}, as a build)")
     check.add_argument("--no-role-scoring", action="store_true",
                        help="skip the fully-in-role AUC (needs the offline role scorer)")
     check.add_argument("--quick", action="store_true", help="one role and one question (tests, smoke runs)")
-    check.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    check.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/axiscap)")
     check.set_defaults(run=_check)
 
     add_eval_parser(commands)

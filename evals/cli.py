@@ -9,12 +9,38 @@ import os
 import platform
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+from axiscap.flags import add_flags, option
+from axiscap.server.config import DEFAULT_MODEL_NAME
+
 from .client import EvalClient
 from .run import EvalConfig, run_all
+
+
+@dataclass
+class EvalOptions:
+    """``axiscap eval``'s flags, generated from these fields."""
+
+    url: str | None = option(None, help="base URL of the API, e.g. http://host:8000/v1 (default: start a local "
+                                        "server)")
+    model: str = option(DEFAULT_MODEL_NAME, help="model name on the endpoint (and the model a local server loads)")
+    axis: Path | None = option(None, help="axis file for the local server (default: the shipped one)")
+    api_key: str = option(os.environ.get("AXISCAP_EVAL_API_KEY", "unused"),
+                          help="Bearer key for the endpoint (default: env AXISCAP_EVAL_API_KEY, else unused)")
+    out: Path = option(Path("eval-report"), help="report folder")
+    quick: bool = option(False, help="a few items per suite (CI, smoke runs)")
+    max_tokens: int = option(EvalConfig.max_tokens, help="tokens per answer")
+    concurrency: int = option(8, help="requests in flight")
+    api: str = option("chat", help="ask through /v1/chat/completions (chat) or /v1/responses",
+                      choices=["chat", "responses"])
+    judge_url: str | None = option(None, help="judge jailbreak answers with an LLM at this OpenAI-compatible base "
+                                              "URL (default: the offline classifier and role scorer)")
+    judge_model: str = option("gpt-4o-mini", help="the judge's model name")
+    device: str = option("auto", help="device of the local server: cpu, cuda or auto")
 
 
 def add_parser(commands) -> None:
@@ -23,22 +49,7 @@ def add_parser(commands) -> None:
         description="Send every item of the three suites (evals/data) capped and uncapped to an OpenAI-compatible "
                     "endpoint that speaks axiscap's extensions, judge the jailbreak answers, and write report.md, "
                     "results.json and PNG plots. Without --url it starts a server on the embedded model.")
-    ev.add_argument("--url", help="base URL of the API, e.g. http://host:8000/v1 (default: start a local server)")
-    ev.add_argument("--model", default="smollm2-135m-instruct", help="model name on the endpoint (and the model a "
-                                                                     "local server loads)")
-    ev.add_argument("--axis", type=Path, help="axis file for the local server (default: the shipped one)")
-    ev.add_argument("--api-key", default=os.environ.get("AXISCAP_EVAL_API_KEY", "unused"),
-                    help="Bearer key for the endpoint (env AXISCAP_EVAL_API_KEY)")
-    ev.add_argument("--out", type=Path, default=Path("eval-report"), help="report folder (default eval-report/)")
-    ev.add_argument("--quick", action="store_true", help="a few items per suite (CI, smoke runs)")
-    ev.add_argument("--max-tokens", type=int, default=96, help="tokens per answer (default 96)")
-    ev.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
-    ev.add_argument("--api", choices=["chat", "responses"], default="chat",
-                    help="ask through /v1/chat/completions (default) or /v1/responses")
-    ev.add_argument("--judge-url", help="judge jailbreak answers with an LLM at this OpenAI-compatible base URL "
-                                        "(default: the offline classifier and role scorer)")
-    ev.add_argument("--judge-model", default="gpt-4o-mini", help="the judge's model name")
-    ev.add_argument("--device", default="auto", help="device of the local server: cpu, cuda or auto")
+    add_flags(ev, EvalOptions)
     ev.set_defaults(run=_run)
 
 

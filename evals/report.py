@@ -7,7 +7,7 @@ from pathlib import Path
 
 import matplotlib
 
-from axiscap.stats import wilson
+from axiscap.axes.stats import wilson
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from axiscap.axes.calibrate import CalibrateConfig, Point, choose, pareto_front, sweep_points, teacher_forced
-from axiscap.stats import mean_ci, wilson
+from axiscap.axes.stats import mean_ci, wilson
 from axiscap.steering import AxisHooks, load_axis, record_layer_outputs
 
 from .conftest import REPO, chat_ids

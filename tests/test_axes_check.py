@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from axiscap.stats import auc_ci
+from axiscap.axes.stats import auc_ci
 
 from .conftest import SHIPPED_AXIS
 

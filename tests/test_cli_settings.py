@@ -3,8 +3,10 @@ default and help; settings the chosen backend does not read are refused at start
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +88,59 @@ def test_the_deploy_files_set_only_settings_their_backend_reads(monkeypatch):
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         assert Settings().capping_policy == "always", name
+
+
+# --- the axis tools' and the eval's flags come from their config dataclasses -------------------------
+
+def test_axis_tool_flags_default_to_their_config_dataclasses(tmp_path):
+    from axiscap.axes.build import BuildConfig
+    from axiscap.axes.calibrate import CalibrateConfig
+    from axiscap.flags import from_flags
+
+    out = tmp_path / "x.safetensors"
+    args = build_parser().parse_args(["axes", "build", "--out", str(out)])
+    assert from_flags(BuildConfig, args, model_name="m") == BuildConfig("m", out)
+    assert args.model == Settings.model_fields["model"].default and args.judge_url is None
+
+    args = build_parser().parse_args(["axes", "build", "--out", str(out), "--band", "20:25", "--questions", "3"])
+    cfg = from_flags(BuildConfig, args, model_name="m")
+    assert (cfg.band, cfg.questions, cfg.percentile) == ((20, 25), 3, 25.0)
+
+    args = build_parser().parse_args(["axes", "calibrate", "--axis", "a.safetensors", "--out", "b.safetensors",
+                                      "--widths", "2", "3", "--capability-budget", "0.8"])
+    cfg = from_flags(CalibrateConfig, args, model_name="m")
+    assert cfg == CalibrateConfig("m", Path("a.safetensors"), Path("b.safetensors"), widths=(2, 3),
+                                  capability_budget=0.8)
+    assert cfg.percentiles == CalibrateConfig.percentiles and cfg.starts is None
+
+
+def test_a_dataclass_default_is_shown_once_in_the_help(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "10000")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["axes", "calibrate", "--help"])
+    text = capsys.readouterr().out
+    assert "band widths to try (default 2 4 6 8)" in text
+    assert "tokens per answer (default 64)" in text
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--help"])
+    text = capsys.readouterr().out
+    assert "tokens per answer (default 96)" in text and "{chat,responses}" in text
+
+
+def test_the_eval_help_never_prints_the_api_key_from_the_environment(monkeypatch, capsys):
+    import importlib
+
+    import axiscap.evals.cli as eval_cli
+
+    monkeypatch.setenv("AXISCAP_EVAL_API_KEY", "sk-secret-value")
+    importlib.reload(eval_cli)  # the default is read when the options are declared
+    try:
+        parser = argparse.ArgumentParser()
+        eval_cli.add_parser(parser.add_subparsers())
+        assert parser.parse_args(["eval"]).api_key == "sk-secret-value"
+        with pytest.raises(SystemExit):
+            parser.parse_args(["eval", "--help"])
+        assert "sk-secret-value" not in capsys.readouterr().out
+    finally:
+        monkeypatch.delenv("AXISCAP_EVAL_API_KEY")
+        importlib.reload(eval_cli)

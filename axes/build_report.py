@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from axiscap.steering import AssistantAxis, AxisHooks
 
-from .check import cap_everything, monitor_means, separation
+from .check import auc_line, cap_everything, monitor_means, separation
 
 NEUTRAL_PROMPTS = ["What is the capital of Japan?", "Write a Python function that reverses a string.",
                    "Explain photosynthesis in two sentences.", "List three prime numbers.",
@@ -83,21 +83,6 @@ def held_out_checks(model, tokenizer, axis: AssistantAxis, held_out: list[dict],
         hooks.remove()
     return {**checks, "roleplay_capped_projections": capped, "roleplay_mean_capped": sum(capped) / len(capped),
             **neutral}
-
-
-def auc_line(checks: dict) -> str:
-    """The check set's two AUCs with their intervals and counts, for a report line."""
-    def one(figure: dict, what: str) -> str:
-        if figure["auc"] is None:
-            return f"{figure['n']} {what} (no AUC)"
-        lo, hi = figure["ci"]
-        return f"{figure['n']} {what}: {figure['auc']:.3f} [{lo:.3f}, {hi:.3f}]"
-    parts = [one(checks["all_roleplay"], "role answers")]
-    if checks["fully_in_role"] is not None:
-        parts.append(one(checks["fully_in_role"], "fully in role (score 3)"))
-    if checks.get("by_score"):  # reports written before it have none
-        parts.append("by score: " + ", ".join(one(figure, f"scored {k}") for k, figure in checks["by_score"].items()))
-    return "; ".join(parts)
 
 
 def write_report(folder: Path, axis: AssistantAxis, space: dict, checks: dict, counts: dict) -> Path:

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from axiscap.axes.pipeline import choose_band
-from axiscap.stats import roc_auc
+from axiscap.axes.build import choose_band
+from axiscap.axes.stats import roc_auc
 from axiscap.steering import load_axis
 
 from .conftest import REPO

@@ -1,4 +1,4 @@
-"""Build and calibrate an Assistant Axis for any model, stage by stage, resumable.
+"""Build an Assistant Axis for any model, stage by stage, resumable (stages from ``stages``).
 
 Stages (each writes one file in the work folder; a stage whose file exists is skipped, so an
 interrupted build continues where it stopped):
@@ -19,8 +19,6 @@ is the ``percentile`` of per-token projections of the default-Assistant answers.
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,39 +27,37 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from axiscap.flags import option
 from axiscap.steering import AssistantAxis, record_layer_outputs, save_axis
 
 from . import persona_data
-
-log = logging.getLogger(__name__)
-
-# messages per answer -> (prompt token ids, answer token ids) per answer
-GenerateFn = Callable[[list[list[dict[str, str]]], float, float, int], list[tuple[list[int], list[int]]]]
-# answers, their roles and questions -> role-expression scores 0..3
-ScoreFn = Callable[[list[str], list[persona_data.Role], list[str]], list[int]]
-# runs a stage's own forward passes and waits for them: here, or where the caller's engine decodes
-# fastest (the CLI: a thread of its own, server.engines.hf.threads.in_compute_thread)
-ComputeRunner = Callable[[Callable[[], object]], object]
+from .stages import (ComputeRunner, GenerateFn, ScoreFn, chat_messages, generate_in_chunks, run_here, score_answers,
+                     stage)
 
 
-def run_here(work: Callable[[], object]) -> object:
-    return work()
+def _band(text: str) -> tuple[int, int]:
+    first, last = (int(x) for x in text.split(":"))
+    return first, last
 
 
 @dataclass
 class BuildConfig:
+    """What ``axiscap axes build`` does; its flags are generated from the fields with help."""
+
     model_name: str
-    out: Path
-    quick: bool = False
+    out: Path = option(help="output axis file (.safetensors)")
+    quick: bool = option(False, help="a tiny slice of every stage (tests, smoke runs)")
     temperature: float = 0.7
     top_p: float = 0.9
-    max_new_tokens: int = 64
-    questions: int = 10  # per role prompt (successive prompts take successive questions: every one is used)
-    prompts_per_role: int = 2
-    min_in_role: int = 3  # fully-in-role answers a role needs to get a vector
-    percentile: float = 25.0
-    band: tuple[int, int] | None = None  # first and last capped layer
-    monitor_layer: int | None = None
+    max_new_tokens: int = option(64, help="tokens per answer")
+    # Successive prompts of a role take successive questions, so every question is used.
+    questions: int = option(10, help="questions per role prompt")
+    prompts_per_role: int = option(2, help="system prompts per role")
+    min_in_role: int = option(3, help="fully-in-role answers a role needs to get a vector")
+    percentile: float = option(25.0, help="tau: this percentile of the default answers' token projections")
+    band: tuple[int, int] | None = option(None, help="capped layers FIRST:LAST (default: the documented rule)",
+                                          type=_band, metavar="FIRST:LAST")
+    monitor_layer: int | None = option(None, help="monitor layer (default: the band's last)")
     seed: int = 0
 
     def __post_init__(self):
@@ -77,36 +73,12 @@ class BuildConfig:
         return self.out.parent / f"{self.out.stem}.report"
 
 
-def _stage(name: str, path: Path, run: Callable[[Path], None], compute: ComputeRunner = run_here) -> None:
-    if path.exists():
-        log.info("stage %s: %s exists, skipped", name, path.name)
-        return
-    log.info("stage %s", name)
-    partial = path.with_name(path.name + ".partial")
-    compute(lambda: run(partial))
-    partial.rename(path)
-
-
 def _conditions(cfg: BuildConfig) -> list[dict]:
     questions, roles = persona_data.questions(), persona_data.roles()
     if cfg.quick:
         questions = questions[:cfg.questions]
         roles = [next(r for r in roles if r.kind == kind) for kind in ("assistant-like", "in-between", "fantastical")]
     return persona_data.condition_rows(cfg.model_name, roles, questions, cfg.prompts_per_role, cfg.questions)
-
-
-def chat_messages(rows: list[dict]) -> list[list[dict[str, str]]]:
-    return [([{"role": "system", "content": r["system"]}] if r["system"] else []) +
-            [{"role": "user", "content": r["question"]}] for r in rows]
-
-
-def generate_in_chunks(generate: GenerateFn, conversations: list[list[dict[str, str]]], temperature: float,
-                       top_p: float, max_new_tokens: int, desc: str) -> list[tuple[list[int], list[int]]]:
-    """``generate`` over many conversations, 64 at a time (each chunk a full batch), with a progress bar."""
-    outputs, chunk = [], 64
-    for start in tqdm(range(0, len(conversations), chunk), desc=desc, unit="chunk"):
-        outputs += generate(conversations[start:start + chunk], temperature, top_p, max_new_tokens)
-    return outputs
 
 
 def _generate(cfg: BuildConfig, generate: GenerateFn, path: Path) -> None:
@@ -147,17 +119,6 @@ def _answer_activations(model, rows: list[dict], desc: str, per_token: bool = Fa
 def _activations(cfg: BuildConfig, model, path: Path) -> None:
     means = _answer_activations(model, _responses(cfg), "activations")
     save_file({"means": torch.stack(means).to(torch.float16)}, str(path))
-
-
-def score_answers(score: ScoreFn, tokenizer, answer_ids: list[list[int]], roles: list[persona_data.Role],
-                  questions: list[str]) -> list[int]:
-    """Role expression (0-3) of answers given as token ids, 64 at a time, with a progress bar."""
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in answer_ids]
-    verdicts, chunk = [], 64
-    for start in tqdm(range(0, len(texts), chunk), desc="score", unit="chunk"):
-        part = slice(start, start + chunk)
-        verdicts += score(texts[part], roles[part], questions[part])
-    return verdicts
 
 
 def _score(cfg: BuildConfig, tokenizer, score: ScoreFn, path: Path) -> None:
@@ -239,7 +200,7 @@ def _report(cfg: BuildConfig, model, tokenizer, generate: GenerateFn, score: Sco
     from axiscap.steering import load_axis
 
     from .check import check_answers
-    from .report import NEUTRAL_PROMPTS, held_out_checks, persona_space, write_report
+    from .build_report import NEUTRAL_PROMPTS, held_out_checks, persona_space, write_report
 
     axis = load_axis(cfg.out)
     held = check_answers(cfg.model_name, generate, score, tokenizer, cfg.temperature, cfg.top_p, cfg.max_new_tokens,
@@ -261,10 +222,10 @@ def build(cfg: BuildConfig, model, tokenizer, generate: GenerateFn, score: Score
     passes of their own run through ``compute``."""
     torch.manual_seed(cfg.seed)
     cfg.work.mkdir(parents=True, exist_ok=True)
-    _stage("generate", cfg.work / "responses.jsonl", lambda p: _generate(cfg, generate, p))
-    _stage("activations", cfg.work / "activations.safetensors", lambda p: _activations(cfg, model, p), compute)
-    _stage("score", cfg.work / "scores.json", lambda p: _score(cfg, tokenizer, score, p), compute)
-    _stage("axis", cfg.work / "vectors.safetensors", lambda p: _vectors(cfg, p))
-    _stage("calibrate", cfg.out, lambda p: _calibrate(cfg, model, p), compute)
-    _stage("report", cfg.report, lambda p: _report(cfg, model, tokenizer, generate, score, p), compute)
+    stage("generate", cfg.work / "responses.jsonl", lambda p: _generate(cfg, generate, p))
+    stage("activations", cfg.work / "activations.safetensors", lambda p: _activations(cfg, model, p), compute)
+    stage("score", cfg.work / "scores.json", lambda p: _score(cfg, tokenizer, score, p), compute)
+    stage("axis", cfg.work / "vectors.safetensors", lambda p: _vectors(cfg, p))
+    stage("calibrate", cfg.out, lambda p: _calibrate(cfg, model, p), compute)
+    stage("report", cfg.report, lambda p: _report(cfg, model, tokenizer, generate, score, p), compute)
     return cfg.out
