@@ -41,8 +41,6 @@ def create_app(state: ServerState) -> FastAPI:
                   openapi_url=None)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, metrics=state.metrics)
     app.state.axiscap = state
-    app.state.api_keys = [k.encode() for k in settings.api_keys]
-    app.state.scrape_key = settings.metrics_key.encode() if settings.metrics_key else None
     metrics = state.metrics
 
     def reject(status: int, body: dict, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -12,7 +12,7 @@ from fastapi import Request as HTTPRequest
 from axiscap.steering.drift import conversation_drift
 
 from .chat_template import ChatPrompt, MessageSpan
-from .engines import GrammarError, Logprob, SamplingParams
+from .engines import GrammarError, Logprob, Request, SamplingParams
 from .protocol import (APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                        ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatTokenLogprob, DeltaToolCall,
                        PromptProjections, ResponseFunction, ResponseToolCall, TopLogprob)
@@ -49,7 +49,7 @@ class ChatShape(Shape):
             calls = self.mode == "named" or bool(delta.tool_calls)
             return ChatChunkChoice(index=out.index, delta=delta, logprobs=logprobs,
                                    finish_reason=self._finish(out, calls), **self._extras(out))
-        content, calls = self._split(out.text)
+        content, calls = self.split(out.text)
         message = AssistantMessage(content=content.strip() or None if calls else content)
         if calls:
             message.tool_calls = [ResponseToolCall(id=Call.new_id(), type="function",
@@ -58,7 +58,7 @@ class ChatShape(Shape):
         return ChatChoice(index=out.index, message=message, logprobs=logprobs,
                           finish_reason=self._finish(out, calls), **self._extras(out))
 
-    def _split(self, text: str) -> tuple[str, list[Call]]:
+    def split(self, text: str) -> tuple[str, list[Call]]:
         """A whole output's content and tool calls."""
         if self.mode in ("named", "required"):
             return "", forced_calls(text, self.named)
@@ -89,7 +89,7 @@ class ChatShape(Shape):
             upto = max(sent, held_from(self.parser, text))
             self._sent[i] = upto
             return ChatDelta(**role, content=text[sent:upto]) if first or upto > sent else ChatDelta()
-        content, calls = self._split(text)  # the end: what was held back, and the calls
+        content, calls = self.split(text)  # the end: what was held back, and the calls
         rest = content[sent:] if self.mode == "auto" else ""
         deltas = [DeltaToolCall(index=k, id=Call.new_id(), type="function",
                                 function=ResponseFunction(name=c.name, arguments=c.arguments))
@@ -134,11 +134,13 @@ class OpenAIServingChat(OpenAIServing):
         return await asyncio.to_thread(self.chat_prompt, body.messages, True, tools)
 
     async def create(self, body: ChatCompletionRequest, http: HTTPRequest):
-        prompt = await self.prompt(body)
+        return await self.respond(ChatShape(self, body, await self.prompt(body)), http)
+
+    async def start(self, shape: ChatShape) -> list[Request]:
         try:
-            return await self.respond(ChatShape(self, body, prompt), http)
+            return await super().start(shape)
         except APIError as exc:
-            if exc.param == "response_format" and body.tool_mode()[0] in ("named", "required"):
+            if exc.param == "response_format" and shape.mode in ("named", "required"):
                 exc.param = "tools"  # the grammar came from a function's parameters
             raise
 

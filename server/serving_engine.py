@@ -208,11 +208,14 @@ class OpenAIServing:
 
     # --- responses ----------------------------------------------------------------------------
 
+    async def start(self, shape: Shape) -> list[Request]:
+        """The shape's request in the engine: its sampling parameters, one engine request per choice."""
+        params = self.sampling_params(shape.body, shape.prompt_ids, shape.spans)
+        return await self.submit(shape.body, shape.prompt_ids, params)
+
     async def respond(self, shape: Shape, http: HTTPRequest):
-        body, prompt_ids = shape.body, shape.prompt_ids
-        params = self.sampling_params(body, prompt_ids, shape.spans)
-        requests = await self.submit(body, prompt_ids, params)
-        if body.stream:
+        requests = await self.start(shape)
+        if shape.body.stream:
             return EventSourceResponse(self._stream(shape, requests), ping=15)
         return await self._full(shape, requests, http)
 

@@ -27,7 +27,6 @@ from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
 from .auth import key_owner
-from .chat_template import ChatPrompt
 from .engines import Request
 from .protocol import APIError, ChatCompletionRequest, ResponsesRequest, Usage, new_id, now, validation_message
 from .serving_chat import ChatShape, OpenAIServingChat
@@ -105,24 +104,20 @@ class OpenAIServingResponses(OpenAIServingChat):
             message, param = validation_message(exc.errors())
             raise APIError(400, message, param=param) from None
         prompt = await self.prompt(chat)
-        prompt_ids = prompt.ids
+        shape = ChatShape(self, chat, prompt)
         try:
-            params = self.sampling_params(chat, prompt_ids, prompt.spans)
-            (request,) = await self.submit(chat, prompt_ids, params)
+            (request,) = await self.start(shape)
         except APIError as exc:
-            exc.param = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text.format"}.get(
-                exc.param, exc.param)
-            if exc.param == "text.format" and chat.tool_mode()[0] in ("named", "required"):
-                exc.param = "tools"
+            exc.param = body.param_for(exc.param)  # named as this request names it
             raise
-        answer = _Answer(self, body, chat, prompt, request, owner)
+        answer = _Answer(self, body, shape, request, owner)
         if body.stream:
             return EventSourceResponse(answer.events(), ping=15)
         outs = await collect([request], http)
         if isinstance(outs, JSONResponse):
             return outs
         out = outs[0]
-        content, calls = answer.shape._split(out.text)
+        content, calls = shape.split(out.text)
         answer.projections, answer.capping_from = out.projections, out.capping_from
         if calls:  # what surrounds the calls, as a message of its own
             content = content.strip()
@@ -132,11 +127,11 @@ class OpenAIServingResponses(OpenAIServingChat):
 class _Answer:
     """One response being made: its id, its output items, and the conversation it stores."""
 
-    def __init__(self, serving: OpenAIServingResponses, body: ResponsesRequest, chat: ChatCompletionRequest,
-                 prompt: ChatPrompt, request: Request, owner: str):
-        self.serving, self.body, self.chat, self.request, self.owner = serving, body, chat, request, owner
-        self.shape = ChatShape(serving, chat, prompt)
-        self.n_prompt = len(prompt.ids)
+    def __init__(self, serving: OpenAIServingResponses, body: ResponsesRequest, shape: ChatShape, request: Request,
+                 owner: str):
+        self.serving, self.body, self.shape, self.request, self.owner = serving, body, shape, request, owner
+        self.chat: ChatCompletionRequest = shape.body
+        self.n_prompt = len(shape.prompt_ids)
         self.id, self.created = new_id("resp"), now()
         self.capping = request.params.capping_mode
         self.capping_from: int | None = None  # gated: the first token generated capped

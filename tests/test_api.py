@@ -10,7 +10,8 @@ import httpx
 import openai
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from .metrics_mix import scrape
 
 MODEL = "smollm2-135m-instruct"
 
@@ -18,12 +19,6 @@ MODEL = "smollm2-135m-instruct"
 @pytest.fixture(scope="module")
 def client(live_server):
     return openai.OpenAI(base_url=live_server.base_url + "/v1", api_key="unused", max_retries=0)
-
-
-def scrape(base_url) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(base_url + "/metrics").text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def sample(samples, name, **labels):

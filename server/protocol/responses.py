@@ -63,6 +63,11 @@ class TextConfig(_Body):
     format: TextFormat | None = None
 
 
+# A chat request's field -> the Responses field it is made from (``ResponsesRequest.chat_request``); an
+# error about the former names the latter.
+_CHAT_FIELDS = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text.format"}
+
+
 class ResponsesRequest(_Body):
     """What axiscap takes of OpenAI's Responses API: text generation with function tools. Turned into a
     chat completion request (``chat_request``), so it is served, capped and checked as one."""
@@ -84,6 +89,10 @@ class ResponsesRequest(_Body):
     previous_response_id: Text | None = None
     capping: StrictBool | Literal["auto"] | None = None  # "auto": gated (steering.gate)
     return_projections: StrictBool = False
+
+    def param_for(self, chat_param: str | None) -> str | None:
+        """The field of this request that a chat request's field came from (``chat_request``)."""
+        return _CHAT_FIELDS.get(chat_param, chat_param)
 
     def chat_request(self, history: list[dict]) -> ChatCompletionRequest:
         """The same request as a chat completion, after ``history`` (a stored conversation's messages)."""
