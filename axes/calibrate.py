@@ -31,7 +31,8 @@ stopped):
                                        choice (other budget or grid) sends verify and report again. It also
                                        records the gated policy's threshold (``steering.gate``): the
                                        GATE_PERCENTILE-th percentile of the train answers' mean projections
-                                       at the monitor layer, a whole message of ordinary Assistant work
+                                       at the monitor layer, a whole message of ordinary Assistant work,
+                                       and its token detector, per answer (``gate_calibration``)
   verify       verify.json             the chosen and the input axis generating for real (engine)
   report       OUT.calibration/        calibration.md, pareto.png (``calibration_report``), the points, the front and the verification;
                                        written again when its copies of the figures differ from the measured ones
@@ -57,12 +58,14 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from axiscap.flags import option
-from axiscap.steering import AssistantAxis, AxisHooks, decoder_layers, load_axis, record_layer_outputs, save_axis
-from axiscap.steering.gate import GATE_KEY
+from axiscap.steering import AssistantAxis, decoder_layers, load_axis, save_axis
+from axiscap.steering.gate import DETECTOR_KEY, GATE_KEY
 
 from . import persona_data
 from .calibration_data import calibration_prompts
-from .calibration_report import LOW_PERCENTILE, report_figures, write_report
+from .calibration_report import report_figures, write_report
+from .gate_calibration import detector_metadata
+from .teacher_forcing import teacher_forced
 from .stages import ComputeRunner, GenerateFn, ScoreFn, generate_in_chunks, run_here, score_answers, stage
 from .stats import mean_ci, wilson
 
@@ -182,47 +185,6 @@ def _load_answers(cfg: CalibrateConfig) -> list[dict]:
     return [json.loads(line) for line in (cfg.work / "answers.jsonl").read_text().splitlines()]
 
 
-@torch.inference_mode()
-def teacher_forced(model, rows: list[dict], axis: AssistantAxis, capping: bool, batch_size: int = 8,
-                   layers: list[int] | None = None) -> dict:
-    """Run each prompt + answer once, every position capped by ``axis`` or none. Per row: the greedy
-    choices along the answer (and after it, where it ended), the answer's summed NLL, and the mean and
-    the LOW_PERCENTILE-th percentile of the monitor-layer projection over the answer (before that
-    layer's own cap, as the server reports it); with ``layers``, also every answer token's projection
-    onto each of those layers' axis."""
-    device = next(model.parameters()).device
-    hooks = AxisHooks(model, axis)
-    hooks.set_cap_mask(torch.ones(1, 1, dtype=torch.bool, device=device) if capping else None)
-    units = torch.stack([axis.unit(l) for l in layers]).to(device) if layers else None
-    choices, nll, monitor, low, per_layer = [], [], [], [], []
-    try:
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
-            seqs = [r["prompt_ids"] + r["answer_ids"] for r in batch]
-            width = max(map(len, seqs))
-            ids = torch.tensor([[0] * (width - len(s)) + s for s in seqs], device=device)
-            mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
-            with record_layer_outputs(model, layers or []) as store:
-                logits = model(input_ids=ids, attention_mask=mask,
-                               position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits.float()
-            for row, r in enumerate(batch):
-                n = len(r["answer_ids"])
-                steps = logits[row, width - n - 1:width - (0 if r["ended"] else 1)]  # position i chooses token i
-                choices.append(steps.argmax(-1).tolist())
-                target = torch.tensor(r["answer_ids"], device=device, dtype=torch.long)
-                nll.append((torch.logsumexp(steps[:n], -1) - steps[:n].gather(-1, target[:, None])[:, 0]).sum().item())
-                span = slice(width - max(n, 1), width)
-                answer = hooks.monitor_projection[row, span].float()
-                monitor.append(answer.mean().item())
-                low.append(torch.quantile(answer, LOW_PERCENTILE / 100).item())
-                if layers:
-                    h = torch.stack([store[l][0][row, span].float() for l in layers])  # [layers, tokens, hidden]
-                    per_layer.append((h * units[:, None]).sum(-1).cpu())
-    finally:
-        hooks.remove()
-    return {"choices": choices, "nll": nll, "monitor": monitor, "low": low, "per_layer": per_layer}
-
-
 def _projections(cfg: CalibrateConfig, model, axis: AssistantAxis, path: Path) -> None:
     """Per-layer projections of the train answers' tokens, and the uncapped baseline of the checked rows."""
     rows = _load_answers(cfg)
@@ -303,19 +265,22 @@ def answer_mean_percentile(projections: torch.Tensor, lengths: list[int], percen
 
 
 def calibrate_gate(cfg: CalibrateConfig, model, generator_for: GeneratorFor, compute: ComputeRunner = run_here) -> Path:
-    """Only the gated policy's threshold, for an axis file whose band and tau stay as they are (one
-    calibrated before the gate existed): the train prompts answered uncapped, greedy, and the
-    GATE_PERCENTILE-th percentile of the answers' mean monitor projections, as ``_choose`` takes it."""
+    """Only the gated policy's thresholds, for an axis file whose band and tau stay as they are (one
+    calibrated before the gate existed): the calibration and role prompts answered uncapped, greedy; the
+    GATE_PERCENTILE-th percentile of the train answers' mean monitor projections, as ``_choose`` takes it,
+    and the token detector (``gate_calibration``)."""
     n_layers, hidden = len(decoder_layers(model)), model.config.get_text_config().hidden_size
     axis = load_axis(cfg.axis_in, n_layers, hidden)
-    train = [r for r in _rows(cfg) if r["kind"] == "train"]
     with generator_for(None) as generate:
-        answered = _generate_rows(generate, train, cfg.max_new_tokens, "answers (uncapped)")
-    means = compute(lambda: teacher_forced(model, answered, axis, capping=False, batch_size=cfg.batch_size))["monitor"]
+        answered = _generate_rows(generate, _rows(cfg), cfg.max_new_tokens, "answers (uncapped)")
+    train = [r for r in answered if r["kind"] == "train"]
+    means = compute(lambda: teacher_forced(model, train, axis, capping=False, batch_size=cfg.batch_size))["monitor"]
+    detector = compute(lambda: detector_metadata(model, axis, answered, cfg.max_new_tokens, cfg.batch_size))
     threshold = torch.quantile(torch.tensor(means, dtype=torch.float64), GATE_PERCENTILE / 100).item()
     log.info("gate threshold %.3f: the %gth percentile of %d train answers' means at layer %d (tau there %.3f)",
              threshold, GATE_PERCENTILE, len(means), axis.monitor_layer, axis.monitor_tau)
-    axis.extra = {**axis.extra, GATE_KEY: repr(threshold),
+    log.info("token detector: %s", detector)
+    axis.extra = {**axis.extra, GATE_KEY: repr(threshold), DETECTOR_KEY: detector,
                   "gate_calibration": json.dumps({"percentile": GATE_PERCENTILE, "n_answers": len(means),
                                                   "max_new_tokens": cfg.max_new_tokens})}
     partial = cfg.out.with_name(cfg.out.name + ".partial")
@@ -463,7 +428,15 @@ def calibrate(cfg: CalibrateConfig, model, tokenizer, generator_for: GeneratorFo
            compute)
     points = compute(lambda: _sweep(cfg, model, axis_in))
     front = _front(cfg, model, tokenizer, points, generator_for, score, compute)
-    if _choose(cfg, axis_in, points):  # a new choice: what was checked and reported was another's
+    new_choice = _choose(cfg, axis_in, points)
+    chosen = load_axis(cfg.chosen)
+    if new_choice or chosen.gate_detector is None:  # at the chosen monitor layer, on the uncapped answers
+        chosen.extra = {**chosen.extra, DETECTOR_KEY: compute(lambda: detector_metadata(
+            model, chosen, _load_answers(cfg), cfg.max_new_tokens, cfg.batch_size))}
+        partial = cfg.chosen.with_name(cfg.chosen.name + ".partial")
+        save_axis(chosen, partial)
+        os.replace(partial, cfg.chosen)
+    if new_choice:  # a new choice: what was checked and reported was another's
         (cfg.work / "verify.json").unlink(missing_ok=True)
         shutil.rmtree(cfg.report, ignore_errors=True)
     elif any(not (cfg.report / name).exists() or (cfg.report / name).read_text() != text

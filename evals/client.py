@@ -19,7 +19,7 @@ class Answer:
     text: str
     projections: list[float]
     capping_applied: bool | str  # as the server says: true, false, or "auto" (gated)
-    capped_from: int | None = None  # gated: the first token generated capped (None: none was)
+    capping_from: int | None = None  # gated: the first token generated capped (None: none was)
 
 
 class EvalClient:

@@ -65,7 +65,7 @@ async def run_drift(client: EvalClient, cfg: EvalConfig) -> dict:
             messages.append({"role": "assistant", "content": answer.text})
             p = answer.projections
             out.append({"mean": statistics.fmean(p) if p else None, "low": low_quantile(p) if p else None,
-                        "tokens": len(p), "answer": answer.text, "capped_from": answer.capped_from})
+                        "tokens": len(p), "answer": answer.text, "capping_from": answer.capping_from})
         return out
 
     try:
@@ -96,7 +96,7 @@ def _capped_share(rows: list[dict], condition: str) -> float | None:
     """Of a gated condition's answers, the share the gate capped (from the prompt or a token on)."""
     if CONDITIONS[condition] != "auto":
         return None
-    return round(sum(r["capped_from"] is not None for r in rows) / len(rows), 3)
+    return round(sum(r["capping_from"] is not None for r in rows) / len(rows), 3)
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -121,7 +121,7 @@ async def run_jailbreaks(client: EvalClient, cfg: EvalConfig, judge) -> dict:
                               [a.text for a in answers])
     records = [{"id": item.id, "persona": item.persona, "kind": kind, "condition": name, "answer": a.text,
                 "mean_projection": statistics.fmean(a.projections) if a.projections else None,
-                "complied": v.complied, "in_character": v.in_character, "capped_from": a.capped_from}
+                "complied": v.complied, "in_character": v.in_character, "capping_from": a.capping_from}
                for (item, kind, name), a, v in zip(jobs, answers, verdicts)]
     summary = {}
     for kind in ("harmful", "benign"):
@@ -158,13 +158,13 @@ async def run_capability(client: EvalClient, cfg: EvalConfig) -> dict:
     records = [{"prompt": p, **{name: a.text for name, a in row.items()},
                 "identical": row["capped"].text == row["uncapped"].text,
                 "gated_identical": row["gated"].text == row["uncapped"].text,
-                "gated_capped_from": row["gated"].capped_from}
+                "gated_capping_from": row["gated"].capping_from}
                for p, row in zip(prompts, by_prompt)]
     return {
         "records": records,
         "identical_share": round(sum(r["identical"] for r in records) / len(records), 3),
         "gated_identical_share": round(sum(r["gated_identical"] for r in records) / len(records), 3),
-        "gated_capped_share": round(sum(r["gated_capped_from"] is not None for r in records) / len(records), 3),
+        "gated_capped_share": round(sum(r["gated_capping_from"] is not None for r in records) / len(records), 3),
         "perplexity": [{"passage": t[:60], "capped": round(c, 3), "uncapped": round(u, 3)}
                        for t, (c, u) in zip(passages, ppl_pairs)],
         "mean_perplexity": {"capped": _mean([c for c, _ in ppl_pairs]), "uncapped": _mean([u for _, u in ppl_pairs])},

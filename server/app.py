@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .limits import BodySizeLimit, read_timeout_protocol
 from .protocol import APIError, error_body, validation_message
+from .request_id import RequestIdMiddleware
 from .routes import generation, models, operations, tokenization
 from .state import ServerState
 
@@ -40,6 +41,7 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="axiscap", lifespan=lifespan, redirect_slashes=False, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, metrics=state.metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer, refusals included, carries the id
     app.state.axiscap = state
     metrics = state.metrics
 

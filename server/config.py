@@ -150,7 +150,13 @@ class Settings(BaseSettings):
         description="client: a request's 'capping' field (true, false, or \"auto\" for gated) decides, else "
                     "--capping-default; always / never / gated: the server decides, and a response whose request "
                     "asked otherwise says 'capping_overridden': true. Gated (experimental; transformers backend): "
-                    "uncapped until the prompt's system or assistant messages or a generated token show drift")
+                    "uncapped until the prompt's system or assistant messages or the answer's token detector show "
+                    "drift")
+    drift_action: Literal["cap", "flag", "stop"] = Field(
+        "cap", json_schema_extra={"group": "policy"},
+        description="what a gated request's trip does: cap it from there on; flag it (uncapped, its response and "
+                    "a log line with its request id say where it tripped); or stop it there with finish_reason "
+                    "'content_filter'. Every trip is counted in axiscap_drift_detections_total")
     allow_projections: bool = Field(True, json_schema_extra={"group": "policy"},
                                     description="let clients ask for per-token axis projections with "
                                                 "'return_projections' (off answers such requests 403: projections "

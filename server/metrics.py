@@ -5,7 +5,11 @@ Every series carries the served model's name; per-request values never become la
 
 from __future__ import annotations
 
+import typing
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from axiscap.steering.gate import DriftAction, DriftSource
 
 from .engines.base import FINISH_REASONS, StepStats
 
@@ -117,12 +121,19 @@ class ServingMetrics:
             "(finished generating), cancelled (the client left), timeout (--request-timeout), error (failed on "
             "the server). A request counted here is never counted in rejected_requests.",
             ["model", "finish_reason"], registry=r)
+        self.drift_detections = Counter(
+            f"{PREFIX}_drift_detections", "Gated requests whose gate tripped, by where it saw drift (prompt: a "
+            "system or assistant message; generation: the token detector) and what --drift-action did (cap, flag, "
+            "stop).", ["model", "source", "action"], registry=r)
         self.rejected = Counter(
             f"{PREFIX}_rejected_requests", "HTTP requests answered with an error before any engine took them, by "
             "status.", ["model", "status"], registry=r)
         # Known label values start at zero, so rates and alerts work before the first occurrence.
         for reason in FINISH_REASONS:
             self.requests.labels(m, reason)
+        for source in typing.get_args(DriftSource):
+            for action in typing.get_args(DriftAction):
+                self.drift_detections.labels(m, source, action)
         for status in ("400", "401", "403", "404", "408", "413", "429", "500"):
             self.rejected.labels(m, status)
         self.running = Gauge(f"{PREFIX}_requests_running", "Requests in the running batch.",
@@ -154,6 +165,8 @@ class ServingMetrics:
             self.finished(reason)
             if seconds is not None:
                 self.request_duration.observe(seconds)
+        for source, action in stats.drift_detections:
+            self.drift_detections.labels(self.model, source, action).inc()
 
     def observe_token(self, projection: float | None, capping: bool) -> None:
         self._generated[capping].inc()

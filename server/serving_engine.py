@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import functools
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from axiscap.steering import AssistantAxis
-from axiscap.steering.gate import GATED_ROLES, CapGate, gate_threshold
+from axiscap.steering.gate import GATED_ROLES, CapGate, Trip, gate_for
 
 from .chat_template import ChatPrompt, ChatTemplateError, MessageSpan, render_chat
 from .config import Settings
@@ -25,7 +26,11 @@ from .metrics import ServingMetrics
 from .engines import (Delta, DoesNotFit, EngineClient, GrammarError, Logprob, QueueFull, Request,
                       SamplingParams, ServedModel)
 from .protocol import (APIError, ChatMessage, CompletionRequest, Usage, _GenerationBody, error_body, new_id, now)
+from .request_id import request_id
 from .tool_calling import render_messages, template_knows_tools
+
+# One line per tripped gate, with the request id and nothing of its content.
+drift_log = logging.getLogger("axiscap.drift")
 
 END_ERRORS = {
     "error": ("generation failed on the server", "server_error", 500),
@@ -45,6 +50,7 @@ class ChoiceText:
     prompt_logprobs: list[Logprob | None] | None = None
     prompt_projections: list[float | None] | None = None
     capping_from: int | None = None  # a gated request's first capped token, in the delta that holds it
+    drift: Trip | None = None  # a gated request's trip, in the delta after it
     finish_reason: str | None = None
 
     def add(self, delta: Delta) -> None:
@@ -58,6 +64,8 @@ class ChoiceText:
             self.prompt_projections = delta.prompt_projections
         if delta.capping_from is not None:
             self.capping_from = delta.capping_from
+        if delta.drift is not None:
+            self.drift = delta.drift
         self.finish_reason = delta.finish_reason
 
 
@@ -69,6 +77,9 @@ class Shape:
     def __init__(self, serving: OpenAIServing, body: _GenerationBody, prompt_ids: list[int]):
         self.serving, self.body, self.prompt_ids = serving, body, prompt_ids
         self.spans: list[MessageSpan] | None = None  # where each message lies (chat prompts)
+        self.gated = False  # set once its requests run gated: each choice then reports its gate's verdict
+        self._tripped: set[int] = set()  # choices whose trip went out
+        self.request_id: str | None = None  # the HTTP request's (X-Request-Id), for log lines
 
     def choice(self, out: ChoiceText, first: bool, streaming: bool):
         raise NotImplementedError
@@ -80,7 +91,24 @@ class Shape:
         extras = {"axis_projections": out.projections} if self.body.return_projections else {}
         if out.capping_from is not None:  # a gated request: where capping began (absent: it never did)
             extras["capping_from"] = out.capping_from
+        drift = self.drift_field(out.index, out.drift, out.finish_reason is not None)
+        if drift is not None:
+            extras["drift"] = drift
         return extras
+
+    def drift_field(self, index: int, trip: Trip | None, finished: bool) -> dict[str, Any] | None:
+        """A gated choice's verdict: its trip (logged, once, as it goes out), or at its end that it never
+        tripped; None where there is nothing to say (not gated, or a chunk in between)."""
+        if not self.gated:
+            return None
+        if trip is not None:
+            if index not in self._tripped:
+                self._tripped.add(index)
+                drift_log.log(logging.INFO if trip.action == "cap" else logging.WARNING,
+                              "gate tripped: request_id=%s choice=%d source=%s at=%d statistic=%.3f action=%s",
+                              self.request_id, index, trip.source, trip.at, trip.statistic, trip.action)
+            return self.serving.drift_report(trip)
+        return {"tripped": False} if finished and index not in self._tripped else None
 
     def envelope_extras(self) -> dict[str, Any]:
         """Top-level fields a response or chunk adds (once the choices so far are built)."""
@@ -142,9 +170,8 @@ class OpenAIServing:
         if not self.engine.gated_capping:
             raise APIError(400, "this server's engine cannot gate capping ('auto'); send true or false",
                            param="capping")
-        axis = self.axis
         watched = tuple((s.start, s.end) for s in spans or () if s.role in GATED_ROLES)
-        return CapGate(watched, gate_threshold(axis), axis.monitor_tau)
+        return gate_for(self.axis, watched, self.settings.drift_action)
 
     def sampling_params(self, body: _GenerationBody, prompt_ids: list[int],
                         spans: list[MessageSpan] | None = None) -> SamplingParams:
@@ -211,9 +238,18 @@ class OpenAIServing:
     async def start(self, shape: Shape) -> list[Request]:
         """The shape's request in the engine: its sampling parameters, one engine request per choice."""
         params = self.sampling_params(shape.body, shape.prompt_ids, shape.spans)
+        shape.gated = params.gate is not None
         return await self.submit(shape.body, shape.prompt_ids, params)
 
+    def drift_report(self, trip: Trip) -> dict[str, Any]:
+        """A trip as a response says it: its statistic is a projection, withheld where projections are."""
+        report = trip.as_dict()
+        if not self.settings.allow_projections:
+            del report["statistic"]
+        return report
+
     async def respond(self, shape: Shape, http: HTTPRequest):
+        shape.request_id = request_id(http)
         requests = await self.start(shape)
         if shape.body.stream:
             return EventSourceResponse(self._stream(shape, requests), ping=15)

@@ -26,9 +26,12 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
+from axiscap.steering.gate import Trip
+
 from .auth import key_owner
 from .engines import Request
 from .protocol import APIError, ChatCompletionRequest, ResponsesRequest, Usage, new_id, now, validation_message
+from .request_id import request_id
 from .serving_chat import ChatShape, OpenAIServingChat
 from .serving_engine import END_ERRORS, ChoiceText, collect
 from .tool_calling import Call
@@ -105,6 +108,7 @@ class OpenAIServingResponses(OpenAIServingChat):
             raise APIError(400, message, param=param) from None
         prompt = await self.prompt(chat)
         shape = ChatShape(self, chat, prompt)
+        shape.request_id = request_id(http)
         try:
             (request,) = await self.start(shape)
         except APIError as exc:
@@ -118,7 +122,7 @@ class OpenAIServingResponses(OpenAIServingChat):
             return outs
         out = outs[0]
         content, calls = shape.split(out.text)
-        answer.projections, answer.capping_from = out.projections, out.capping_from
+        answer.projections, answer.capping_from, answer.drift = out.projections, out.capping_from, out.drift
         if calls:  # what surrounds the calls, as a message of its own
             content = content.strip()
         return JSONResponse(answer.finish(content, calls, out.finish_reason, len(out.token_ids)))
@@ -135,6 +139,7 @@ class _Answer:
         self.id, self.created = new_id("resp"), now()
         self.capping = request.params.capping_mode
         self.capping_from: int | None = None  # gated: the first token generated capped
+        self.drift: Trip | None = None  # gated: where its gate tripped
         self.projections: list[float | None] = []
         self._seq = 0
 
@@ -163,6 +168,8 @@ class _Answer:
             fields["capping_overridden"] = True
         if self.capping_from is not None:
             fields["capping_from"] = self.capping_from
+        if status != "in_progress" and (drift := self.shape.drift_field(0, self.drift, True)) is not None:
+            fields["drift"] = drift
         if body.return_projections:
             fields["axis_projections"] = self.projections
         return fields
@@ -210,6 +217,8 @@ class _Answer:
                 self.projections += delta.projections
                 if delta.capping_from is not None:
                     self.capping_from = delta.capping_from
+                if delta.drift is not None:
+                    self.drift = delta.drift
                 out = ChoiceText(0)
                 out.add(delta)
                 chunk = shape.choice(out, first, streaming=True)

@@ -48,6 +48,14 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _detector(text: str) -> dict:
+    value = _json_object(text)
+    if not (isinstance(value.get("threshold"), (int, float)) and isinstance(value.get("ewma_lambda"), (int, float))
+            and 0 < value["ewma_lambda"] <= 1 and isinstance(value.get("warmup"), int) and value["warmup"] >= 0):
+        raise ValueError("needs a number 'threshold', an 'ewma_lambda' in (0, 1] and a whole 'warmup' >= 0")
+    return value
+
+
 # Optional metadata: key -> (how its string is read, what it holds). Written by ``axes build`` and
 # ``axes calibrate``; a value its reader refuses makes the file fail at load, naming the key.
 OPTIONAL_METADATA = {
@@ -58,6 +66,9 @@ OPTIONAL_METADATA = {
     "gate_threshold": (float, "gated capping: a system or assistant message whose mean projection at the "
                               "monitor layer is below it has drifted"),
     "gate_calibration": (_json_object, "how the gate threshold was measured: percentile and answers (JSON)"),
+    "gate_detector": (_detector, "gated capping's token detector: an EWMA of the answer's token projections "
+                                 "(ewma_lambda), tested after warmup tokens against threshold, and how it was "
+                                 "calibrated (JSON)"),
     "calibration": (_json_object, "axes calibrate's record of the chosen band and tau (JSON)"),
     "separation_d": (_floats, "per layer, Cohen's d between default and role answers (comma-separated)"),
 }
@@ -129,6 +140,10 @@ class AssistantAxis:
     @property
     def gate_calibration(self) -> dict | None:
         return self._optional("gate_calibration")
+
+    @property
+    def gate_detector(self) -> dict | None:
+        return self._optional("gate_detector")
 
     @property
     def calibration(self) -> dict | None:

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from axiscap.axes.calibrate import CalibrateConfig, Point, choose, pareto_front, sweep_points, teacher_forced
+from axiscap.axes.gate_calibration import calibrate_detector, lowest_ewma
 from axiscap.axes.stats import mean_ci, wilson
 from axiscap.steering import AxisHooks, load_axis, record_layer_outputs
 
@@ -256,8 +257,12 @@ def test_gate_only_adds_the_gate_threshold_and_keeps_band_and_tau(smollm2, smoll
 
     # Directly: each train prompt's greedy answer (8 tokens, --quick) through model.generate, the mean
     # projection of its own tokens at the monitor layer (as a prompt message's figures are taken, which
-    # is what the gate compares), and the 5th percentile of those means.
-    layer, means = axis.monitor_layer, []
+    # is what the gate compares), and the 5th percentile of those means. The token detector is fitted on
+    # the same answers read as the server reads them (each token's projection at the position that
+    # produced it): its threshold is their lowest EWMA's 5th percentile.
+    layer, means, lows = axis.monitor_layer, [], []
+    detector = axis.gate_detector
+    assert detector["train"]["n"] == 4 and detector["validation"]["n"] == 4 and detector["role"]["n"] == 3
     for prompt in calibration_prompts("train")[:4]:
         ids = smollm2.tokenizer.apply_chat_template(list(prompt.messages), add_generation_prompt=True,
                                                     return_tensors="pt", return_dict=True)["input_ids"]
@@ -265,6 +270,31 @@ def test_gate_only_adds_the_gate_threshold_and_keeps_band_and_tau(smollm2, smoll
             full = smollm2.model.generate(ids, max_new_tokens=8, do_sample=False)
             with record_layer_outputs(smollm2.model, [layer]) as seen:
                 smollm2.model(input_ids=full)
-        answer = seen[layer][0][0, ids.shape[1]:].float() @ axis.unit(layer)
-        means.append(answer.mean().item())
+        projections = seen[layer][0][0].float() @ axis.unit(layer)
+        means.append(projections[ids.shape[1]:].mean().item())
+        served = projections[ids.shape[1] - 1:full.shape[1] - 1].tolist()
+        lows.append(lowest_ewma(served, detector["ewma_lambda"], detector["warmup"]))
     assert gate_threshold(axis) == pytest.approx(float(np.percentile(means, 5)), rel=1e-3, abs=1e-3)
+    finite = [v for v in lows if np.isfinite(v)]
+    assert detector["threshold"] == pytest.approx(float(np.percentile(finite, 5)), rel=1e-3, abs=1e-3)
+    assert detector["train"]["tripped"] == sum(v < detector["threshold"] for v in lows)
+
+
+def test_the_detector_is_calibrated_on_train_and_chosen_on_validation_against_roles():
+    generator = torch.Generator().manual_seed(1)
+
+    def answers(n, level, dip):  # ordinary answers wander around level; drifting ones sink by dip halfway
+        return [(torch.randn(40, generator=generator) * 4 + level - dip * (torch.arange(40) >= 20)).tolist()
+                for _ in range(n)]
+
+    train, validation, role = answers(200, 20.0, 0.0), answers(100, 20.0, 0.0), answers(100, 20.0, 12.0)
+    detector, record = calibrate_detector(train, validation, role, max_tokens=40)
+    lows = [lowest_ewma(t, detector.ewma_lambda, detector.warmup) for t in train]
+    assert detector.threshold == pytest.approx(float(np.percentile(lows, 5)))
+    assert record["train"]["tripped"] == sum(v < detector.threshold for v in lows) <= 0.05 * len(train)
+    # A sustained dip is what an EWMA sees and a single token does not: the chosen one averages.
+    assert detector.ewma_lambda < 1.0 and record["auc"] > 0.95
+    assert record["role"]["tripped"] > 0.8 * len(role) and record["validation"]["tripped"] <= 0.1 * len(validation)
+    for t in validation + role:  # the recorded rates are the detector's own trips
+        trips = detector.first_trip(t) is not None
+        assert trips == (lowest_ewma(t, detector.ewma_lambda, detector.warmup) < detector.threshold)

@@ -59,6 +59,7 @@ def write_raw(path, axis, cap_layers, thresholds, **meta):
     ("bad_gate_threshold", "metadata 'gate_threshold' (gated capping: "),
     ("bad_calibration", "metadata 'calibration' (axes calibrate's record"),
     ("bad_separation", "metadata 'separation_d' (per layer, Cohen's d"),
+    ("bad_detector", "metadata 'gate_detector' (gated capping's token detector"),
 ])
 def test_bad_files_are_refused_with_a_message(tmp_path, case, problem):
     axis = torch.randn(4, 8)
@@ -81,6 +82,8 @@ def test_bad_files_are_refused_with_a_message(tmp_path, case, problem):
         meta = {"calibration": "[1, 2]"}  # JSON, but not the object calibrate writes
     elif case == "bad_separation":
         meta = {"separation_d": "0.1,,0.3"}
+    elif case == "bad_detector":
+        meta = {"gate_detector": '{"threshold": 3.0, "ewma_lambda": 0, "warmup": 4}'}  # lambda 0 never moves
     path = tmp_path / f"{case}.safetensors"
     write_raw(path, axis, layers, taus, **meta)
     with pytest.raises(AxisFileError) as err:

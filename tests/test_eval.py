@@ -79,9 +79,9 @@ def test_axiscap_eval_quick_writes_a_report(tmp_path, capsys):
     gated = {(r["id"], r["kind"]): r for r in jail["records"] if r["condition"] == "gated"}
     for r in jail["records"]:
         g = gated[(r["id"], r["kind"])]
-        if r["condition"] == "uncapped" and g["capped_from"] is None:
+        if r["condition"] == "uncapped" and g["capping_from"] is None:
             assert g["answer"] == r["answer"]
-        if r["condition"] == "capped" and g["capped_from"] == 0:
+        if r["condition"] == "capped" and g["capping_from"] == 0:
             assert g["answer"] == r["answer"]
     assert all(row["capped"] is None for label, row in jail["summary"].items() if "gated" not in label)
 
@@ -90,7 +90,7 @@ def test_axiscap_eval_quick_writes_a_report(tmp_path, capsys):
     assert cap["identical_share"] == sum(r["capped"] == r["uncapped"] for r in cap["records"]) / 4
     for r in cap["records"]:
         assert r["gated_identical"] == (r["gated"] == r["uncapped"])
-        if r["gated_capped_from"] is None:
+        if r["gated_capping_from"] is None:
             assert r["gated_identical"]
     assert all(p["capped"] > 1 and p["uncapped"] > 1 for p in cap["perplexity"])
 

@@ -13,9 +13,11 @@ import torch
 from axiscap.server.chat_template import render_chat
 from axiscap.server.engines import SamplingParams
 from axiscap.steering import AssistantAxis, AxisHooks
-from axiscap.steering.gate import GATE_KEY, GATED_ROLES, CapGate, gate_threshold
+from axiscap.steering.gate import (DETECTOR_KEY, GATE_KEY, GATED_ROLES, CapGate, TokenDetector, Trip, gate_for,
+                                   gate_threshold)
 
 from .conftest import SHIPPED_AXIS, assert_openai_error, server
+from .metrics_mix import scrape
 from .test_engine import ORACLE, collect, running_engine
 
 MODEL = "smollm2-135m-instruct"
@@ -24,16 +26,48 @@ STORY = [{"role": "user", "content": "Tell me a story about a lighthouse keeper 
 ORACLE_CHAT = [{"role": "system", "content": ORACLE}, {"role": "user", "content": "Will I be happy?"}]
 
 
-def test_the_gate_reads_message_means_and_single_tokens():
-    gate = CapGate(spans=((0, 2), (4, 6), (6, 6)), gate=10.0, tau=5.0)
-    assert not gate.prompt_drifted([11.0, 9.5, 0.0, 0.0, 20.0, 0.1])  # means 10.25 and 10.05; user tokens ignored
-    assert gate.prompt_drifted([11.0, 9.5, 0.0, 0.0, 12.0, 7.0])  # the second message's mean is 9.5
-    assert gate.token_drifted(4.9) and not gate.token_drifted(5.0) and not gate.token_drifted(None)
+def test_the_prompt_gate_reads_message_means():
+    gate = CapGate(spans=((0, 2), (4, 6), (6, 6)), gate=10.0, detector=TokenDetector(5.0), action="flag")
+    assert gate.prompt_trip([11.0, 9.5, 0.0, 0.0, 20.0, 0.1]) is None  # means 10.25 and 10.05; user tokens ignored
+    # The second message's mean is 9.5: tripped before the first token, with the lowest mean as its statistic.
+    assert gate.prompt_trip([11.0, 9.5, 0.0, 0.0, 12.0, 7.0]) == Trip("prompt", 0, 9.5, "flag")
+
+
+def ewma_trip(projections, threshold, lam, warmup):
+    """The detector written out: z_1 = p_1, z_k = lam p_k + (1 - lam) z_(k-1); the first k > warmup with z_k < threshold."""
+    z = None
+    for k, p in enumerate(projections, start=1):
+        z = p if z is None else lam * p + (1 - lam) * z
+        if k > warmup and z < threshold:
+            return k - 1, z
+    return None
+
+
+def test_the_token_detector_is_an_ewma_tested_after_its_warmup():
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        projections = (torch.randn(40, generator=generator) * 5 + 10).tolist()
+        lam, warmup, threshold = [0.1, 0.3, 1.0][trial % 3], trial % 6, 6.0 + trial % 5
+        got = TokenDetector(threshold, lam, warmup).first_trip(projections)
+        want = ewma_trip(projections, threshold, lam, warmup)
+        assert (got is None) == (want is None) and (got is None or (got[0] == want[0] and abs(got[1] - want[1]) < 1e-9))
+    # One low token among ordinary ones trips a per-token test (lam 1), not the EWMA.
+    answer = [20.0] * 10 + [-5.0] + [20.0] * 10
+    assert TokenDetector(0.0, 1.0, 0).first_trip(answer) == (10, -5.0)
+    assert TokenDetector(0.0, 0.2, 4).first_trip(answer) is None
+    # The first tokens are exempt: a low start trips only once the warmup is over.
+    assert TokenDetector(0.0, 1.0, 3).first_trip([-1.0] * 5) == (3, -1.0)
+
+
+def test_an_axis_file_without_a_detector_gets_the_stated_default():
     axis = AssistantAxis(axis=torch.ones(4, 8), cap_layers=[2, 3], cap_thresholds=[1.5, 2.5], monitor_layer=3,
                          model="m", percentile=25.0, n_samples=1)
     assert gate_threshold(axis) == 2.5  # no calibrated threshold: tau at the monitor layer
+    assert gate_for(axis, ()).detector == TokenDetector(2.5, 0.2, 4)
     axis.extra[GATE_KEY] = "1.25"
-    assert gate_threshold(axis) == 1.25
+    axis.extra[DETECTOR_KEY] = json.dumps({"threshold": 7.5, "ewma_lambda": 0.1, "warmup": 2, "n_answers": 228})
+    gate = gate_for(axis, ((0, 3),), "stop")
+    assert (gate.gate, gate.detector, gate.action) == (1.25, TokenDetector(7.5, 0.1, 2), "stop")
 
 
 def reference_greedy(loaded, axis, ids: list[int], n: int, cap_from_position: int | None) -> list[int]:
@@ -54,8 +88,10 @@ def reference_greedy(loaded, axis, ids: list[int], n: int, cap_from_position: in
         hooks.remove()
 
 
-def gated(spans=(), gate=NEVER, tau=NEVER, n=24) -> SamplingParams:
-    return SamplingParams(n, temperature=0, capping=False, gate=CapGate(tuple(spans), gate, tau), ignore_eos=True)
+def gated(spans=(), gate=NEVER, tau=NEVER, n=24, action="cap") -> SamplingParams:
+    """A gated request whose detector is the per-token rule (lam 1, no warmup): it trips at the first token below tau."""
+    return SamplingParams(n, temperature=0, capping=False, ignore_eos=True,
+                          gate=CapGate(tuple(spans), gate, TokenDetector(tau, 1.0, 0), action))
 
 
 def first_new_low(projections: list[float], after: int) -> int:
@@ -130,6 +166,71 @@ def test_a_drifted_prompt_is_capped_from_its_first_token_like_capping_on(smollm2
     assert calm[1] == off[1]  # a gate that never trips: the uncapped answer
 
 
+def test_drift_actions_flag_leaves_the_answer_and_stop_ends_it_with_content_filter(smollm2, smollm2_axis):
+    tok = smollm2.tokenizer
+    story = render_chat(tok, STORY).ids
+    prompt = render_chat(tok, ORACLE_CHAT)
+    watched = [(s.start, s.end) for s in prompt.spans if s.role in GATED_ROLES]
+    plain = SamplingParams(24, temperature=0, capping=False, ignore_eos=True)
+    with running_engine(smollm2, smollm2_axis) as engine:
+        uncapped = asyncio.run(collect(engine, story, plain))
+        k = first_new_low(uncapped[2], after=3)
+        tau = (uncapped[2][k] + min(uncapped[2][:k])) / 2  # the per-token detector trips at token k
+
+        async def deltas_of(ids, params):
+            request = await engine.submit(ids, params)
+            return [d async for d in request.deltas()]
+
+        async def run():
+            return await asyncio.gather(deltas_of(story, gated(tau=tau, action="flag")),
+                                        deltas_of(story, gated(tau=tau, action="stop")),
+                                        deltas_of(prompt.ids, gated(watched, gate=float("inf"), action="stop")),
+                                        collect(engine, story, plain))
+
+        flagged, stopped, stopped_at_prompt, beside = asyncio.run(run())
+    trips = [d.drift for d in flagged if d.drift is not None]
+    assert len(trips) == 1 and (trips[0].source, trips[0].at, trips[0].action) == ("generation", k + 1, "flag")
+    assert trips[0].statistic == pytest.approx(uncapped[2][k], abs=1e-3)  # lam 1: the EWMA is the token itself
+    assert [t for d in flagged for t in d.token_ids] == uncapped[1]  # flagged, never capped
+    assert all(d.capping_from is None for d in flagged)
+    # stop: the answer ends with the token that tripped, as content_filter.
+    assert [t for d in stopped for t in d.token_ids] == uncapped[1][:k + 1]
+    assert stopped[-1].finish_reason == "content_filter" and stopped[-1].drift.at == k + 1
+    # A prompt that trips under stop ends before any token.
+    assert [t for d in stopped_at_prompt for t in d.token_ids] == []
+    (end,) = stopped_at_prompt
+    assert end.finish_reason == "content_filter" and (end.drift.source, end.drift.at) == ("prompt", 0)
+    assert beside[1] == uncapped[1]  # the row beside them is untouched
+
+
+def test_the_engine_trips_where_the_detector_over_its_own_projections_says(smollm2, smollm2_axis):
+    story = render_chat(smollm2.tokenizer, STORY).ids
+    lam, warmup = 0.3, 2
+    with running_engine(smollm2, smollm2_axis) as engine:
+        uncapped = asyncio.run(collect(engine, story, SamplingParams(24, temperature=0, capping=False,
+                                                                     ignore_eos=True)))
+        ewma, z = [], None
+        for p in uncapped[2]:
+            z = p if z is None else lam * p + (1 - lam) * z
+            ewma.append(z)
+        k = min(range(warmup, len(ewma)), key=ewma.__getitem__)  # the lowest EWMA after the warm-up
+        before = min(ewma[warmup:k], default=ewma[k] + 1.0)
+        detector = TokenDetector((ewma[k] + before) / 2, lam, warmup)
+        expected = detector.first_trip(uncapped[2])
+        assert expected is not None and expected[0] == k
+
+        async def flagged():
+            params = SamplingParams(24, temperature=0, capping=False, ignore_eos=True,
+                                    gate=CapGate((), NEVER, detector, "flag"))
+            request = await engine.submit(story, params)
+            return [d async for d in request.deltas()]
+
+        deltas = asyncio.run(flagged())
+    (trip,) = [d.drift for d in deltas if d.drift is not None]
+    assert (trip.source, trip.at) == ("generation", k + 1)
+    assert trip.statistic == pytest.approx(expected[1], abs=1e-3)
+
+
 def asking_prompt_projections(params: SamplingParams) -> SamplingParams:
     return dataclasses.replace(params, prompt_projections="all")
 
@@ -144,17 +245,51 @@ def test_auto_over_http_says_where_capping_began(smollm2, smollm2_axis):
         auto = httpx.post(url, json={**body, "capping": "auto"}, timeout=120).json()
         assert auto["capping"] == "auto"
         assert auto["choices"][0]["capping_from"] == 0
+        drift = auto["choices"][0]["drift"]
+        assert (drift["tripped"], drift["source"], drift["at"], drift["action"]) == (True, "prompt", 0, "cap")
+        assert drift["statistic"] < 1e9  # the system message's mean, below the gate
         assert auto["choices"][0]["message"]["content"] == on["choices"][0]["message"]["content"]
-        assert "capping_from" not in on["choices"][0]
+        assert "capping_from" not in on["choices"][0] and "drift" not in on["choices"][0]
         chunks = []
         with httpx.stream("POST", url, json={**body, "capping": "auto", "stream": True}, timeout=120) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     chunks.append(json.loads(line[6:]))
         assert [c["choices"][0].get("capping_from") for c in chunks if c["choices"]].count(0) == 1
+        assert [c["choices"][0]["drift"]["source"] for c in chunks if "drift" in c["choices"][0]] == ["prompt"]
         assert all(c["capping"] == "auto" for c in chunks)
         bad = httpx.post(url, json={**body, "capping": "sometimes"}, timeout=30)
         assert_openai_error(bad, 400, "capping")
+
+
+def test_a_trip_is_counted_logged_with_the_request_id_and_its_statistic_withheld_without_projections(
+        smollm2, smollm2_axis, caplog):
+    axis = dataclasses.replace(smollm2_axis, extra={**smollm2_axis.extra, GATE_KEY: "1e9"})
+    calm = {"model": MODEL, "messages": STORY, "temperature": 0, "max_tokens": 8, "capping": "auto"}
+    never = {GATE_KEY: "-1e9", DETECTOR_KEY: json.dumps({"threshold": -1e9, "ewma_lambda": 0.2, "warmup": 4})}
+    with server(smollm2, dataclasses.replace(axis, extra={**smollm2_axis.extra, **never}),
+                drift_action="flag") as live:  # a gate nothing trips: each choice says so at its end
+        reply = httpx.post(live.base_url + "/v1/chat/completions", json={**calm, "n": 2}, timeout=120).json()
+        assert [c["drift"] for c in reply["choices"]] == [{"tripped": False}] * 2
+    with server(smollm2, axis, drift_action="flag", allow_projections=False) as live:
+        url = live.base_url + "/v1/chat/completions"
+        body = {"model": MODEL, "messages": ORACLE_CHAT, "temperature": 0, "max_tokens": 8, "capping": "auto"}
+        before = scrape(live.base_url)
+        with caplog.at_level("INFO", logger="axiscap.drift"):
+            r = httpx.post(url, json=body, headers={"X-Request-Id": "client-req-17"}, timeout=120)
+        assert r.headers["x-request-id"] == "client-req-17"
+        drift = r.json()["choices"][0]["drift"]
+        assert drift == {"tripped": True, "source": "prompt", "at": 0, "action": "flag"}  # no statistic
+        assert "capping_from" not in r.json()["choices"][0]  # flagged: uncapped
+        after = scrape(live.base_url)
+        key = ("axiscap_drift_detections_total", (("action", "flag"), ("model", MODEL), ("source", "prompt")))
+        assert after[key] == before[key] + 1
+        lines = [rec.getMessage() for rec in caplog.records if rec.name == "axiscap.drift"]
+        assert len(lines) == 1 and "request_id=client-req-17" in lines[0] and "source=prompt" in lines[0]
+        assert ORACLE[:20] not in lines[0]
+        # Without the header, the server makes an id and echoes it.
+        made = httpx.post(url, json={**body, "capping": True}, timeout=120).headers["x-request-id"]
+        assert len(made) == 32 and made != "client-req-17"
 
 
 def test_the_gated_policy_overrides_the_clients_switch(smollm2, smollm2_axis):

@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from transformers import PreTrainedTokenizerBase
 
-from axiscap.steering.gate import CapGate
+from axiscap.steering.gate import CapGate, Trip
 
 if TYPE_CHECKING:
     from .grammar import GrammarCompiler
 
-# Every finish_reason an engine reports; the first two end a completion the client asked for.
-FINISH_REASONS = ("stop", "length", "cancelled", "timeout", "error")
-FINISHED_GENERATING = FINISH_REASONS[:2]
+# Every finish_reason an engine reports; the first three end a completion the client asked for
+# (content_filter: a gated request stopped where it drifted, under --drift-action stop).
+FINISH_REASONS = ("stop", "length", "content_filter", "cancelled", "timeout", "error")
+FINISHED_GENERATING = FINISH_REASONS[:3]
 # JSON has no -inf: a token the grammar or min_tokens rules out reports this, as vLLM does.
 LOGPROB_FLOOR = -9999.0
 
@@ -103,6 +104,8 @@ class Delta:
     prompt_projections: list[float | None] | None = None
     # A gated request's: in the delta that carries its first capped token, that token's index.
     capping_from: int | None = None
+    # A gated request's: in the first delta after its gate tripped, where and why.
+    drift: Trip | None = None
 
 
 class Request:
@@ -166,6 +169,9 @@ class Request:
         self._finish_recorded = True
         stats.finished.append((reason, now - self.arrival if reason in FINISHED_GENERATING else None))
 
+    def record_trip(self, stats: StepStats, trip: Trip) -> None:
+        stats.drift_detections.append((trip.source, trip.action))
+
     def emit(self, delta: Delta) -> None:
         """Hand a delta to the request's event loop (from the engine's thread)."""
         try:
@@ -193,6 +199,7 @@ class StepStats:
     tokens: list[tuple[float | None, bool]] = field(default_factory=list)  # per token: (projection, capped)
     cap_hits: list[list[float]] = field(default_factory=list)  # per forward: positions capped, per capped layer
     finished: list[tuple[str, float | None]] = field(default_factory=list)  # (reason, seconds since arrival)
+    drift_detections: list[tuple[str, str]] = field(default_factory=list)  # gated requests' trips: (source, action)
 
 
 class StatLogger(Protocol):

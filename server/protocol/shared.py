@@ -195,11 +195,13 @@ class TopLogprob(_Response):
 
 
 class _Choice(_Response):
-    _only_if_set = frozenset({"axis_projections", "capping_from"})
+    _only_if_set = frozenset({"axis_projections", "capping_from", "drift"})
     index: int
     finish_reason: str | None = None
     axis_projections: list[float | None] | None = None
     capping_from: int | None = None  # a gated request's first capped token (absent: none was)
+    # A gated request's gate: {"tripped": false}, or where and why it tripped (``steering.gate.Trip``).
+    drift: dict[str, Any] | None = None
 
 
 class _Completion(_Response):

@@ -151,7 +151,8 @@ class Engine:
         capacity = slot_capacity(reserved) if budget is None else min(slot_capacity(reserved), budget)
         request.row = Row(request, IncrementalDetokenizer(self.tokenizer, prompt_ids), StopMatcher(params.stop),
                           BatchSampler.generator_for(params, self.device), new_matcher(grammar), capacity,
-                          capped_from=0 if params.capping else None)
+                          capping_from=0 if params.capping else None,
+                          gate_watch=params.gate.watch() if params.gate is not None else None)
         return request
 
     # --- engine thread ----------------------------------------------------------------------
@@ -207,6 +208,8 @@ class Engine:
             except BaseException:  # the group is retried: its rows give their slots back, all of them
                 self.runner.release(done.step.rows)
                 raise
+        for request in done.stopped:
+            self.output.stop_at_prompt(request.row)
         with self.scheduler.lock:  # submit() counts busy slots under this lock: they move from group to batch at once
             self.runner.join(done)
             # Gated requests whose prompts drifted: prefilled again, capped, before anything else.

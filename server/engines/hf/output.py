@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from axiscap.steering.gate import Trip
+
 from ..base import Delta, Logprob, Request, StatLogger, StepStats
 from .request_state import Row
 from .runner import StepOutput
@@ -103,10 +105,10 @@ class OutputProcessor:
                 top = range(at + n + i * k, at + n + i * k + row.params.logprobs)
                 logprob = Logprob(token, host[at + i], [(int(host[j]), host[j + n * k]) for j in top])
             try:
-                gate_was_open = row.gate_open
+                capped_before = row.capping_on
                 if self._on_token(row, token, host[n + i], logprob, now):
                     done.finished.append(row)
-                elif gate_was_open and not row.gate_open:
+                elif row.capping_on and not capped_before:
                     done.switched.append(row)
             except Exception:  # this row's text handling broke: it alone ends
                 log.exception("could not emit a generated token; failing that request")
@@ -121,9 +123,12 @@ class OutputProcessor:
         if row.matcher is not None and not row.matcher.is_terminated() and not row.matcher.accept_token(token):
             raise ValueError(f"token {token} breaks the request's grammar")
         request.record_tokens(self.stats, [projection], now,
-                              row.capped_from is not None and row.generated - 1 >= row.capped_from)
-        if row.gate_open and params.gate.token_drifted(projection):
-            row.capped_from = row.generated  # the next forward is capped: it makes the next token
+                              row.capping_from is not None and row.generated - 1 >= row.capping_from)
+        tripped_here = row.gate_open and row.gate_watch.observe(projection)
+        if tripped_here:
+            row.trip = Trip("generation", row.generated, row.gate_watch.ewma, params.gate.action)
+            if row.trip.action == "cap":
+                row.capping_from = row.generated  # the next forward is capped: it makes the next token
         row.pending_ids.append(token)
         row.pending_projections.append(projection)
         if logprob is not None:
@@ -139,15 +144,32 @@ class OutputProcessor:
                 finish = "stop"
             elif row.generated >= params.max_tokens:
                 text, finish = text + row.stops.flush(), "length"
-        if text or finish:
+            elif tripped_here and row.trip.action == "stop":
+                text, finish = text + row.stops.flush(), "content_filter"
+        # A trip goes out with the delta after it, so with the first token of a request tripped at its prompt.
+        drift = self._trip_to_send(row)
+        if text or finish or drift is not None:
             first_pending = row.generated - len(row.pending_ids)
-            switched_here = params.gate is not None and row.capped_from is not None and \
-                first_pending <= row.capped_from < row.generated
+            switched_here = params.gate is not None and row.capping_from is not None and \
+                first_pending <= row.capping_from < row.generated
             self.send(request, Delta(text, row.pending_ids, row.pending_projections, finish,
                                      row.pending_logprobs if params.logprobs is not None else None,
                                      None if row.first_delta_sent else row.prompt_logprobs,
                                      None if row.first_delta_sent else row.prompt_projections,
-                                     row.capped_from if switched_here else None))
+                                     row.capping_from if switched_here else None, drift))
             row.pending_ids, row.pending_projections, row.pending_logprobs = [], [], []
             row.first_delta_sent = True
         return finish is not None
+
+    def stop_at_prompt(self, row: Row) -> None:
+        """End a gated request whose prompt tripped the gate under --drift-action stop, before any token."""
+        self.send(row.request, Delta("", [], [], "content_filter", None, row.prompt_logprobs, row.prompt_projections,
+                                     None, self._trip_to_send(row)))
+
+    def _trip_to_send(self, row: Row) -> Trip | None:
+        """The row's trip if it has not gone out yet (counted as it goes out, once)."""
+        if row.trip is None or row.trip_sent:
+            return None
+        row.trip_sent = True
+        row.request.record_trip(self.stats, row.trip)
+        return row.trip

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from axiscap.steering.gate import DetectorState, Trip
+
 from ..base import Logprob, Request, SamplingParams
 from .text_output import IncrementalDetokenizer, StopMatcher
 
@@ -37,8 +39,11 @@ class Row:
     prompt_logprobs_from: EngineRequest | None = None  # the choice whose prompt logprobs this one shares
     # Index of its first generated token computed capped (None: none yet). 0: capped from the prompt
     # on (it asked for capping, or a gated request's prompt had drifted, which is then prefilled
-    # again capped); k > 0: a gated request whose k-th token's projection fell below tau.
-    capped_from: int | None = None
+    # again capped); k > 0: a gated request whose detector tripped at its k-th token (--drift-action cap).
+    capping_from: int | None = None
+    gate_watch: DetectorState | None = None  # a gated request's token detector
+    trip: Trip | None = None  # where its gate tripped
+    trip_sent: bool = False  # the trip went out in a delta
 
     @property
     def params(self) -> SamplingParams:
@@ -55,19 +60,19 @@ class Row:
     @property
     def capping_on(self) -> bool:
         """Whether its next forward is capped."""
-        return self.capped_from is not None
+        return self.capping_from is not None
 
     @property
     def gate_open(self) -> bool:
-        """A gated request that the gate has not switched on yet."""
-        return self.params.gate is not None and self.capped_from is None
+        """A gated request whose gate has not tripped yet (it watches the prompt, then each token)."""
+        return self.params.gate is not None and self.trip is None
 
     def cap_start(self) -> int | None:
         """The first position of its context that a (re-)prefill caps: the whole prompt when capped
         from the prompt on, else the position whose forward made its first capped token."""
-        if self.capped_from is None:
+        if self.capping_from is None:
             return None
-        return 0 if self.capped_from == 0 else len(self.prompt_ids) - 1 + self.capped_from
+        return 0 if self.capping_from == 0 else len(self.prompt_ids) - 1 + self.capping_from
 
     def context_ids(self) -> list[int]:
         """What a (re-)prefill feeds the model: the prompt and every token generated so far."""

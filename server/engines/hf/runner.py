@@ -83,7 +83,8 @@ class Prefilled:
 
     step: StepOutput | None  # None when no row joins
     sampler: BatchSampler | None  # the joining rows' own
-    recap: list[EngineRequest]  # gated requests whose prompt drifted: to be prefilled again, capped
+    recap: list[EngineRequest]  # gated requests whose prompt tripped the gate: to be prefilled again, capped
+    stopped: list[EngineRequest]  # gated requests whose prompt tripped the gate under --drift-action stop
     prompt_tokens: int  # prompt tokens prefilled for the first time (a re-prefill is not new prompt work)
 
 
@@ -167,36 +168,42 @@ class ModelRunner:
         group.done = end
         if end < group.width:
             return None
-        drifted = set()
+        drifted, stopped = set(), set()  # gated rows whose prompt tripped: to cap (prefilled again), to stop
         if group.projection_slices:  # one host transfer for the whole prompt: prefill work, once per group
             whole = torch.cat(group.projection_slices, dim=1).tolist()
             for i, projections in zip(group.projection_rows, whole):
                 row, own = group.requests[i].row, projections[:group.lengths[i]]
                 if row.params.prompt_projections and row.prompt_projections is None:
                     row.prompt_projections = own  # as the gate saw them: uncapped
-                if row.gate_open and row.params.gate.prompt_drifted(own):
-                    row.capped_from = 0  # capped from the prompt on, as if it had asked: prefilled again
-                    drifted.add(i)
+                if row.gate_open and (trip := row.params.gate.prompt_trip(own)) is not None:
+                    row.trip = trip
+                    if trip.action == "cap":  # capped from the prompt on, as if it had asked: prefilled again
+                        row.capping_from = 0
+                        drifted.add(i)
+                    elif trip.action == "stop":
+                        stopped.add(i)
         prompt_tokens = 0
         for request in group.requests:
             if not request.row.prefilled:
                 request.row.prefilled = True
                 prompt_tokens += len(request.prompt_ids)
-        keep = [i for i in range(n) if i not in drifted]
+        keep = [i for i in range(n) if i not in drifted and i not in stopped]
         rows = [group.requests[i].row for i in keep]
         recap = [group.requests[i] for i in sorted(drifted)]
+        ended = [group.requests[i] for i in sorted(stopped)]
         if not rows:
-            return Prefilled(None, None, recap, prompt_tokens)
+            return Prefilled(None, None, recap, ended, prompt_tokens)
         self._add_to_store(rows, group, keep)
         try:  # sample only the new rows, with their own parameters
             sampler = self.new_sampler()
             sampler.set_rows(rows)
-            index = torch.tensor(keep, device=self.device) if drifted else None
+            index = torch.tensor(keep, device=self.device) if len(keep) < n else None
             logits, projections = group.last_logits, group.last_projections
             if index is not None:
                 logits, projections = logits[index], projections[index]
             tokens = sampler.sample(logits)
-            return Prefilled(self._step_output(rows, tokens, sampler, projections), sampler, recap, prompt_tokens)
+            return Prefilled(self._step_output(rows, tokens, sampler, projections), sampler, recap, ended,
+                             prompt_tokens)
         except BaseException:  # the group is retried: its rows give their slots back
             self.release(rows)
             raise
