@@ -4,8 +4,8 @@ The detector must leave ordinary answers alone as whole answers: at most ``FALSE
 answers may ever trip it, however long they are. So each answer is replayed exactly as the server
 sees it (``teacher_forced``'s ``served``): token k's projection is read at the position that produced
 it (the first at the prompt's last position), at the monitor layer, uncapped. For every candidate (EWMA lambda, warm-up), an
-answer's statistic is the lowest EWMA after the warm-up; the threshold is the train answers'
-``FALSE_TRIP`` quantile of it. The candidate is chosen on the validation split's ordinary answers
+answer's statistic is the lowest EWMA after the warm-up; the threshold is the train answers' k-th
+lowest statistic, k = ``FALSE_TRIP`` of them rounded down, so that at most that share trips. The candidate is chosen on the validation split's ordinary answers
 against the role-play answers (ROC AUC of the statistic), and its trip rates there are reported with
 their counts. The validation split chose it, so those rates are not a held-out test.
 """
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-
-import torch
 
 from axiscap.steering import AssistantAxis
 from axiscap.steering.gate import TokenDetector
@@ -50,11 +48,11 @@ def calibrate_detector(train: list[list[float]], validation: list[list[float]], 
     candidates = []
     for lam in LAMBDAS:
         for warmup in WARMUPS:
-            fitted = [lowest_ewma(t, lam, warmup) for t in train]
-            finite = torch.tensor([v for v in fitted if math.isfinite(v)], dtype=torch.float64)
-            if not len(finite):
+            fitted = sorted(lowest_ewma(t, lam, warmup) for t in train)
+            # The k-th lowest, k = FALSE_TRIP of the answers (rounded down): the k below it trip, no more.
+            threshold = fitted[int(FALSE_TRIP * len(fitted))]
+            if not math.isfinite(threshold):  # most answers end before the warm-up: nothing to fit
                 continue
-            threshold = torch.quantile(finite, FALSE_TRIP).item()
             neutral = [lowest_ewma(t, lam, warmup) for t in validation]
             drifting = [lowest_ewma(t, lam, warmup) for t in role]
             # Lower is more drifted: the positives (role answers) should score higher on -low.
