@@ -34,7 +34,8 @@ stopped):
                                        at the monitor layer, a whole message of ordinary Assistant work,
                                        and its token detector, per answer (``gate_calibration``)
   verify       verify.json             the chosen and the input axis generating for real (engine)
-  report       OUT.calibration/        calibration.md, pareto.png (``calibration_report``), the points, the front and the verification;
+  report       OUT.calibration/        calibration.md, pareto.png (``calibration_report``), the points, the
+                                       front and the verification;
                                        written again when its copies of the figures differ from the measured ones
 and the chosen axis is copied to OUT.
 """
@@ -190,9 +191,10 @@ def _projections(cfg: CalibrateConfig, model, axis: AssistantAxis, path: Path) -
     rows = _load_answers(cfg)
     train = [r for r in rows if r["kind"] == "train"]
     layers = list(range(axis.n_layers))
-    tokens = teacher_forced(model, train, axis, capping=False, batch_size=cfg.batch_size, layers=layers)["per_layer"]
+    tokens = teacher_forced(model, train, axis, capping=False, batch_size=cfg.batch_size, layers=layers,
+                            desc="projections (train)")["per_layer"]
     checked = [r for r in rows if r["kind"] != "train"]
-    base = teacher_forced(model, checked, axis, capping=False, batch_size=cfg.batch_size)
+    base = teacher_forced(model, checked, axis, capping=False, batch_size=cfg.batch_size, desc="projections (checked)")
     save_file({"train": torch.cat(tokens, dim=1).contiguous()}, str(path),
               metadata={"baseline": json.dumps({k: base[k] for k in ("choices", "nll", "monitor")})})
 
@@ -274,7 +276,8 @@ def calibrate_gate(cfg: CalibrateConfig, model, generator_for: GeneratorFor, com
     with generator_for(None) as generate:
         answered = _generate_rows(generate, _rows(cfg), cfg.max_new_tokens, "answers (uncapped)")
     train = [r for r in answered if r["kind"] == "train"]
-    means = compute(lambda: teacher_forced(model, train, axis, capping=False, batch_size=cfg.batch_size))["monitor"]
+    means = compute(lambda: teacher_forced(model, train, axis, capping=False, batch_size=cfg.batch_size,
+                                           desc="gate threshold"))["monitor"]
     detector = compute(lambda: detector_metadata(model, axis, answered, cfg.max_new_tokens, cfg.batch_size))
     threshold = torch.quantile(torch.tensor(means, dtype=torch.float64), GATE_PERCENTILE / 100).item()
     log.info("gate threshold %.3f: the %gth percentile of %d train answers' means at layer %d (tau there %.3f)",

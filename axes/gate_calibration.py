@@ -3,11 +3,12 @@
 The detector must leave ordinary answers alone as whole answers: at most ``FALSE_TRIP`` of the train
 answers may ever trip it, however long they are. So each answer is replayed exactly as the server
 sees it (``teacher_forced``'s ``served``): token k's projection is read at the position that produced
-it (the first at the prompt's last position), at the monitor layer, uncapped. For every candidate (EWMA lambda, warm-up), an
-answer's statistic is the lowest EWMA after the warm-up; the threshold is the train answers' k-th
-lowest statistic, k = ``FALSE_TRIP`` of them rounded down, so that at most that share trips. The candidate is chosen on the validation split's ordinary answers
-against the role-play answers (ROC AUC of the statistic), and its trip rates there are reported with
-their counts. The validation split chose it, so those rates are not a held-out test.
+it (the first at the prompt's last position), at the monitor layer, uncapped. For every candidate
+(EWMA lambda, warm-up), an answer's statistic is the lowest EWMA after the warm-up; the threshold is
+the train answers' k-th lowest statistic, k = ``FALSE_TRIP`` of them rounded down, so that at most
+that share trips. The candidate is chosen on the validation split's ordinary answers against the
+role-play answers (ROC AUC of the statistic), and its trip rates there are reported with their
+counts. The validation split chose it, so those rates are not a held-out test.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def calibrate_detector(train: list[list[float]], validation: list[list[float]], 
 def detector_metadata(model, axis: AssistantAxis, rows: list[dict], max_tokens: int, batch_size: int = 8) -> str:
     """The axis file's ``gate_detector`` entry (JSON) from answered calibration rows (``kind``: train,
     validation or role), read at ``axis``'s monitor layer."""
-    trajectories = teacher_forced(model, rows, axis, capping=False, batch_size=batch_size)["served"]
+    trajectories = teacher_forced(model, rows, axis, capping=False, batch_size=batch_size,
+                                  desc="token detector")["served"]
     by_kind = {kind: [t for r, t in zip(rows, trajectories) if r["kind"] == kind]
                for kind in ("train", "validation", "role")}
     _, record = calibrate_detector(by_kind["train"], by_kind["validation"], by_kind["role"], max_tokens)

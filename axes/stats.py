@@ -1,4 +1,5 @@
-"""Confidence intervals for the figures the axis tools and the eval report print (shares, means and ROC AUCs over a few items)."""
+"""Confidence intervals for the figures the axis tools and the eval report print (shares, means and ROC
+AUCs over a few items)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ tools read off it (greedy choices, NLL, monitor projections)."""
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from axiscap.steering import AssistantAxis, AxisHooks, record_layer_outputs
 
@@ -12,20 +13,21 @@ from .calibration_report import LOW_PERCENTILE
 
 @torch.inference_mode()
 def teacher_forced(model, rows: list[dict], axis: AssistantAxis, capping: bool, batch_size: int = 8,
-                   layers: list[int] | None = None) -> dict:
+                   layers: list[int] | None = None, desc: str | None = None) -> dict:
     """Run each prompt + answer once, every position capped by ``axis`` or none. Per row: the greedy
     choices along the answer (and after it, where it ended), the answer's summed NLL, and the mean and
     the LOW_PERCENTILE-th percentile of the monitor-layer projection over the answer (before that
     layer's own cap, as the server reports it); with ``layers``, also every answer token's projection
     onto each of those layers' axis. ``served``: each answer token's monitor projection as the server
-    reports it, at the position that produced the token (the first at the prompt's last position)."""
+    reports it, at the position that produced the token (the first at the prompt's last position).
+    ``desc``: show a progress bar under that name (a stage's own pass; a sweep's per-point passes have none)."""
     device = next(model.parameters()).device
     hooks = AxisHooks(model, axis)
     hooks.set_cap_mask(torch.ones(1, 1, dtype=torch.bool, device=device) if capping else None)
     units = torch.stack([axis.unit(l) for l in layers]).to(device) if layers else None
     choices, nll, monitor, low, per_layer, served = [], [], [], [], [], []
     try:
-        for start in range(0, len(rows), batch_size):
+        for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", disable=desc is None):
             batch = rows[start:start + batch_size]
             seqs = [r["prompt_ids"] + r["answer_ids"] for r in batch]
             width = max(map(len, seqs))
