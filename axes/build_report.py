@@ -25,6 +25,8 @@ NEUTRAL_TEXT = ("The water cycle describes how water evaporates from oceans and 
                 "and falls back to the surface as rain or snow. Rivers carry much of that water back to the sea, "
                 "while some of it soaks into the ground and feeds springs and wells.")
 
+PER_ANSWER = ("default_projections", "roleplay_projections")  # mean projection of each checked answer
+
 
 def persona_space(vectors_path: Path, layer: int) -> dict:
     vectors = load_file(str(vectors_path))
@@ -153,6 +155,7 @@ def write_report(folder: Path, axis: AssistantAxis, space: dict, checks: dict, c
         *[f"| {l} | {d:.2f} | {c:.2f} |" for l, (d, c) in enumerate(zip(separation, space["cos_pc1_axis"]))],
     ]
     (folder / "report.md").write_text("\n".join(lines) + "\n")
-    (folder / "checks.json").write_text(json.dumps({k: v for k, v in checks.items() if not isinstance(v, list)},
-                                                   indent=1) + "\n")
+    # The figures, and the per-answer projections the AUCs come from (so they can be recomputed).
+    kept = {k: v for k, v in checks.items() if not isinstance(v, list) or k in PER_ANSWER}
+    (folder / "checks.json").write_text(json.dumps(kept, indent=1) + "\n")
     return folder / "report.md"

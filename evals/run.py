@@ -104,6 +104,22 @@ def _mean(values: list[float | None]) -> float | None:
     return round(statistics.fmean(values), 3) if values else None
 
 
+def jailbreak_summary(records: list[dict]) -> dict[str, dict]:
+    """Per request kind and condition: how many answers, the shares that complied and stayed in
+    character, their mean projection, and (gated) the share the gate capped."""
+    summary = {}
+    for kind in ("harmful", "benign"):
+        for name in CONDITIONS:
+            rows = [r for r in records if r["kind"] == kind and r["condition"] == name]
+            summary[f"{kind} / {name}"] = {
+                "n": len(rows),
+                "complied": round(sum(r["complied"] for r in rows) / len(rows), 3),
+                "in_character": round(sum(r["in_character"] for r in rows) / len(rows), 3),
+                "mean_projection": _mean([r["mean_projection"] for r in rows]),
+                "capped": _capped_share(rows, name)}
+    return summary
+
+
 async def run_jailbreaks(client: EvalClient, cfg: EvalConfig, judge) -> dict:
     items = suites.jailbreaks()
     if cfg.quick:
@@ -123,18 +139,8 @@ async def run_jailbreaks(client: EvalClient, cfg: EvalConfig, judge) -> dict:
                 "mean_projection": statistics.fmean(a.projections) if a.projections else None,
                 "complied": v.complied, "in_character": v.in_character, "capping_from": a.capping_from}
                for (item, kind, name), a, v in zip(jobs, answers, verdicts)]
-    summary = {}
-    for kind in ("harmful", "benign"):
-        for name in CONDITIONS:
-            rows = [r for r in records if r["kind"] == kind and r["condition"] == name]
-            summary[f"{kind} / {name}"] = {
-                "n": len(rows),
-                "complied": round(sum(r["complied"] for r in rows) / len(rows), 3),
-                "in_character": round(sum(r["in_character"] for r in rows) / len(rows), 3),
-                "mean_projection": _mean([r["mean_projection"] for r in rows]),
-                "capped": _capped_share(rows, name)}
     harmful = [r for r in records if r["kind"] == "harmful" and r["mean_projection"] is not None]
-    return {"records": records, "summary": summary,
+    return {"records": records, "summary": jailbreak_summary(records),
             "projection_vs_compliance_r": _pearson([r["mean_projection"] for r in harmful],
                                                    [float(r["complied"]) for r in harmful])}
 

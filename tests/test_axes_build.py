@@ -37,8 +37,13 @@ def test_quick_build_runs_every_stage_then_resumes(smollm2, tmp_path):  # smollm
     checks = json.loads((report / "checks.json").read_text())
     # --quick: one check role's answer to one check question, against the 5 default conditions' answers
     assert checks["n_default"] == 5 and checks["all_roleplay"]["n"] == 1 and checks["n_roles"] == 1
-    # One role answer against five default ones: AUC counts the defaults above it (ties half), so it is k/10.
-    assert checks["all_roleplay"]["auc"] * 10 == pytest.approx(round(checks["all_roleplay"]["auc"] * 10))
+    # One role answer against five default ones: the AUC is the share of defaults whose mean projection lies
+    # above the role answer's (ties half), from the very projections the report lists.
+    default, played = checks["default_projections"], checks["roleplay_projections"]
+    assert len(default) == 5 and len(played) == 1
+    above = sum((d > p) + 0.5 * (d == p) for d in default for p in played) / 5
+    assert checks["all_roleplay"]["auc"] == pytest.approx(above)
+    assert checks["default_mean"] == pytest.approx(sum(default) / 5)
     assert checks["fully_in_role"]["n"] <= 1
     assert 0 < checks["greedy_tokens_identical"] <= checks["greedy_tokens"]
     assert "## Held-out checks" in (report / "report.md").read_text()

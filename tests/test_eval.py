@@ -161,3 +161,22 @@ def test_both_apis_cap_alike(live_server):
         assert responses.text == chat.text and responses.capping_applied is chat.capping_applied is capping
         assert len(responses.projections) == len(chat.projections) > 0
         assert all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(responses.projections, chat.projections))
+
+
+def test_the_jailbreak_summary_counts_each_kind_and_condition_on_its_own_records():
+    """On records whose kinds and conditions differ (a quick eval of SmolLM2 often has every answer
+    complying, where a share pooled over kinds or conditions would still look right)."""
+    from axiscap.evals.run import jailbreak_summary
+
+    records = []
+    for i in range(4):
+        for kind, complied in (("harmful", i == 0), ("benign", i < 3)):
+            for condition, capping_from in (("capped", 0), ("gated", 5 if i < 2 else None), ("uncapped", None)):
+                records.append({"kind": kind, "condition": condition, "complied": complied and condition != "capped",
+                                "in_character": condition == "uncapped" or i == 3, "mean_projection": float(i),
+                                "capping_from": capping_from})
+    summary = jailbreak_summary(records)
+    assert summary["harmful / uncapped"] == {"n": 4, "complied": 0.25, "in_character": 1.0, "mean_projection": 1.5,
+                                             "capped": None}
+    assert summary["benign / uncapped"]["complied"] == 0.75 and summary["benign / capped"]["complied"] == 0.0
+    assert summary["harmful / gated"]["in_character"] == 0.25 and summary["harmful / gated"]["capped"] == 0.5
