@@ -1,13 +1,13 @@
 """Gated capping: a request is generated uncapped until it shows that it has left the Assistant.
 
-This module is the one place that decides; the engine only feeds it projections and applies what it
-returns. Drift is judged twice at the monitor layer:
+This module is the one place that decides whether a request tripped; the engine feeds it projections
+and applies the trip's action. Drift is judged twice at the monitor layer:
 
 - before generating, from the prompt: a system or assistant message whose own tokens' mean
   projection lies below the gate threshold (a persona set up in the system prompt, or earlier turns
   that already drifted) trips the gate before the first token;
 - while generating, by a detector that reads the answer as a whole, not token by token: an EWMA of
-  the generated tokens' projections, tested from the ``warmup``-th token on, trips when it falls below
+  the generated tokens' projections, tested once ``warmup`` tokens are out, trips when it falls below
   its threshold. A single low token does not trip it: tau is a low percentile of ordinary tokens, so
   an ordinary answer of a hundred tokens has several below it, and a per-token test applied to every
   token trips on most ordinary answers. The first tokens are exempt because their projections are read
@@ -56,7 +56,6 @@ class TokenDetector:
             if state.observe(projection):
                 return k, state.ewma
         return None
-
 
 
 class DetectorState:
