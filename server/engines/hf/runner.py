@@ -82,7 +82,6 @@ class Prefilled:
     """A group whose prompts are in: its rows hold slots, and their first tokens are sampled."""
 
     step: StepOutput | None  # None when no row joins
-    sampler: BatchSampler | None  # the joining rows' own
     recap: list[EngineRequest]  # gated requests whose prompt tripped the gate: to be prefilled again, capped
     stopped: list[EngineRequest]  # gated requests whose prompt tripped the gate under --drift-action stop
     prompt_tokens: int  # prompt tokens prefilled for the first time (a re-prefill is not new prompt work)
@@ -192,7 +191,7 @@ class ModelRunner:
         recap = [group.requests[i] for i in sorted(drifted)]
         ended = [group.requests[i] for i in sorted(stopped)]
         if not rows:
-            return Prefilled(None, None, recap, ended, prompt_tokens)
+            return Prefilled(None, recap, ended, prompt_tokens)
         self._add_to_store(rows, group, keep)
         try:  # sample only the new rows, with their own parameters
             sampler = self.new_sampler()
@@ -202,8 +201,7 @@ class ModelRunner:
             if index is not None:
                 logits, projections = logits[index], projections[index]
             tokens = sampler.sample(logits)
-            return Prefilled(self._step_output(rows, tokens, sampler, projections), sampler, recap, ended,
-                             prompt_tokens)
+            return Prefilled(self._step_output(rows, tokens, sampler, projections), recap, ended, prompt_tokens)
         except BaseException:  # the group is retried: its rows give their slots back
             self.release(rows)
             raise
