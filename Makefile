@@ -11,7 +11,7 @@ VLLM_PIP := $(VLLM_VENV)/bin/python -m pip --disable-pip-version-check
 # llama.cpp's server (llama-cpp-python, built from source: 3.5–7 min on 2 cores) for the benchmark only.
 LLAMACPP_VENV ?= .venv-llamacpp
 
-.PHONY: setup vllm-setup llamacpp-setup serve test test-fast bench tools clean
+.PHONY: setup vllm-setup llamacpp-setup serve test test-fast report bench tools clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ test: setup tools vllm-setup
 # The unit tests alone (tiny random models, no SmolLM2, no vLLM): under a minute.
 test-fast: setup
 	$(PY) -m pytest -m "not model and not vllm"
+
+# Rewrite every figure the docs state from the committed result files (docs/figures.py); the tests
+# fail when a page and its files disagree.
+report: setup
+	$(PY) docs/figures.py
 
 vllm-setup: $(VLLM_VENV)/.installed
 

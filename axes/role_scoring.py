@@ -132,6 +132,7 @@ def validate(scorer: EmbeddingScorer) -> dict:
     called_full = [l == 3 for p, l in zip(predicted, labels) if p == 3]
     return {
         "n": len(labels),
+        "majority_class": round(max(labels.count(k) for k in set(labels)) / len(labels), 3),
         "exact_agreement": round(exact, 3),
         "within_one": round(within_one, 3),
         "fully_in_role_recall": round(sum(true_full) / max(1, len(true_full)), 3),
@@ -182,3 +183,10 @@ def verdict(text: str) -> int:
     """A judge's reply as a score: its first digit 0-3; an unreadable verdict counts as 1 ("not in role")."""
     digits = [c for c in text if c in "0123"]
     return int(digits[0]) if digits else 1
+
+
+VALIDATION = DATA / "role_scoring_validation.json"  # validate()'s figures, which the docs render
+
+if __name__ == "__main__":  # python -m axiscap.axes.role_scoring: measure again and write VALIDATION
+    VALIDATION.write_text(json.dumps(validate(EmbeddingScorer()), indent=1) + "\n")
+    print(f"wrote {VALIDATION}")

@@ -1,9 +1,11 @@
 """Confidence intervals for the figures the axis tools and the eval report print (shares, means and ROC
-AUCs over a few items)."""
+AUCs over a few items), and the paired tests behind "capping changed this"."""
 
 from __future__ import annotations
 
 import math
+import random
+from collections.abc import Callable
 
 Z95 = 1.96
 
@@ -40,3 +42,72 @@ def auc_ci(auc: float, n_positive: int, n_negative: int, z: float = Z95) -> tupl
         / (n_positive * n_negative)
     half = z * math.sqrt(max(variance, 0.0))
     return (max(0.0, auc - half), min(1.0, auc + half))
+
+
+def mcnemar_exact(lost: int, gained: int) -> float:
+    """Two-sided exact McNemar p of paired yes/no outcomes: of the discordant pairs (``lost``: yes
+    before, no after; ``gained``: the reverse), how unlikely a split this uneven is if each direction
+    were equally likely (binomial, one half)."""
+    n = lost + gained
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(lost, gained) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def cluster_bootstrap(clusters: list[list], statistic: Callable[[list], float | None],
+                      resamples: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+    """95% percentile interval of ``statistic`` over the pooled items when whole clusters (a role's or a
+    question's answers, which are not independent of each other) are resampled with replacement.
+    Resamples where the statistic is undefined (None) are left out; None if every one is."""
+    rng = random.Random(seed)
+    return percentile_interval([v for v in (statistic([x for c in rng.choices(clusters, k=len(clusters)) for x in c])
+                                            for _ in range(resamples)) if v is not None])
+
+
+def crossed_bootstrap(default_questions: list[str], role_cells: list[tuple[str, str]],
+                      statistic: Callable[[list[int], list[int]], float], resamples: int = 1000,
+                      seed: int = 0) -> list[float]:
+    """``statistic`` over resamples of a crossed design: answers to the same question are not
+    independent, nor are answers in the same role. Each resample draws the questions and the roles
+    with replacement; a default answer comes in once per draw of its question, a role answer (its
+    ``(role, question)`` cell) once per draw of its role times its question's. ``statistic`` takes the
+    drawn indices into the default answers and into the role answers."""
+    rng = random.Random(seed)
+    questions = sorted(set(default_questions) | {q for _, q in role_cells})
+    roles = sorted({r for r, _ in role_cells})
+    default_by_q = {q: [i for i, d in enumerate(default_questions) if d == q] for q in questions}
+    cell = {}
+    for i, key in enumerate(role_cells):
+        cell.setdefault(key, []).append(i)
+    values = []
+    for _ in range(resamples):
+        qs, rs = rng.choices(questions, k=len(questions)), rng.choices(roles, k=len(roles))
+        default = [i for q in qs for i in default_by_q[q]]
+        played = [i for r in rs for q in qs for i in cell.get((r, q), ())]
+        if default and played:
+            values.append(statistic(default, played))
+    return values
+
+
+def percentile_interval(values: list[float]) -> tuple[float, float] | None:
+    """The 2.5th and 97.5th percentiles of bootstrap values (None if there are none)."""
+    if not values:
+        return None
+    values = sorted(values)
+    return values[int(0.025 * (len(values) - 1))], values[int(math.ceil(0.975 * (len(values) - 1)))]
+
+
+def rank_auc(positive: list[float], negative: list[float]) -> float:
+    """``roc_auc`` by ranks (Mann–Whitney U, ties averaged): the same figure in n log n, for bootstraps."""
+    ordered = sorted([(v, 0) for v in positive] + [(v, 1) for v in negative])
+    rank_sum, i = 0.0, 0
+    while i < len(ordered):
+        j = i
+        while j < len(ordered) and ordered[j][0] == ordered[i][0]:
+            j += 1
+        average = (i + j + 1) / 2  # ranks i+1 .. j share their mean
+        rank_sum += average * sum(1 for k in range(i, j) if ordered[k][1] == 0)
+        i = j
+    n_p, n_n = len(positive), len(negative)
+    return (rank_sum - n_p * (n_p + 1) / 2) / (n_p * n_n)

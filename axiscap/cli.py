@@ -111,11 +111,17 @@ def _calibrate(args: argparse.Namespace) -> None:
     print(f"wrote {path} (report in {cfg.report}, stages in {cfg.work})")
 
 
+def _report_key(path: Path) -> str:
+    """How a report names an axis file: relative to the working directory, else by its file name, so a
+    committed report carries no machine's paths."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else resolved.name
+
+
 def _check(args: argparse.Namespace) -> None:
     import json
 
-    from axiscap.axes.check import check_answers, separation
-    from axiscap.axes.check import auc_line
+    from axiscap.axes.check import auc_line, auc_text, check_answers, check_report, separation
     from axiscap.axes.role_scoring import EmbeddingScorer
     from axiscap.server.engines.hf.model_loading import load_model
     from axiscap.server.engines.hf.threads import in_compute_thread, reserve_threads_for_engine
@@ -137,14 +143,21 @@ def _check(args: argparse.Namespace) -> None:
                              BuildConfig.top_p, args.max_new_tokens, args.quick)
     finally:
         offline.close()
-    results = {}
+    separations = {}
     for path, axis in zip(args.axis, axes):
         figures = in_compute_thread(lambda: separation(loaded.model, axis, rows))
         print(f"{path} (monitor layer {axis.monitor_layer}): {figures['n_default']} default answers vs "
               f"{auc_line(figures)}")
-        results[str(path)] = {k: v for k, v in figures.items() if not isinstance(v, list)}
+        separations[_report_key(path)] = figures
+    report = check_report(rows, separations, loaded.tokenizer)
+    if report["baselines"]["bag_of_words"] is not None:
+        print("bag-of-words baseline, cross-validated by role: "
+              + auc_text(report["baselines"]["bag_of_words"], "role answers"))
+    for pair, d in report["paired"].items():
+        interval = "" if d["cluster_ci"] is None else " [{:+.3f}, {:+.3f}]".format(*d["cluster_ci"])
+        print(f"{pair}: AUC difference {d['difference']:+.3f}{interval} (questions and roles resampled)")
     if args.out:
-        args.out.write_text(json.dumps({"model": loaded.name, "axes": results}, indent=1) + "\n")
+        args.out.write_text(json.dumps({"model": loaded.name, **report}, indent=1) + "\n")
         print(f"wrote {args.out}")
 
 

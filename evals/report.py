@@ -87,6 +87,7 @@ def _markdown(results: dict, meta: dict) -> str:
     ]
     for label, rows in drift["per_turn"].items():
         lines.append(f"| {label} | " + " | ".join(f"{_fmt(r['mean'])} / {_fmt(r['low'])}" for r in rows) + " |")
+    lines += ["", *drift_by_kind_table(drift)]
     lines += ["", "![projection per turn](drift_per_turn.png)", "",
               "## Persona jailbreaks", "",
               "| request / condition | n | complied | in character | mean projection | capped by the gate |",
@@ -96,6 +97,7 @@ def _markdown(results: dict, meta: dict) -> str:
                      f"{_share(row['in_character'], row['n'])} | {_fmt(row['mean_projection'])} | "
                      f"{_share(row.get('capped'), row['n'])} |")
     lines += ["", "Shares with their 95% Wilson intervals in brackets."]
+    lines += ["", *paired_persona_table(jail)]
     lines += ["", f"Correlation of an answer's mean projection with compliance on the harmful requests "
                   f"(every condition): r = {_fmt(jail['projection_vs_compliance_r'])} (the paper reports "
                   "projection predicting harmful compliance with |r| ≈ 0.39–0.52 on 27–70B models).", "",
@@ -116,6 +118,44 @@ def _markdown(results: dict, meta: dict) -> str:
               f"(mean change {cap['perplexity_change']:+.1%}; gated reads a passage as uncapped does: the gate "
               "acts on generated tokens and chat messages).", ""]
     return "\n".join(lines)
+
+
+def drift_by_kind_table(drift: dict) -> list[str]:
+    """Lines of the per-kind drift table: where a lift comes from, and which answers it changed."""
+    lines = ["By conversation kind: each condition's mean projection over all turns minus uncapped's, and how "
+             "many of its answers are the uncapped answers word for word.", "",
+             "| kind | conversations | capped: lift / answers identical | gated: lift / answers identical |",
+             "| --- | --- | --- | --- |"]
+    for kind, row in drift["by_kind"].items():
+        lines.append(f"| {kind} | {row['conversations']} | " + " | ".join(
+            f"{_signed(row[c]['lift'])} / {row[c]['identical']} of {row['answers']}" for c in ("capped", "gated")) + " |")
+    return lines
+
+
+def paired_persona_table(jailbreak: dict) -> list[str]:
+    """Lines of the paired in-character table (``paired_persona_effect`` per condition)."""
+    lines = ["In character against uncapped, answer by answer (exact McNemar test on the answers that changed "
+             "verdict; the reduction's 95% interval resamples personas):", "",
+             "| condition / requests | in character uncapped → condition | lost / gained the persona | McNemar p | "
+             "reduction |", "| --- | --- | --- | --- | --- |"]
+    for condition, scopes in jailbreak["paired"].items():
+        for scope, e in scopes.items():
+            lines.append(f"| {condition} / {scope} | {e['uncapped']} → {e[condition]} of {e['pairs']} | "
+                         f"{e['lost']} / {e['gained']} | {e['mcnemar_p']:.2f} | {_percent(e['reduction'])} "
+                         f"{_bracket(e['reduction_ci'])} |")
+    return lines
+
+
+def _signed(v: float | None) -> str:
+    return "–" if v is None else f"{v:+.2f}"
+
+
+def _percent(v: float | None) -> str:
+    return "–" if v is None else f"{v:.0%}"
+
+
+def _bracket(ci) -> str:
+    return "" if ci is None else f"[{ci[0]:.0%}, {ci[1]:.0%}]"
 
 
 def _interval(share: float, n: int) -> str:

@@ -180,3 +180,24 @@ def test_the_jailbreak_summary_counts_each_kind_and_condition_on_its_own_records
                                              "capped": None}
     assert summary["benign / uncapped"]["complied"] == 0.75 and summary["benign / capped"]["complied"] == 0.0
     assert summary["harmful / gated"]["in_character"] == 0.25 and summary["harmful / gated"]["capped"] == 0.5
+
+
+def test_drift_by_kind_traces_a_lift_to_the_kinds_whose_answers_changed():
+    from axiscap.evals.run import drift_by_kind
+
+    def conv(kind, condition, means, answers):
+        return {"id": f"{kind}-1", "kind": kind, "drifts": kind != "coding", "condition": condition,
+                "turns": [{"mean": m, "answer": a} for m, a in zip(means, answers)]}
+
+    records = [conv("authorial voice", "uncapped", [10.0, 20.0], ["a", "b"]),
+               conv("authorial voice", "capped", [30.0, 40.0], ["A", "b"]),
+               conv("authorial voice", "gated", [10.0, 20.0], ["a", "b"]),
+               conv("coding", "uncapped", [50.0, 52.0], ["x", "y"]),
+               conv("coding", "capped", [50.0, 52.0], ["x", "y"]),
+               conv("coding", "gated", [50.0, 52.0], ["x", "y"])]
+    table = drift_by_kind(records)
+    voice, coding = table["authorial voice"], table["coding"]
+    assert (voice["conversations"], voice["answers"]) == (1, 2)
+    assert voice["capped"] == {"mean": 35.0, "lift": 20.0, "identical": 1}
+    assert voice["gated"]["lift"] == 0.0 and voice["gated"]["identical"] == 2
+    assert coding["capped"]["lift"] == 0.0 and coding["capped"]["identical"] == 2

@@ -10,6 +10,8 @@ prompt token, and joins the batch with its first tokens sampled.
 
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass
 
 import torch
@@ -87,12 +89,19 @@ class Prefilled:
     prompt_tokens: int  # prompt tokens prefilled for the first time (a re-prefill is not new prompt work)
 
 
+def cache_keyword(model) -> str:
+    """The forward's name for the KV cache: transformers 5.25 renamed ``past_key_values`` to ``cache``
+    (the old name warns on every step and goes in 5.40), while vLLM 0.32 pins one that knows only the old."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class ModelRunner:
     def __init__(self, model, device: torch.device, hooks: AxisHooks | None, pad_id: int, vocab_size: int,
                  eos_ids: set[int], prefill_chunk_tokens: int):
         self.model, self.device, self.hooks = model, device, hooks
         self.pad_id, self.vocab_size, self.eos_ids = pad_id, vocab_size, eos_ids
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self._cache_keyword = cache_keyword(model)
         self.sampler = self.new_sampler()
         self.rows: list[Row] = []  # the running batch, in the store's (class, slot) order
         self.prefilling: PrefillGroup | None = None
@@ -143,8 +152,8 @@ class ModelRunner:
         positions = torch.arange(start, end, device=self.device).expand(n, -1)
         every_column = bool(group.prompt_logprob_rows)  # logits at every prompt position (0: keep all)
         with slot_attention_for(self.model):
-            out = self.model(input_ids=group.ids[:, start:end], position_ids=positions, past_key_values=group.store,
-                             kv_store=group.store, use_cache=True,
+            out = self.model(input_ids=group.ids[:, start:end], position_ids=positions, kv_store=group.store,
+                             **{self._cache_keyword: group.store}, use_cache=True,
                              logits_to_keep=0 if every_column else (torch.tensor(kept, device=self.device)
                                                                     if ending else 1))
         logits = out.logits
@@ -248,7 +257,7 @@ class ModelRunner:
         self._set_cap_mask(self._cap_rows if self._any_capping else None)
         with slot_attention_for(self.model):
             out = self.model(input_ids=self._next_input[:, None], position_ids=self._positions[:, None],
-                             past_key_values=self.store, kv_store=self.store, use_cache=True, logits_to_keep=1)
+                             **{self._cache_keyword: self.store}, kv_store=self.store, use_cache=True, logits_to_keep=1)
         for row in self.rows:
             row.length += 1
         self._positions = self._positions + 1
