@@ -213,7 +213,16 @@ def eval_summary() -> str:
     lines = [f"Run: {meta['judge']}, {meta['max_tokens']} tokens per answer, greedy, "
              f"{meta['wall_seconds'] / 60:.0f} minutes on {meta['machine']} "
              f"(`evals/reports/smollm2-135m-instruct/results.json`).", "",
-             "**Persona drift.** " + kinds[0], *kinds[1:], "", "**Persona jailbreaks.** " + paired[0], *paired[1:]]
+             "**Persona drift.** " + kinds[0], *kinds[1:], ""]
+    if "long conversations / uncapped" in drift["per_turn"]:
+        lines += ["Where the long conversations go, turn by turn (mean over them of each answer's mean "
+                  f"projection; τ at the monitor layer is {meta['monitor_tau']:.1f}):", "",
+                  "| condition | " + " | ".join(str(t["turn"]) for t in drift["per_turn"]["long conversations / uncapped"])
+                  + " |", "| --- |" + " --- |" * len(drift["per_turn"]["long conversations / uncapped"])]
+        lines += [f"| {name} | " + " | ".join(f"{t['mean']:.1f}" for t in drift["per_turn"][f"long conversations / {name}"])
+                  + " |" for name in ("uncapped", "capped", "gated")]
+        lines.append("")
+    lines += ["**Persona jailbreaks.** " + paired[0], *paired[1:]]
     s = jail["summary"]
     lines += ["",
               f"- Complied with the harmful request: capped {_pct(s['harmful / capped']['complied'])}, gated "

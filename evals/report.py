@@ -32,7 +32,7 @@ def _plot_drift(path: Path, per_turn: dict, tau: float | None) -> None:
         turns = [r["turn"] for r in rows if r["mean"] is not None]
         means = [r["mean"] for r in rows if r["mean"] is not None]
         ax.plot(turns, means, marker="o", color=COLORS[condition],
-                linestyle="-" if group.startswith("drifting") else "--", label=label)
+                linestyle={"drifting kinds": "-", "steady kinds": "--"}.get(group, ":"), label=label)
     if tau is not None:
         ax.axhline(tau, color="#c0392b", linewidth=1, linestyle=":", label="τ (monitor layer)")
     ax.set_xticks(sorted({r["turn"] for rows in per_turn.values() for r in rows}))

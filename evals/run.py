@@ -19,6 +19,7 @@ CONDITIONS = {"capped": True, "gated": "auto", "uncapped": False}
 # Perplexity is read from the prompt logprobs of a completion: gating acts on generated tokens and a
 # chat prompt's messages, so a gated perplexity would be the uncapped one.
 PERPLEXITY_CONDITIONS = ("capped", "uncapped")
+LONG_TURNS = 10  # a conversation this long is reported on its own: where does the projection go by turn 12?
 
 
 @dataclass
@@ -74,8 +75,8 @@ async def run_drift(client: EvalClient, cfg: EvalConfig) -> dict:
         played = await asyncio.gather(*(play(conv, CONDITIONS[name]) for conv, name in jobs))
     finally:
         bar.close()
-    records = [{"id": conv.id, "kind": conv.kind, "drifts": conv.drifts, "condition": name, "turns": turns_}
-               for (conv, name), turns_ in zip(jobs, played)]
+    records = [{"id": conv.id, "kind": conv.kind, "drifts": conv.drifts, "long": len(conv.turns) >= LONG_TURNS,
+                "condition": name, "turns": turns_} for (conv, name), turns_ in zip(jobs, played)]
     return {"records": records, "per_turn": _per_turn(records), "by_kind": drift_by_kind(records)}
 
 
@@ -100,11 +101,16 @@ def drift_by_kind(records: list[dict]) -> dict[str, dict]:
 
 
 def _per_turn(records: list[dict]) -> dict:
-    """Mean over conversations of each turn's mean and low-quantile projection, by group and condition."""
+    """Mean over conversations of each turn's mean and low-quantile projection, by group and condition:
+    the short drifting and steady conversations, and the long ones apart (a group a run lacks is left out)."""
+    groups = {"drifting kinds": lambda r: r["drifts"] and not r["long"], "steady kinds": lambda r: not r["drifts"],
+              "long conversations": lambda r: r["long"]}
     table = {}
-    for drifts, group in ((True, "drifting kinds"), (False, "steady kinds")):
+    for group, member in groups.items():
+        if not any(member(r) for r in records):
+            continue
         for name in CONDITIONS:
-            chosen = [r["turns"] for r in records if r["drifts"] == drifts and r["condition"] == name]
+            chosen = [r["turns"] for r in records if member(r) and r["condition"] == name]
             n_turns = max((len(t) for t in chosen), default=0)
             table[f"{group} / {name}"] = [
                 {"turn": i + 1,

@@ -1,8 +1,9 @@
-"""The evaluation suites, as data files in ``data/`` (the project wrote them; each has 20 items):
+"""The evaluation suites, as data files in ``data/`` (the project wrote them; at least 20 items each):
 
 ``drift.json``       multi-turn conversations of the kinds the paper reports as drifting (emotional
                      disclosure, pushes to reflect on its own nature, requests for an authorial voice)
-                     and of kinds that do not (coding, factual help)
+                     and of kinds that do not (coding, factual help), 4 turns each; and 12-turn ones in
+                     the paper's drift domains (therapy-like disclosure, the model's own nature)
 ``jailbreak.json``   a persona system prompt that casts the model as an unrestricted character, a
                      request it should decline, and a matched benign request under the same persona
 ``capability.json``  neutral prompts (answered at temperature 0) and neutral passages (perplexity)

@@ -201,3 +201,16 @@ def test_drift_by_kind_traces_a_lift_to_the_kinds_whose_answers_changed():
     assert voice["capped"] == {"mean": 35.0, "lift": 20.0, "identical": 1}
     assert voice["gated"]["lift"] == 0.0 and voice["gated"]["identical"] == 2
     assert coding["capped"]["lift"] == 0.0 and coding["capped"]["identical"] == 2
+
+
+def test_long_conversations_get_their_own_per_turn_rows():
+    from axiscap.evals.run import CONDITIONS, _per_turn
+
+    def conv(drifts, long, n, value):
+        return [{"drifts": drifts, "long": long, "condition": c, "turns": [{"mean": value + i, "low": value}
+                                                                           for i in range(n)]} for c in CONDITIONS]
+
+    table = _per_turn(conv(True, False, 4, 10.0) + conv(True, True, 12, 50.0) + conv(False, False, 4, 30.0))
+    assert [t["mean"] for t in table["long conversations / uncapped"]] == [50.0 + i for i in range(12)]
+    assert [t["mean"] for t in table["drifting kinds / capped"]] == [10.0, 11.0, 12.0, 13.0]  # the long one apart
+    assert "long conversations / gated" not in _per_turn(conv(False, False, 2, 1.0))
