@@ -2,7 +2,8 @@
 
 The axis direction stays as it is (built or imported); what is chosen is where to cap and how low:
 the band (first layer, width) and the percentile that sets tau at each capped layer. tau comes from
-ordinary Assistant work (``calibration_data``, train split), not from the persona data, so a point
+ordinary Assistant work (``calibration_data``, train split), not from the persona data (unless
+``--tau-populations`` also asks for the paper's population, ``TAU_POPULATIONS``), so a point
 is judged on what capping costs ordinary answers and what it does to role-play:
 
   capability  share of validation prompts whose greedy answer capping leaves identical, and the
@@ -22,6 +23,8 @@ stopped):
   input        input.safetensors       a copy of the input axis (OUT may replace the input file)
   answers      answers.jsonl           greedy uncapped answers to calibration and role prompts (engine)
   projections  projections.safetensors per-layer projections of the train answers' tokens
+  role projections role_projections.safetensors  the same of the role answers' tokens, only with
+                                       ``--tau-populations paper`` (the paper's tau, from both mixed)
   sweep        sweep.jsonl             one line per (band, percentile), appended as measured: only the
                                        grid's points not measured yet run (a wider grid adds its new ones)
   front        front.jsonl             the sweep's Pareto front generating for real (engine, capping on)
@@ -60,7 +63,7 @@ from tqdm import tqdm
 
 from axiscap.flags import option
 from axiscap.steering import AssistantAxis, decoder_layers, load_axis, save_axis
-from axiscap.steering.gate import DETECTOR_KEY, GATE_KEY
+from axiscap.steering.gate import DETECTOR_KEY, GATE_KEY, GATED_CAP_KEY
 
 from . import persona_data
 from .calibration_data import calibration_prompts
@@ -72,6 +75,15 @@ from .stats import mean_ci, wilson
 
 log = logging.getLogger(__name__)
 
+# Where tau's percentile is taken. ordinary: the model's own answers to ordinary Assistant work (the
+# train split). paper: as the paper does, default-Assistant and role-play answers mixed: here those
+# train answers and the role prompts' answers (the same role answers the persona lift is read on, so
+# that lift is in-sample for these points; the paper's was too).
+ORDINARY, PAPER = "ordinary", "paper"
+TAU_POPULATIONS = (ORDINARY, PAPER)
+# The gated policy's own cap, once a request's gate trips: the paper's percentile on the chosen band
+# (never below the always-on tau), so a request that drifted is held harder than every request is.
+GATED_CAP_PERCENTILE = 25
 GATE_PERCENTILE = 5  # of ordinary answers' means: a message below it counts as drifted (gated policy)
 CALIBRATED_BY = "; axiscap axes calibrate: "  # in the chosen axis's source note
 UNCAPPED = "uncapped"  # the front's baseline line
@@ -94,6 +106,11 @@ class CalibrateConfig:
     percentiles: tuple[float, ...] = option((1.0, 2.0, 3.0, 5.0, 10.0, 25.0), help="tau percentiles to try")
     capability_budget: float = option(0.9, help="least share of validation answers that must stay identical "
                                                 "with capping")
+    tau_populations: tuple[str, ...] = option((ORDINARY,), help="whose token projections tau is a percentile of: "
+                                              "ordinary (the model's answers to ordinary Assistant work, train split) "
+                                              "and/or paper (those and the role prompts' answers mixed, as the "
+                                              "paper's p25 of default and role-play rollouts); each point is swept "
+                                              "with each")
     max_new_tokens: int = option(64, help="tokens per answer")
     batch_size: int = 8
 
@@ -102,6 +119,9 @@ class CalibrateConfig:
             raise ValueError(f"--capability-budget is a share between 0 and 1, not {self.capability_budget}")
         if not all(0 < p <= 100 for p in self.percentiles):
             raise ValueError(f"--percentiles must lie in (0, 100], not {list(self.percentiles)}")
+        if not self.tau_populations or not set(self.tau_populations) <= set(TAU_POPULATIONS):
+            raise ValueError(f"--tau-populations takes {' and/or '.join(TAU_POPULATIONS)}, not "
+                             f"{list(self.tau_populations)}")
         if not all(w >= 1 for w in self.widths):
             raise ValueError(f"--widths must be at least 1, not {list(self.widths)}")
         if self.quick:
@@ -129,6 +149,12 @@ class Point:
     start: int
     width: int
     percentile: float
+    population: str = ORDINARY  # the tokens whose percentile is tau (TAU_POPULATIONS)
+
+    @classmethod
+    def of(cls, record: dict) -> Point:
+        """The point of a sweep or front line (lines written before populations are ordinary ones)."""
+        return cls(record["start"], record["width"], record["percentile"], record.get("population", ORDINARY))
 
     @property
     def band(self) -> list[int]:
@@ -136,7 +162,8 @@ class Point:
 
     @property
     def key(self) -> str:
-        return f"{self.start}:{self.start + self.width - 1}@p{self.percentile:g}"
+        key = f"{self.start}:{self.start + self.width - 1}@p{self.percentile:g}"
+        return key if self.population == ORDINARY else f"{key}/{self.population}"
 
 
 def sweep_points(cfg: CalibrateConfig, n_layers: int, monitor_layer: int) -> list[Point]:
@@ -144,8 +171,8 @@ def sweep_points(cfg: CalibrateConfig, n_layers: int, monitor_layer: int) -> lis
     starts = cfg.starts or tuple(range(n_layers // 3, monitor_layer, 2))
     if cfg.quick:
         starts = (max(0, monitor_layer - 2),)
-    points = [Point(s, w, p) for s in starts for w in cfg.widths if 0 <= s and s + w - 1 <= monitor_layer
-              for p in cfg.percentiles]
+    points = [Point(s, w, p, pop) for s in starts for w in cfg.widths if 0 <= s and s + w - 1 <= monitor_layer
+              for pop in cfg.tau_populations for p in cfg.percentiles]
     if not points:
         raise ValueError(f"no band to sweep: starts {list(starts)} with widths {list(cfg.widths)} give no band of "
                          f"layers 0..{monitor_layer} (bands end at or before the monitor layer, {monitor_layer})")
@@ -199,13 +226,30 @@ def _projections(cfg: CalibrateConfig, model, axis: AssistantAxis, path: Path) -
               metadata={"baseline": json.dumps({k: base[k] for k in ("choices", "nll", "monitor")})})
 
 
-def point_axis(axis: AssistantAxis, point: Point, train_projections: torch.Tensor) -> AssistantAxis:
-    """The input axis with this point's band, tau = the percentile of train-token projections per layer."""
-    q = point.percentile / 100
+def point_axis(axis: AssistantAxis, point: Point, populations: dict[str, torch.Tensor]) -> AssistantAxis:
+    """The input axis with this point's band, tau = the percentile of its population's token projections
+    per layer (``populations``: ``tau_populations``)."""
+    q, tokens = point.percentile / 100, populations[point.population]
     return dataclasses.replace(
-        axis, cap_layers=point.band,
-        cap_thresholds=[torch.quantile(train_projections[l], q).item() for l in point.band],
-        percentile=point.percentile, n_samples=train_projections.shape[1], path=None)
+        axis, cap_layers=point.band, cap_thresholds=[torch.quantile(tokens[l], q).item() for l in point.band],
+        percentile=point.percentile, n_samples=tokens.shape[1], path=None)
+
+
+def _role_projections(cfg: CalibrateConfig, model, axis: AssistantAxis, path: Path) -> None:
+    """Per-layer projections of the role prompts' answers' tokens (the paper's population's role-play half)."""
+    roles = [r for r in _load_answers(cfg) if r["kind"] == "role"]
+    tokens = teacher_forced(model, roles, axis, capping=False, batch_size=cfg.batch_size,
+                            layers=list(range(axis.n_layers)), desc="projections (role answers)")["per_layer"]
+    save_file({"role": torch.cat(tokens, dim=1).contiguous()}, str(path))
+
+
+def tau_populations(cfg: CalibrateConfig) -> dict[str, torch.Tensor]:
+    """Per population in the grid, its tokens' projections ``[n_layers, tokens]``."""
+    train = load_file(str(cfg.work / "projections.safetensors"))["train"]
+    out = {ORDINARY: train}
+    if PAPER in cfg.tau_populations:
+        out[PAPER] = torch.cat([train, load_file(str(cfg.work / "role_projections.safetensors"))["role"]], dim=1)
+    return out
 
 
 def measure(rows: list[dict], baseline: dict, capped: dict) -> dict:
@@ -235,12 +279,12 @@ def _sweep(cfg: CalibrateConfig, model, axis: AssistantAxis) -> list[dict]:
         log.info("stage sweep: %d of %d points measured before", len(grid) - len(missing), len(grid))
         rows = [r for r in _load_answers(cfg) if r["kind"] != "train"]
         proj_file = cfg.work / "projections.safetensors"
-        train = load_file(str(proj_file))["train"]
+        populations = tau_populations(cfg)
         with safe_open(str(proj_file), framework="pt") as f:
             baseline = json.loads(f.metadata()["baseline"])
         with path.open("a") as f:
             for point in tqdm(missing, desc="sweep", unit="point"):
-                capped_axis = point_axis(axis, point, train)
+                capped_axis = point_axis(axis, point, populations)
                 capped = teacher_forced(model, rows, capped_axis, capping=True, batch_size=cfg.batch_size)
                 measured[point.key] = {"point": point.key, **dataclasses.asdict(point),
                                        "tau": capped_axis.cap_thresholds, **measure(rows, baseline, capped)}
@@ -270,26 +314,38 @@ def calibrate_gate(cfg: CalibrateConfig, model, generator_for: GeneratorFor, com
     """Only the gated policy's thresholds, for an axis file whose band and tau stay as they are (one
     calibrated before the gate existed): the calibration and role prompts answered uncapped, greedy; the
     GATE_PERCENTILE-th percentile of the train answers' mean monitor projections, as ``_choose`` takes it,
-    and the token detector (``gate_calibration``)."""
+    the token detector (``gate_calibration``) and the gated cap (``gated_cap_thresholds``)."""
     n_layers, hidden = len(decoder_layers(model)), model.config.get_text_config().hidden_size
     axis = load_axis(cfg.axis_in, n_layers, hidden)
     with generator_for(None) as generate:
         answered = _generate_rows(generate, _rows(cfg), cfg.max_new_tokens, "answers (uncapped)")
     train = [r for r in answered if r["kind"] == "train"]
-    means = compute(lambda: teacher_forced(model, train, axis, capping=False, batch_size=cfg.batch_size,
-                                           desc="gate threshold"))["monitor"]
+    forced = compute(lambda: teacher_forced(model, train, axis, capping=False, batch_size=cfg.batch_size,
+                                            layers=axis.cap_layers, desc="gate threshold"))
+    means = forced["monitor"]
+    band_tokens = torch.cat(forced["per_layer"], dim=1)  # [capped layers, train tokens]
     detector = compute(lambda: detector_metadata(model, axis, answered, cfg.max_new_tokens, cfg.batch_size))
     threshold = torch.quantile(torch.tensor(means, dtype=torch.float64), GATE_PERCENTILE / 100).item()
     log.info("gate threshold %.3f: the %gth percentile of %d train answers' means at layer %d (tau there %.3f)",
              threshold, GATE_PERCENTILE, len(means), axis.monitor_layer, axis.monitor_tau)
     log.info("token detector: %s", detector)
-    axis.extra = {**axis.extra, GATE_KEY: repr(threshold), DETECTOR_KEY: detector,
+    gated = gated_cap_thresholds(axis, dict(zip(axis.cap_layers, band_tokens)))
+    log.info("gated cap: tau %s at layers %s (p%d of the train answers' tokens; always-on: %s)", gated,
+             axis.cap_layers, GATED_CAP_PERCENTILE, axis.cap_thresholds)
+    axis.extra = {**axis.extra, GATE_KEY: repr(threshold), DETECTOR_KEY: detector, GATED_CAP_KEY: gated,
                   "gate_calibration": json.dumps({"percentile": GATE_PERCENTILE, "n_answers": len(means),
                                                   "max_new_tokens": cfg.max_new_tokens})}
     partial = cfg.out.with_name(cfg.out.name + ".partial")
     save_axis(axis, partial)
     os.replace(partial, cfg.out)
     return cfg.out
+
+
+def gated_cap_thresholds(axis: AssistantAxis, tokens: dict[int, torch.Tensor] | torch.Tensor) -> str:
+    """The ``gated_cap_thresholds`` metadata: per capped layer, the GATED_CAP_PERCENTILE-th percentile of
+    these token projections (indexed by layer), or the always-on tau where that is higher."""
+    return ",".join(repr(max(tau, torch.quantile(tokens[l], GATED_CAP_PERCENTILE / 100).item()))
+                    for l, tau in zip(axis.cap_layers, axis.cap_thresholds))
 
 
 def pareto_front(points: list[dict]) -> list[dict]:
@@ -311,14 +367,14 @@ def _choose(cfg: CalibrateConfig, axis: AssistantAxis, points: list[dict]) -> bo
     if not inside:
         log.warning("no point keeps %.0f%% of validation answers identical; chose the least costly one (%s, %.0f%%)",
                     100 * cfg.capability_budget, chosen["point"], 100 * chosen["identical"])
-    train = load_file(str(cfg.work / "projections.safetensors"))["train"]
-    point = Point(chosen["start"], chosen["width"], chosen["percentile"])
-    result = point_axis(axis, point, train)
+    populations = tau_populations(cfg)
+    point = Point.of(chosen)
+    result = point_axis(axis, point, populations)
     # The server reads tau at the monitor layer (drift statistics, tokens below tau), so the monitor
     # layer must be capped: kept if the band holds it, else the band's last layer (the build's rule).
     if result.monitor_layer not in result.cap_layers:
         result.monitor_layer = result.cap_layers[-1]
-    monitored = train[result.monitor_layer]
+    monitored = populations[ORDINARY][result.monitor_layer]
     lengths = [max(len(r["answer_ids"]), 1) for r in _load_answers(cfg) if r["kind"] == "train"]
     origin = (axis.source or str(axis.path)).split(CALIBRATED_BY)[0]  # recalibrated: the earlier note goes
     result.extra = {**axis.extra, "source": f"{origin}{CALIBRATED_BY}band {point.key} chosen for capability budget "
@@ -326,6 +382,7 @@ def _choose(cfg: CalibrateConfig, axis: AssistantAxis, points: list[dict]) -> bo
                     # Histogram buckets and the CUSUM slack follow ordinary Assistant traffic.
                     "monitor_mean": repr(monitored.mean().item()), "monitor_std": repr(monitored.std().item()),
                     GATE_KEY: repr(answer_mean_percentile(monitored, lengths, GATE_PERCENTILE)),
+                    GATED_CAP_KEY: gated_cap_thresholds(result, populations[point.population]),
                     "calibration": json.dumps(record)}
     partial = cfg.chosen.with_name(cfg.chosen.name + ".partial")
     save_axis(result, partial)
@@ -357,14 +414,14 @@ def _front(cfg: CalibrateConfig, model, tokenizer, points: list[dict], generator
     log.info("stage front: %d of %d points measured before", len(front) + 1 - len(missing), len(front) + 1)
     if missing:
         axis = load_axis(cfg.input_copy)
-        train = load_file(str(cfg.work / "projections.safetensors"))["train"]
+        populations = tau_populations(cfg)
         role_rows = [r for r in _load_answers(cfg) if r["kind"] == "role"]
         with path.open("a") as f:
             for p in tqdm(missing, desc="front (generating)", unit="point"):
                 if p["point"] == UNCAPPED:
                     answers, point_ax, capping = role_rows, axis, False  # the answers stage's own
                 else:
-                    point_ax, capping = point_axis(axis, Point(p["start"], p["width"], p["percentile"]), train), True
+                    point_ax, capping = point_axis(axis, Point.of(p), populations), True
                     with generator_for(point_ax) as generate:
                         answers = _generate_rows(generate, role_rows, cfg.max_new_tokens, f"front {p['point']}")
                 # Read at the input's monitor layer (point_axis keeps it), as the sweep's lift is.
@@ -428,7 +485,10 @@ def calibrate(cfg: CalibrateConfig, model, tokenizer, generator_for: GeneratorFo
 
     stage("answers", cfg.work / "answers.jsonl", answers)
     stage("projections", cfg.work / "projections.safetensors", lambda p: _projections(cfg, model, axis_in, p),
-           compute)
+          compute)
+    if PAPER in cfg.tau_populations:
+        stage("role projections", cfg.work / "role_projections.safetensors",
+              lambda p: _role_projections(cfg, model, axis_in, p), compute)
     points = compute(lambda: _sweep(cfg, model, axis_in))
     front = _front(cfg, model, tokenizer, points, generator_for, score, compute)
     new_choice = _choose(cfg, axis_in, points)

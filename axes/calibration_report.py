@@ -73,6 +73,10 @@ def write_report(folder: Path, cfg: CalibrateConfig, axis_in: AssistantAxis, cho
     def in_char(k, n):
         return "not scored" if k is None else f"{k} of {n}"
 
+    def percentile(p):  # a point of the paper's population says so
+        population = p.get("population", "ordinary")
+        return f"{p['percentile']:g}" + ("" if population == "ordinary" else f" ({population})")
+
     def change(k):
         if k is None or not uncapped["in_character"]:
             return "–"
@@ -84,7 +88,10 @@ def write_report(folder: Path, cfg: CalibrateConfig, axis_in: AssistantAxis, cho
         f"p{axis_in.percentile:g}, monitor layer {axis_in.monitor_layer}). Direction unchanged; band and tau swept.",
         "",
         f"- tau: percentile of {counts['train']} train-split Assistant answers' token projections per layer "
-        f"(`axes/data/calibration_prompts.json`).",
+        f"(`axes/data/calibration_prompts.json`)"
+        + ("; points marked (paper): of those and the role answers' mixed, as the paper's default and role-play "
+           "rollouts (so their role-play lift is in-sample)." if any(p.get("population") == "paper" for p in points)
+           else "."),
         f"- capability: {counts['validation']} validation-split prompts, greedy answers identical with capping "
         "(teacher-forced: capping changes no greedy choice along the uncapped answer), and the change in their "
         "perplexity.",
@@ -121,7 +128,7 @@ def write_report(folder: Path, cfg: CalibrateConfig, axis_in: AssistantAxis, cho
               f"{mean(uncapped['low'])} |"]
     for p in front:
         mark = " ★" if p["point"] == chosen["point"] else ""
-        lines.append(f"| {p['start']}–{p['start'] + p['width'] - 1}{mark} | {p['percentile']:g} | "
+        lines.append(f"| {p['start']}–{p['start'] + p['width'] - 1}{mark} | {percentile(p)} | "
                      f"{share(p['identical'], p['identical_ci'])} | {lift(p['role_lift'], p['role_lift_ci'])} | "
                      f"{in_char(p['in_character'], p['n_roles'])} | {change(p['in_character'])} | "
                      f"{mean(p['low'])} |")
@@ -129,8 +136,8 @@ def write_report(folder: Path, cfg: CalibrateConfig, axis_in: AssistantAxis, cho
               "| band | percentile | identical | perplexity change | role-play lift | front |",
               "| --- | --- | --- | --- | --- | --- |"]
     front_keys = {p["point"] for p in front}
-    for p in sorted(points, key=lambda p: (p["start"], p["width"], p["percentile"])):
-        lines.append(f"| {p['start']}–{p['start'] + p['width'] - 1} | {p['percentile']:g} | "
+    for p in sorted(points, key=lambda p: (p["start"], p["width"], p.get("population", "ordinary"), p["percentile"])):
+        lines.append(f"| {p['start']}–{p['start'] + p['width'] - 1} | {percentile(p)} | "
                      f"{share(p['identical'], p['identical_ci'])} | {100 * p['perplexity_change']:+.1f}% | "
                      f"{lift(p['role_lift'], p['role_lift_ci'])} | {'◆' if p['point'] in front_keys else ''} |")
     (folder / "calibration.md").write_text("\n".join(lines) + "\n")

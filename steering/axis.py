@@ -69,6 +69,9 @@ OPTIONAL_METADATA = {
     "gate_detector": (_detector, "gated capping's token detector: an EWMA of the answer's token projections "
                                  "(ewma_lambda), tested after warmup tokens against threshold, and how it was "
                                  "calibrated (JSON)"),
+    "gated_cap_thresholds": (_floats, "gated capping: tau per capped layer once a request's gate trips, a cap of "
+                                      "its own on the same band, stronger than always-on's (comma-separated; "
+                                      "without it a tripped request gets the always-on cap)"),
     "calibration": (_json_object, "axes calibrate's record of the chosen band and tau (JSON)"),
     "separation_d": (_floats, "per layer, Cohen's d between default and role answers (comma-separated)"),
 }
@@ -146,6 +149,10 @@ class AssistantAxis:
         return self._optional("gate_detector")
 
     @property
+    def gated_cap_thresholds(self) -> list[float] | None:
+        return self._optional("gated_cap_thresholds")
+
+    @property
     def calibration(self) -> dict | None:
         return self._optional("calibration")
 
@@ -186,6 +193,10 @@ class AssistantAxis:
                     read(self.extra[key])
                 except ValueError:
                     raise err(f"metadata {key!r} ({meaning}) cannot be read: {self.extra[key][:80]!r}") from None
+        gated = self.gated_cap_thresholds
+        if gated is not None and (len(gated) != len(self.cap_layers) or not all(map(math.isfinite, gated))):
+            raise err(f"metadata 'gated_cap_thresholds' needs one finite tau per capped layer "
+                      f"({len(self.cap_layers)}), got {gated}")
 
 
 def save_axis(axis: AssistantAxis, path: str | Path) -> None:

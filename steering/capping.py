@@ -44,6 +44,7 @@ class LayerCap:
     tau: torch.Tensor | None  # float32 scalar; None: monitored, not capped
     slot: int | None  # index of this layer's counter among the capped layers
     monitor: bool  # whether this is the monitor layer, whose projections are reported
+    gated_tau: torch.Tensor | None = None  # float32 scalar: tau for requests whose gate tripped (None: ``tau``)
 
 
 def capping_plan(axis: AssistantAxis, dtype: torch.dtype,
@@ -51,6 +52,7 @@ def capping_plan(axis: AssistantAxis, dtype: torch.dtype,
     """One entry per capped or monitored layer. ``device_of(layer)``: where that layer runs (a model
     split across GPUs has layers on several devices)."""
     plan = {}
+    gated = dict(zip(axis.cap_layers, axis.gated_cap_thresholds or ()))
     for layer in sorted({*axis.cap_layers, axis.monitor_layer}):
         device, tau = device_of(layer), axis.threshold(layer)
         plan[layer] = LayerCap(
@@ -59,5 +61,6 @@ def capping_plan(axis: AssistantAxis, dtype: torch.dtype,
             tau=None if tau is None else torch.tensor(tau, device=device, dtype=torch.float32),
             slot=axis.cap_layers.index(layer) if tau is not None else None,
             monitor=layer == axis.monitor_layer,
+            gated_tau=torch.tensor(gated[layer], device=device, dtype=torch.float32) if layer in gated else None,
         )
     return plan

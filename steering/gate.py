@@ -15,7 +15,9 @@ and applies the trip's action. Drift is judged twice at the monitor layer:
   which no threshold was fitted on.
 
 What a trip does is the operator's choice (``DriftAction``): cap the request from there, flag it and
-leave it uncapped, or stop it. ``axes calibrate`` measures the prompt threshold (``gate_threshold``)
+leave it uncapped, or stop it. A capped trip gets a cap of its own where the axis file has one
+(``gated_cap_thresholds``: the same band, a higher tau), so a request that drifted is held harder than
+always-on capping holds every request, while ordinary requests, which never trip, are not touched. ``axes calibrate`` measures the prompt threshold (``gate_threshold``)
 and the detector (``gate_detector``) from the model's own ordinary answers; an axis file without a
 detector uses ``DEFAULT_EWMA_LAMBDA`` and ``DEFAULT_WARMUP`` with tau at the monitor layer as its
 threshold (an EWMA of ordinary tokens runs near their mean, far above tau, their low percentile).
@@ -31,6 +33,7 @@ from .axis import AssistantAxis
 
 GATE_KEY = "gate_threshold"  # in the axis file's metadata (``AssistantAxis.gate_threshold``)
 DETECTOR_KEY = "gate_detector"  # the token detector's parameters, JSON (``AssistantAxis.gate_detector``)
+GATED_CAP_KEY = "gated_cap_thresholds"  # the cap a tripped request gets (``AssistantAxis.gated_cap_thresholds``)
 GATED_ROLES = ("system", "assistant")  # the messages whose drift the prompt gate reads
 
 DEFAULT_EWMA_LAMBDA = 0.2  # about the last five tokens count

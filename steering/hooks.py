@@ -44,7 +44,8 @@ class AxisHooks:
 
     The caller sets, before each forward, which positions may be capped (``set_cap_mask``): a bool
     tensor broadcastable to ``[batch, seq]``, so requests with capping on and off share one pass.
-    Positions outside the mask keep exactly the values the model computed (h - 0·v).
+    Positions outside the mask keep exactly the values the model computed (h - 0·v). Rows whose gate
+    tripped (``tripped``) are capped at the axis's gated thresholds where it has them.
     """
 
     def __init__(self, model: nn.Module, axis: AssistantAxis):
@@ -62,11 +63,13 @@ class AxisHooks:
         # Projection onto the unit axis at the monitor layer, before that layer's cap: [batch, seq], float32.
         self.monitor_projection: torch.Tensor | None = None
         self._cap_mask: torch.Tensor | None = None
+        self._tripped: torch.Tensor | None = None
         self._handles = [layers[l].register_forward_hook(self._make_hook(entry)) for l, entry in plan.items()]
 
-    def set_cap_mask(self, mask: torch.Tensor | None) -> None:
-        """Bool mask broadcastable to [batch, seq] of positions to cap; None caps nothing."""
-        self._cap_mask = mask
+    def set_cap_mask(self, mask: torch.Tensor | None, tripped: torch.Tensor | None = None) -> None:
+        """Bool mask broadcastable to [batch, seq] of positions to cap; None caps nothing. ``tripped``
+        ([batch, 1] bool, or None for none): the rows capped at the gated thresholds instead."""
+        self._cap_mask, self._tripped = mask, tripped
 
     def take_cap_hits(self) -> torch.Tensor:
         """The counts since the last take, which starts the next count from zero (on the device, no sync)."""
@@ -80,7 +83,7 @@ class AxisHooks:
         self._handles = []
 
     def _make_hook(self, entry):
-        v, v32, tau, is_monitor = entry.unit, entry.unit32, entry.tau, entry.monitor
+        v, v32, tau, gated_tau, is_monitor = entry.unit, entry.unit32, entry.tau, entry.gated_tau, entry.monitor
         hits = self.cap_hits[entry.slot] if entry.slot is not None else None  # a view: add_ lands in cap_hits
 
         def hook(module, args, output):
@@ -92,7 +95,10 @@ class AxisHooks:
             mask = self._cap_mask
             if tau is None or mask is None:
                 return None
-            short = shortfall(proj, tau, mask.to(h.device, non_blocking=True))
+            tripped = self._tripped
+            row_tau = tau if tripped is None or gated_tau is None else \
+                torch.where(tripped.to(h.device, non_blocking=True), gated_tau, tau)
+            short = shortfall(proj, row_tau, mask.to(h.device, non_blocking=True))
             hits.add_((short < 0).sum().to(hits.device, non_blocking=True))
             return _replace_hidden(output, pull_up(h, short, v))
 

@@ -137,6 +137,9 @@ def test_quick_calibration_of_an_imported_paper_axis_respects_the_budget_and_res
     assert chosen.percentile == picked["percentile"]
     torch.testing.assert_close(chosen.axis, original.axis)  # the direction is kept
     assert chosen.monitor_layer == 23  # the server reads tau at the monitor layer: it moves into the band
+    train_tokens = load_file(str(tmp_path / "axis.calibrate" / "projections.safetensors"))["train"]
+    assert chosen.gated_cap_thresholds == pytest.approx(
+        [max(t, torch.quantile(train_tokens[l], 0.25).item()) for l, t in zip((22, 23), chosen.cap_thresholds)])
     assert points[0]["tau"][0] < points[1]["tau"][0]  # tau at a layer rises with the percentile
     # The gated policy's threshold: the 5th percentile of the train answers' own means at the monitor layer.
     train = [r for r in map(json.loads, (work / "answers.jsonl").read_text().splitlines()) if r["kind"] == "train"]
@@ -200,6 +203,27 @@ def test_quick_calibration_of_an_imported_paper_axis_respects_the_budget_and_res
     assert "stage verify: " in fourth.stderr and "stage report\n" in fourth.stderr
     assert (report / "front.jsonl").read_text() == (work / "front.jsonl").read_text()
 
+    # The paper's tau beside today's: the same grid on both populations; only the new points run.
+    fifth = calibrate(axis, axis, "--capability-budget", "1.0", "--tau-populations", "ordinary", "paper",
+                      "--no-role-scoring")
+    assert fifth.returncode == 0, fifth.stderr[-3000:]
+    assert "stage role projections\n" in fifth.stderr and "stage sweep: 2 of 4 points measured before" in fifth.stderr
+    swept = {p["point"]: p for p in map(json.loads, (work / "sweep.jsonl").read_text().splitlines())}
+    assert sorted(swept) == ["22:23@p25", "22:23@p25/paper", "22:23@p5", "22:23@p5/paper"]
+    role_tokens = load_file(str(work / "role_projections.safetensors"))["role"]
+    assert role_tokens.shape == (30, sum(max(len(r["answer_ids"]), 1) for r in roles))
+    mixed = torch.cat([load_file(str(work / "projections.safetensors"))["train"], role_tokens], dim=1)
+    for q in (5, 25):
+        paper = swept[f"22:23@p{q}/paper"]
+        assert paper["population"] == "paper" and swept[f"22:23@p{q}"].get("population", "ordinary") == "ordinary"
+        assert paper["tau"] == pytest.approx([torch.quantile(mixed[l], q / 100).item() for l in (22, 23)])
+    assert "| 22–23 | 25 (paper) |" in (report / "calibration.md").read_text()
+
+
+def test_a_population_tau_cannot_come_from_is_refused(tmp_path):
+    run = calibrate(SHIPPED, tmp_path / "x.safetensors", "--tau-populations", "roles")
+    assert run.returncode == 2 and "--tau-populations takes ordinary and/or paper, not ['roles']" in run.stderr
+
 
 def test_a_budget_outside_zero_to_one_is_refused(tmp_path):
     run = calibrate(SHIPPED, tmp_path / "x.safetensors", "--capability-budget", "90")
@@ -261,6 +285,7 @@ def test_gate_only_adds_the_gate_threshold_and_keeps_band_and_tau(smollm2, smoll
     # the same answers read as the server reads them (each token's projection at the position that
     # produced it): its threshold is their lowest EWMA's 5th percentile.
     layer, means, lows = axis.monitor_layer, [], []
+    band = {l: [] for l in axis.cap_layers}  # the answers' token projections at each capped layer
     detector = axis.gate_detector
     assert detector["train"]["n"] == 4 and detector["validation"]["n"] == 4 and detector["role"]["n"] == 3
     for prompt in calibration_prompts("train")[:4]:
@@ -268,8 +293,10 @@ def test_gate_only_adds_the_gate_threshold_and_keeps_band_and_tau(smollm2, smoll
                                                     return_tensors="pt", return_dict=True)["input_ids"]
         with torch.no_grad():
             full = smollm2.model.generate(ids, max_new_tokens=8, do_sample=False)
-            with record_layer_outputs(smollm2.model, [layer]) as seen:
+            with record_layer_outputs(smollm2.model, [layer, *band]) as seen:
                 smollm2.model(input_ids=full)
+        for l, tokens in band.items():
+            tokens += (seen[l][0][0, ids.shape[1]:].float() @ axis.unit(l)).tolist()
         projections = seen[layer][0][0].float() @ axis.unit(layer)
         means.append(projections[ids.shape[1]:].mean().item())
         served = projections[ids.shape[1] - 1:full.shape[1] - 1].tolist()
@@ -278,6 +305,10 @@ def test_gate_only_adds_the_gate_threshold_and_keeps_band_and_tau(smollm2, smoll
     # 5% of 4 answers is none: the threshold is the lowest answer's own statistic, which does not trip.
     assert detector["threshold"] == pytest.approx(sorted(lows)[0], rel=1e-3, abs=1e-3)
     assert detector["train"]["tripped"] == 0
+    # The gated cap: per capped layer the 25th percentile of those tokens, or the always-on tau if higher.
+    want = [max(tau, float(np.percentile(band[l], 25))) for l, tau in zip(axis.cap_layers, axis.cap_thresholds)]
+    assert axis.gated_cap_thresholds == pytest.approx(want, rel=1e-3, abs=1e-2)
+    assert all(g >= t for g, t in zip(axis.gated_cap_thresholds, axis.cap_thresholds))
 
 
 def test_the_detector_is_calibrated_on_train_and_chosen_on_validation_against_roles():

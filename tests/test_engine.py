@@ -427,3 +427,20 @@ def test_choices_share_one_computation_of_their_prompt_logprobs(smollm2, smollm2
     assert first[1] == first[0] and first[2] == first[0]
     assert all(rows == 1 and positions <= hf_runner.PROMPT_LOGPROBS_SLICE_TOKENS for rows, positions in slices)
     assert len(slices) == -(-len(prompt) // hf_runner.PROMPT_LOGPROBS_SLICE_TOKENS)
+
+
+def test_a_forward_run_beside_the_engine_between_its_steps_is_not_capped(smollm2, smollm2_axis):
+    """An axis tool teacher-forces answers on the model the engine generates with: the engine's hooks
+    must not apply its last step's mask (another batch's rows) to that forward."""
+    import torch
+
+    ids = torch.tensor([chat_ids(smollm2.tokenizer, "Will I be happy?", system=ORACLE)])
+    with running_engine(smollm2, smollm2_axis) as engine:
+        asyncio.run(collect(engine, ids[0].tolist(), SamplingParams(4, temperature=0, capping=True)))
+        with torch.inference_mode():
+            beside = smollm2.model(input_ids=ids).logits
+            two_rows = smollm2.model(input_ids=ids.expand(2, -1)).logits  # another shape than the step's
+    with torch.inference_mode():
+        plain = smollm2.model(input_ids=ids).logits  # the engine stopped: its hooks are gone
+    assert torch.equal(beside, plain)
+    torch.testing.assert_close(two_rows[1:], plain, rtol=1e-4, atol=1e-4)  # batch 2: another kernel shape

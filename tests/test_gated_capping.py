@@ -12,9 +12,9 @@ import torch
 
 from axiscap.server.chat_template import render_chat
 from axiscap.server.engines import SamplingParams
-from axiscap.steering import AssistantAxis, AxisHooks
-from axiscap.steering.gate import (DETECTOR_KEY, GATE_KEY, GATED_ROLES, CapGate, TokenDetector, Trip, gate_for,
-                                   gate_threshold)
+from axiscap.steering import AssistantAxis, AxisFileError, AxisHooks, load_axis, save_axis
+from axiscap.steering.gate import (DETECTOR_KEY, GATE_KEY, GATED_CAP_KEY, GATED_ROLES, CapGate, TokenDetector,
+                                   Trip, gate_for, gate_threshold)
 
 from .conftest import SHIPPED_AXIS, assert_openai_error, server
 from .metrics_mix import scrape
@@ -70,6 +70,12 @@ def test_an_axis_file_without_a_detector_gets_the_stated_default():
     assert (gate.gate, gate.detector, gate.action) == (1.25, TokenDetector(7.5, 0.1, 2), "stop")
 
 
+def without_gated_cap(axis: AssistantAxis) -> AssistantAxis:
+    """The axis as a file without a gated cap: a tripped request gets the always-on cap, which the
+    tests of where and when capping switches on compare against."""
+    return dataclasses.replace(axis, extra={k: v for k, v in axis.extra.items() if k != GATED_CAP_KEY})
+
+
 def reference_greedy(loaded, axis, ids: list[int], n: int, cap_from_position: int | None) -> list[int]:
     """Greedy tokens from whole forwards (no KV cache), capping every position from the one given."""
     hooks = AxisHooks(loaded.model, axis)
@@ -103,6 +109,7 @@ def first_new_low(projections: list[float], after: int) -> int:
 
 
 def test_a_token_below_tau_caps_the_rest_and_leaves_the_other_rows_alone(smollm2, smollm2_axis):
+    smollm2_axis = without_gated_cap(smollm2_axis)
     tok = smollm2.tokenizer
     story = render_chat(tok, STORY).ids
     oracle = render_chat(tok, ORACLE_CHAT).ids
@@ -144,6 +151,7 @@ def test_a_token_below_tau_caps_the_rest_and_leaves_the_other_rows_alone(smollm2
 
 
 def test_a_drifted_prompt_is_capped_from_its_first_token_like_capping_on(smollm2, smollm2_axis):
+    smollm2_axis = without_gated_cap(smollm2_axis)
     tok = smollm2.tokenizer
     prompt = render_chat(tok, ORACLE_CHAT)
     watched = [(s.start, s.end) for s in prompt.spans if s.role in GATED_ROLES]
@@ -164,6 +172,52 @@ def test_a_drifted_prompt_is_capped_from_its_first_token_like_capping_on(smollm2
     # The prompt's projections it reports are those the gate judged: of the uncapped prefill.
     assert deltas[0].prompt_projections is not None and len(deltas[0].prompt_projections) == len(prompt.ids)
     assert calm[1] == off[1]  # a gate that never trips: the uncapped answer
+
+
+def with_gated_cap(axis: AssistantAxis, lift: float) -> tuple[AssistantAxis, AssistantAxis]:
+    """The axis with gated thresholds ``lift`` above its own, and the always-on axis capping at those."""
+    stronger = [t + lift for t in axis.cap_thresholds]
+    gated_axis = dataclasses.replace(axis, extra={**axis.extra, GATED_CAP_KEY: ",".join(map(repr, stronger))})
+    return gated_axis, without_gated_cap(dataclasses.replace(axis, cap_thresholds=stronger))
+
+
+def test_a_tripped_request_gets_the_gated_cap_and_its_neighbours_keep_theirs(smollm2, smollm2_axis):
+    tok = smollm2.tokenizer
+    story = render_chat(tok, STORY).ids
+    prompt = render_chat(tok, ORACLE_CHAT)
+    watched = [(s.start, s.end) for s in prompt.spans if s.role in GATED_ROLES]
+    gated_axis, strong_axis = with_gated_cap(smollm2_axis, 15.0)
+    plain = SamplingParams(24, temperature=0, capping=False, ignore_eos=True)
+    capped = SamplingParams(24, temperature=0, capping=True, ignore_eos=True)
+    with running_engine(smollm2, gated_axis) as engine:
+        uncapped = asyncio.run(collect(engine, story, plain))
+        k = first_new_low(uncapped[2], after=3)
+        tau = (uncapped[2][k] + min(uncapped[2][:k])) / 2
+
+        async def mixed():
+            return await asyncio.gather(collect(engine, story, gated(tau=tau)), collect(engine, story, capped),
+                                        collect(engine, prompt.ids, gated(watched, gate=float("inf"))),
+                                        collect(engine, story, plain))
+
+        tripped, always, drifted_prompt, off = asyncio.run(mixed())
+    # Tripped at token k: from there the gated thresholds, not the always-on ones.
+    assert tripped[1] == reference_greedy(smollm2, strong_axis, story, 24, len(story) + k)
+    assert tripped[1] != reference_greedy(smollm2, smollm2_axis, story, 24, len(story) + k)  # the two caps differ
+    # A prompt that tripped the gate is prefilled again under the gated cap.
+    assert drifted_prompt[1] == reference_greedy(smollm2, strong_axis, prompt.ids, 24, 0)
+    # Beside them in the batch: capping on keeps the always-on cap, capping off stays uncapped.
+    assert always[1] == reference_greedy(smollm2, smollm2_axis, story, 24, 0)
+    assert off[1] == uncapped[1]
+
+
+def test_gated_thresholds_need_one_finite_tau_per_capped_layer(tmp_path):
+    axis = AssistantAxis(axis=torch.ones(4, 8), cap_layers=[2, 3], cap_thresholds=[1.5, 2.5], monitor_layer=3,
+                         model="m", percentile=25.0, n_samples=1, extra={"gated_cap_thresholds": "4.0"})
+    with pytest.raises(AxisFileError, match=r"'gated_cap_thresholds' needs one finite tau per capped layer \(2\)"):
+        axis.validate()
+    axis.extra["gated_cap_thresholds"] = "4.0,5.5"
+    save_axis(axis, tmp_path / "a.safetensors")
+    assert load_axis(tmp_path / "a.safetensors").gated_cap_thresholds == [4.0, 5.5]
 
 
 def test_drift_actions_flag_leaves_the_answer_and_stop_ends_it_with_content_filter(smollm2, smollm2_axis):
@@ -237,7 +291,7 @@ def asking_prompt_projections(params: SamplingParams) -> SamplingParams:
 
 def test_auto_over_http_says_where_capping_began(smollm2, smollm2_axis):
     # An axis whose gate every message falls below: a gated request is the capped one, from the prompt on.
-    axis = dataclasses.replace(smollm2_axis, extra={**smollm2_axis.extra, GATE_KEY: "1e9"})
+    axis = without_gated_cap(dataclasses.replace(smollm2_axis, extra={**smollm2_axis.extra, GATE_KEY: "1e9"}))
     with server(smollm2, axis, default_max_tokens=24) as live:
         url = live.base_url + "/v1/chat/completions"
         body = {"model": MODEL, "messages": ORACLE_CHAT, "temperature": 0, "max_tokens": 24}

@@ -63,6 +63,11 @@ class Row:
         return self.capping_from is not None
 
     @property
+    def capped_by_gate(self) -> bool:
+        """Capped because its gate tripped: at the axis's gated thresholds, where it has them."""
+        return self.trip is not None and self.capping_on
+
+    @property
     def gate_open(self) -> bool:
         """A gated request whose gate has not tripped yet (it watches the prompt, then each token)."""
         return self.params.gate is not None and self.trip is None

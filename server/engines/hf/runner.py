@@ -11,7 +11,7 @@ prompt token, and joins the batch with its first tokens sampled.
 from __future__ import annotations
 
 import inspect
-
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -39,10 +39,12 @@ class PrefillGroup:
         self.ids = torch.tensor([c + [pad_id] * (self.width - len(c)) for c in contexts], device=device)
         real = torch.tensor([[True] * len(c) + [False] * (self.width - len(c)) for c in contexts], device=device)
         starts = [r.row.cap_start() for r in requests]
-        self.cap_mask = None
+        self.cap_mask = self.tripped = None
         if any(s is not None for s in starts):
             first = torch.tensor([[self.width if s is None else s] for s in starts], device=device)
             self.cap_mask = (torch.arange(self.width, device=device) >= first) & real
+        if any(r.row.capped_by_gate for r in requests):  # re-prefilled after a trip: the gated cap
+            self.tripped = torch.tensor([[r.row.capped_by_gate] for r in requests], device=device)
         self.store = PrefillStore(self.width)
         # Each row's logits [rows, vocab] and monitor projection [rows] at its last prompt token.
         self.last_logits: torch.Tensor | None = None
@@ -109,6 +111,7 @@ class ModelRunner:
         self._next_input: torch.Tensor | None = None  # [batch] long, the tokens the next step feeds
         self._positions: torch.Tensor | None = None  # [batch] long, their positions (= row lengths)
         self._cap_rows: torch.Tensor | None = None  # [batch, 1] bool
+        self._tripped_rows: torch.Tensor | None = None  # [batch, 1] bool: capped at the gated thresholds
         self._any_capping = False
 
     def new_sampler(self) -> BatchSampler:
@@ -147,11 +150,11 @@ class ModelRunner:
         # Logits at those columns for every row, a 1-D logits_to_keep: transformers reads per-row (2-D)
         # positions only from 5.2x, and vLLM 0.32 pins it below 5.20.
         kept = sorted(set(columns.values()))
-        self._set_cap_mask(group.cap_mask[:, start:end] if group.cap_mask is not None else None)
         group.store.begin(start, end, self.device)
         positions = torch.arange(start, end, device=self.device).expand(n, -1)
         every_column = bool(group.prompt_logprob_rows)  # logits at every prompt position (0: keep all)
-        with slot_attention_for(self.model):
+        mask = group.cap_mask[:, start:end] if group.cap_mask is not None else None
+        with self._capping(mask, group.tripped), slot_attention_for(self.model):
             out = self.model(input_ids=group.ids[:, start:end], position_ids=positions, kv_store=group.store,
                              **{self._cache_keyword: group.store}, use_cache=True,
                              logits_to_keep=0 if every_column else (torch.tensor(kept, device=self.device)
@@ -254,8 +257,8 @@ class ModelRunner:
     def decode_step(self) -> StepOutput:
         """One token for every running row."""
         self.store.begin_decode(self._positions)
-        self._set_cap_mask(self._cap_rows if self._any_capping else None)
-        with slot_attention_for(self.model):
+        with self._capping(self._cap_rows if self._any_capping else None, self._tripped_rows), \
+                slot_attention_for(self.model):
             out = self.model(input_ids=self._next_input[:, None], position_ids=self._positions[:, None],
                              **{self._cache_keyword: self.store}, kv_store=self.store, use_cache=True, logits_to_keep=1)
         for row in self.rows:
@@ -274,9 +277,18 @@ class ModelRunner:
             projections = self.hooks.monitor_projection[:, -1]
         return StepOutput(rows, tokens, projections, self.hooks.take_cap_hits(), sampler.logprobs)
 
-    def _set_cap_mask(self, mask: torch.Tensor | None) -> None:
-        if self.hooks is not None:
-            self.hooks.set_cap_mask(mask)
+    @contextmanager
+    def _capping(self, mask: torch.Tensor | None, tripped: torch.Tensor | None):
+        """The hooks cap these rows in the engine's own forward only: a forward someone else runs on the
+        same model between steps (an axis tool's teacher forcing) meets no stale mask of another shape."""
+        if self.hooks is None:
+            yield
+            return
+        self.hooks.set_cap_mask(mask, tripped)
+        try:
+            yield
+        finally:
+            self.hooks.set_cap_mask(None)
 
     # --- batch bookkeeping ------------------------------------------------------------------
 
@@ -324,9 +336,11 @@ class ModelRunner:
         self._any_capping = any(row.capping_on for row in self.rows)
         self._cap_rows = (torch.tensor([[row.capping_on] for row in self.rows], device=self.device)
                           if self._any_capping else None)
+        self._tripped_rows = (torch.tensor([[row.capped_by_gate] for row in self.rows], device=self.device)
+                              if any(row.capped_by_gate for row in self.rows) else None)
 
     def reset(self) -> None:
         """An empty batch with a fresh store (after the last row left, or after a failed step)."""
         self.rows, self.store = [], SlotStore()
-        self._next_input = self._positions = self._cap_rows = None
+        self._next_input = self._positions = self._cap_rows = self._tripped_rows = None
         self._rows_changed()
