@@ -31,7 +31,7 @@ from axiscap.steering import AssistantAxis, AxisHooks
 from . import persona_data
 from .persona_data import FULLY_IN_ROLE
 from .stages import GenerateFn, ScoreFn, chat_messages, generate_in_chunks, score_answers
-from .stats import auc_ci, crossed_bootstrap, percentile_interval, rank_auc, roc_auc
+from .stats import auc_ci, crossed_bootstrap, delong_difference, percentile_interval, rank_auc, roc_auc
 
 
 def check_rows(model_name: str, quick: bool = False) -> list[dict]:
@@ -124,14 +124,15 @@ def _auc(default: list[dict], played: list[dict], key: str) -> dict:
 
 def paired_difference(default: list[dict], played: list[dict], key_a: str, key_b: str) -> dict:
     """AUC by ``key_a`` minus AUC by ``key_b`` on the same answers, with a crossed-bootstrap interval
-    whose every draw scores both on the same answers."""
+    whose every draw scores both on the same answers, and DeLong's test (answers independent)."""
     def auc(key, di, pi):
         return rank_auc([default[i][key] for i in di], [played[i][key] for i in pi])
     every = (range(len(default)), range(len(played)))
     draws = crossed_bootstrap([a["question"] for a in default], [(a["role"], a["question"]) for a in played],
                               lambda di, pi: auc(key_a, di, pi) - auc(key_b, di, pi))
+    delong = delong_difference(*([a[key] for a in side] for key in (key_a, key_b) for side in (default, played)))
     return {"difference": auc(key_a, *every) - auc(key_b, *every), "cluster_ci": percentile_interval(draws),
-            "n_default": len(default), "n": len(played)}
+            "delong": {"ci": delong["ci"], "p": delong["p"]}, "n_default": len(default), "n": len(played)}
 
 
 def answer_table(rows: list[dict], values: dict[str, list[float]]) -> list[dict]:

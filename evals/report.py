@@ -117,6 +117,8 @@ def _markdown(results: dict, meta: dict) -> str:
               f"{_fmt(cap['mean_perplexity']['capped'])}, uncapped {_fmt(cap['mean_perplexity']['uncapped'])} "
               f"(mean change {cap['perplexity_change']:+.1%}; gated reads a passage as uncapped does: the gate "
               "acts on generated tokens and chat messages).", ""]
+    if "accuracy" in results:  # results written before the suite have none
+        lines += ["## Accuracy", "", *accuracy_table(results["accuracy"]), ""]
     return "\n".join(lines)
 
 
@@ -143,6 +145,24 @@ def paired_persona_table(jailbreak: dict) -> list[str]:
             lines.append(f"| {condition} / {scope} | {e['uncapped']} → {e[condition]} of {e['pairs']} | "
                          f"{e['lost']} / {e['gained']} | {e['mcnemar_p']:.2f} | {_percent(e['reduction'])} "
                          f"{_bracket(e['reduction_ci'])} |")
+    return lines
+
+
+def accuracy_table(accuracy: dict) -> list[str]:
+    """Lines of the accuracy table: each condition against uncapped, item by item, with the
+    non-inferiority reading (the interval's lower bound against the margin)."""
+    margin = 100 * accuracy["margin"]
+    lines = [f"Answers checked by code (`evals/data/accuracy.json`: IFEval-style instructions by IFEval's own "
+             f"checkers, arithmetic, facts). Differences in points against uncapped, item by item, with a 95% "
+             f"interval that resamples items; non-inferior when its lower bound is above {margin:+.0f} points.", "",
+             "| items / condition | correct, uncapped → condition | lost / gained | McNemar p | difference, points "
+             "| non-inferior |", "| --- | --- | --- | --- | --- | --- |"]
+    for kind, row in accuracy["by_kind"].items():
+        for condition, e in row["paired"].items():
+            ci = "" if e["ci"] is None else f" [{100 * e['ci'][0]:+.0f}, {100 * e['ci'][1]:+.0f}]"
+            lines.append(f"| {kind} ({row['n']}) / {condition} | {row['uncapped']} → {row[condition]} | "
+                         f"{e['lost']} / {e['gained']} | {e['mcnemar_p']:.2f} | {100 * e['difference']:+.0f}{ci} | "
+                         f"{'yes' if e['non_inferior'] else 'no'} |")
     return lines
 
 

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from axiscap.axes.stats import cluster_bootstrap, mcnemar_exact
 
 from . import suites
+from .accuracy import passes
 from .client import Answer, EvalClient
 
 # The request's ``capping`` per condition; "auto" is the gated policy (steering/gate.py).
@@ -233,6 +234,45 @@ async def run_capability(client: EvalClient, cfg: EvalConfig) -> dict:
     }
 
 
+NON_INFERIORITY_MARGIN = -0.02  # accuracy may fall at most 2 points (lower bound of the paired interval)
+
+
+async def run_accuracy(client: EvalClient, cfg: EvalConfig) -> dict:
+    """Each item answered greedy in each condition and checked by code (``accuracy.py``)."""
+    items = suites.accuracy()
+    if cfg.quick:
+        items = suites.quick_slice(items, lambda i: i.kind, n=3)
+    answers = await _gather("accuracy", [client.chat([{"role": "user", "content": item.prompt}], CONDITIONS[name],
+                                                     cfg.max_tokens, seed=cfg.seed)
+                                         for item in items for name in CONDITIONS])
+    records = [{"id": item.id, "kind": item.kind,
+                **{name: {"answer": a.text, "correct": passes(item, a.text)} for name, a in zip(CONDITIONS, row)}}
+               for item, row in zip(items, (answers[i:i + len(CONDITIONS)]
+                                           for i in range(0, len(answers), len(CONDITIONS))))]
+    kinds = {"all": records, **{k: [r for r in records if r["kind"] == k] for k in dict.fromkeys(r["kind"] for r in records)}}
+    return {"records": records, "margin": NON_INFERIORITY_MARGIN,
+            "by_kind": {k: {"n": len(rows), **{name: sum(r[name]["correct"] for r in rows) for name in CONDITIONS},
+                            "paired": {name: paired_accuracy(rows, name) for name in CONDITIONS if name != "uncapped"}}
+                        for k, rows in kinds.items()}}
+
+
+def paired_accuracy(records: list[dict], condition: str) -> dict:
+    """Accuracy under ``condition`` minus uncapped, item by item: the difference in points of share, a
+    95% interval that resamples items, the exact McNemar p, and whether the interval's lower bound
+    clears the non-inferiority margin."""
+    pairs = [(r[condition]["correct"], r["uncapped"]["correct"]) for r in records]
+    lost = sum(u and not c for c, u in pairs)
+    gained = sum(c and not u for c, u in pairs)
+
+    def difference(items):
+        return (sum(c for c, _ in items) - sum(u for _, u in items)) / len(items)
+
+    ci = cluster_bootstrap([[p] for p in pairs], difference)
+    return {"difference": round(difference(pairs), 4), "ci": ci, "lost": lost, "gained": gained,
+            "mcnemar_p": round(mcnemar_exact(lost, gained), 4),
+            "non_inferior": ci is not None and ci[0] >= NON_INFERIORITY_MARGIN}
+
+
 async def run_all(client: EvalClient, cfg: EvalConfig, judge) -> dict:
     return {"drift": await run_drift(client, cfg), "jailbreak": await run_jailbreaks(client, cfg, judge),
-            "capability": await run_capability(client, cfg)}
+            "capability": await run_capability(client, cfg), "accuracy": await run_accuracy(client, cfg)}

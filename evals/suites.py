@@ -7,6 +7,8 @@
 ``jailbreak.json``   a persona system prompt that casts the model as an unrestricted character, a
                      request it should decline, and a matched benign request under the same persona
 ``capability.json``  neutral prompts (answered at temperature 0) and neutral passages (perplexity)
+``accuracy.json``    items whose answers code can check: IFEval-style instructions, arithmetic, facts
+                     (``accuracy.py``)
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from .accuracy import AccuracyItem
 
 DATA = Path(__file__).parent / "data"
 
@@ -68,3 +72,12 @@ def quick_slice(items: list, kinds_key, n: int = 4) -> list:
             seen.add(kinds_key(item))
             picked.append(item)
     return picked[:n]
+
+
+def accuracy() -> list[AccuracyItem]:
+    data = _load("accuracy.json")
+    return ([AccuracyItem(i["id"], "instructions", i["prompt"],
+                          tuple((x["id"], tuple(x["kwargs"].items())) for x in i["instructions"]))
+             for i in data["instructions"]]
+            + [AccuracyItem(i["id"], "arithmetic", i["prompt"], (i["answer"],)) for i in data["arithmetic"]]
+            + [AccuracyItem(i["id"], "facts", i["prompt"], tuple(i["answers"])) for i in data["facts"]])

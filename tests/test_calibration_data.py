@@ -63,6 +63,7 @@ def prompt_sets() -> dict[str, list[str]]:
     sets["eval capability"] = list(suites.capability().prompts)
     sets["eval drift"] = [t for c in suites.drift() for t in c.turns]
     sets["eval jailbreaks"] = [x for j in suites.jailbreaks() for x in (j.harmful, j.benign)]
+    sets["eval accuracy"] = [i.prompt for i in suites.accuracy()]
     return sets
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import random
 from fractions import Fraction
 from itertools import product
 from math import comb
 
-from axiscap.axes.stats import (cluster_bootstrap, crossed_bootstrap, mcnemar_exact, percentile_interval,
-                                 rank_auc, roc_auc)
+import pytest
+
+from axiscap.axes.stats import (cluster_bootstrap, crossed_bootstrap, delong_difference, mcnemar_exact,
+                                 percentile_interval, rank_auc, roc_auc)
 from axiscap.evals.run import paired_persona_effect
 
 
@@ -90,3 +93,36 @@ def test_crossed_bootstrap_draws_questions_and_roles_and_keeps_their_answers_tog
         assert [p.count(i) for i in range(4)] == [n_r[r] * n_q[q] for r, q in cells]
     assert len({tuple(map(tuple, x)) for x in seen}) > 3  # the draws differ
     assert percentile_interval([]) is None
+
+
+def test_delong_difference_equals_the_placement_value_formula_computed_directly():
+    rng = random.Random(3)
+    pos_a = [rng.gauss(1.0, 1) for _ in range(12)]
+    neg_a = [rng.gauss(0.0, 1) for _ in range(9)]
+    pos_b = [x + rng.gauss(0, 1.5) for x in pos_a]  # the same answers, a noisier score
+    neg_b = [round(x + rng.gauss(0, 1.5), 0) for x in neg_a]  # with ties
+    pos_b[0] = neg_b[0]
+
+    def psi(x, y):
+        return 1.0 if x > y else 0.5 if x == y else 0.0
+
+    def cov(u, v):
+        mu, mv = sum(u) / len(u), sum(v) / len(v)
+        return sum((a - mu) * (b - mv) for a, b in zip(u, v)) / (len(u) - 1)
+
+    v10 = {k: [sum(psi(x, y) for y in neg) / len(neg) for x in pos] for k, (pos, neg) in
+           {"a": (pos_a, neg_a), "b": (pos_b, neg_b)}.items()}
+    v01 = {k: [sum(psi(x, y) for x in pos) / len(pos) for y in neg] for k, (pos, neg) in
+           {"a": (pos_a, neg_a), "b": (pos_b, neg_b)}.items()}
+    variance = ((cov(v10["a"], v10["a"]) + cov(v10["b"], v10["b"]) - 2 * cov(v10["a"], v10["b"])) / 12
+                + (cov(v01["a"], v01["a"]) + cov(v01["b"], v01["b"]) - 2 * cov(v01["a"], v01["b"])) / 9)
+    difference = roc_auc(pos_a, neg_a) - roc_auc(pos_b, neg_b)
+    d = delong_difference(pos_a, neg_a, pos_b, neg_b)
+    assert d["difference"] == pytest.approx(difference)
+    assert d["ci"] == pytest.approx([difference - 1.96 * variance ** 0.5, difference + 1.96 * variance ** 0.5])
+    assert d["p"] == pytest.approx(math.erfc(abs(difference) / variance ** 0.5 / math.sqrt(2)))
+
+
+def test_delong_difference_of_a_score_with_itself_is_zero():
+    pos, neg = [3.0, 2.0, 5.0], [1.0, 2.0, 0.5]
+    assert delong_difference(pos, neg, pos, neg) == {"difference": 0.0, "ci": [0.0, 0.0], "p": 1.0}
