@@ -108,19 +108,25 @@ def first_new_low(projections: list[float], after: int) -> int:
     raise AssertionError(f"no new low in {projections}")
 
 
+PLAIN = SamplingParams(24, temperature=0, capping=False, ignore_eos=True)
+CAPPED = SamplingParams(24, temperature=0, capping=True, ignore_eos=True)
+
+
+def tripping_at_a_new_low(engine, ids: list[int]) -> tuple[tuple, int, float]:
+    """The uncapped answer, a token k, and a tau between the answer's running low and its next new
+    low, at k: a per-token gate with that tau switches at k and generates the tokens after it capped."""
+    uncapped = asyncio.run(collect(engine, ids, PLAIN))
+    k = first_new_low(uncapped[2], after=3)
+    return uncapped, k, (uncapped[2][k] + min(uncapped[2][:k])) / 2
+
+
 def test_a_token_below_tau_caps_the_rest_and_leaves_the_other_rows_alone(smollm2, smollm2_axis):
     smollm2_axis = without_gated_cap(smollm2_axis)
     tok = smollm2.tokenizer
     story = render_chat(tok, STORY).ids
     oracle = render_chat(tok, ORACLE_CHAT).ids
-    plain = SamplingParams(24, temperature=0, capping=False, ignore_eos=True)
-    capped = SamplingParams(24, temperature=0, capping=True, ignore_eos=True)
     with running_engine(smollm2, smollm2_axis) as engine:
-        uncapped = asyncio.run(collect(engine, story, plain))
-        # tau between the uncapped answer's running low and its next new low, at token k: the gate
-        # switches there and the tokens after k are generated capped.
-        k = first_new_low(uncapped[2], after=3)
-        tau = (uncapped[2][k] + min(uncapped[2][:k])) / 2
+        uncapped, k, tau = tripping_at_a_new_low(engine, story)
         params = gated(tau=tau)
 
         async def mixed():
@@ -131,9 +137,9 @@ def test_a_token_below_tau_caps_the_rest_and_leaves_the_other_rows_alone(smollm2
                 async for d in request.deltas():
                     deltas.append(d)
 
-            others = [collect(engine, oracle, plain), collect(engine, oracle, capped), collect(engine, story, plain)]
+            others = [collect(engine, oracle, PLAIN), collect(engine, oracle, CAPPED), collect(engine, story, PLAIN)]
             together = await asyncio.gather(watch(), *others)
-            alone = [await collect(engine, oracle, plain), await collect(engine, oracle, capped)]
+            alone = [await collect(engine, oracle, PLAIN), await collect(engine, oracle, CAPPED)]
             return deltas, together[1:], alone
 
         deltas, together, alone = asyncio.run(mixed())
@@ -187,17 +193,13 @@ def test_a_tripped_request_gets_the_gated_cap_and_its_neighbours_keep_theirs(smo
     prompt = render_chat(tok, ORACLE_CHAT)
     watched = [(s.start, s.end) for s in prompt.spans if s.role in GATED_ROLES]
     gated_axis, strong_axis = with_gated_cap(smollm2_axis, 15.0)
-    plain = SamplingParams(24, temperature=0, capping=False, ignore_eos=True)
-    capped = SamplingParams(24, temperature=0, capping=True, ignore_eos=True)
     with running_engine(smollm2, gated_axis) as engine:
-        uncapped = asyncio.run(collect(engine, story, plain))
-        k = first_new_low(uncapped[2], after=3)
-        tau = (uncapped[2][k] + min(uncapped[2][:k])) / 2
+        uncapped, k, tau = tripping_at_a_new_low(engine, story)
 
         async def mixed():
-            return await asyncio.gather(collect(engine, story, gated(tau=tau)), collect(engine, story, capped),
+            return await asyncio.gather(collect(engine, story, gated(tau=tau)), collect(engine, story, CAPPED),
                                         collect(engine, prompt.ids, gated(watched, gate=float("inf"))),
-                                        collect(engine, story, plain))
+                                        collect(engine, story, PLAIN))
 
         tripped, always, drifted_prompt, off = asyncio.run(mixed())
     # Tripped at token k: from there the gated thresholds, not the always-on ones.
