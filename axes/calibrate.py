@@ -70,7 +70,7 @@ from .calibration_data import calibration_prompts
 from .calibration_report import report_figures, write_report
 from .gate_calibration import detector_metadata
 from .teacher_forcing import teacher_forced
-from .stages import ComputeRunner, GenerateFn, ScoreFn, generate_in_chunks, run_here, score_answers, stage
+from .stages import ComputeRunner, GenerateFn, ScoreFn, greedy_answers, run_here, score_answers, stage
 from .stats import mean_ci, wilson
 
 log = logging.getLogger(__name__)
@@ -197,15 +197,8 @@ def _rows(cfg: CalibrateConfig) -> list[dict]:
     return rows
 
 
-def _generate_rows(generate: GenerateFn, rows: list[dict], max_new_tokens: int, desc: str) -> list[dict]:
-    answers = generate_in_chunks(generate, [r["messages"] for r in rows], 0.0, 1.0, max_new_tokens, desc)
-    # Fewer tokens than allowed: the answer ended with end-of-sequence, which is a greedy choice too.
-    return [{**row, "prompt_ids": prompt_ids, "answer_ids": answer_ids, "ended": len(answer_ids) < max_new_tokens}
-            for row, (prompt_ids, answer_ids) in zip(rows, answers)]
-
-
 def _answers(cfg: CalibrateConfig, generate: GenerateFn, path: Path) -> None:
-    rows = _generate_rows(generate, _rows(cfg), cfg.max_new_tokens, "answers (uncapped)")
+    rows = greedy_answers(generate, _rows(cfg), cfg.max_new_tokens, "answers (uncapped)")
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -318,7 +311,7 @@ def calibrate_gate(cfg: CalibrateConfig, model, generator_for: GeneratorFor, com
     n_layers, hidden = len(decoder_layers(model)), model.config.get_text_config().hidden_size
     axis = load_axis(cfg.axis_in, n_layers, hidden)
     with generator_for(None) as generate:
-        answered = _generate_rows(generate, _rows(cfg), cfg.max_new_tokens, "answers (uncapped)")
+        answered = greedy_answers(generate, _rows(cfg), cfg.max_new_tokens, "answers (uncapped)")
     train = [r for r in answered if r["kind"] == "train"]
     forced = compute(lambda: teacher_forced(model, train, axis, capping=False, batch_size=cfg.batch_size,
                                             layers=axis.cap_layers, desc="gate threshold"))
@@ -423,7 +416,7 @@ def _front(cfg: CalibrateConfig, model, tokenizer, points: list[dict], generator
                 else:
                     point_ax, capping = point_axis(axis, Point.of(p), populations), True
                     with generator_for(point_ax) as generate:
-                        answers = _generate_rows(generate, role_rows, cfg.max_new_tokens, f"front {p['point']}")
+                        answers = greedy_answers(generate, role_rows, cfg.max_new_tokens, f"front {p['point']}")
                 # Read at the input's monitor layer (point_axis keeps it), as the sweep's lift is.
                 run = compute(lambda: teacher_forced(model, answers, point_ax, capping, batch_size=cfg.batch_size))
                 measured[p["point"]] = {"point": p["point"], "n_roles": len(answers),
@@ -446,7 +439,7 @@ def _verify(cfg: CalibrateConfig, model, tokenizer, axes: dict[str, AssistantAxi
               "uncapped": {"in_character": count_in_character(tokenizer, score, role_rows)}}
     for name, axis in axes.items():
         with generator_for(axis) as generate:
-            answers = _generate_rows(generate, rows, cfg.max_new_tokens, f"verify ({name} axis, capped)")
+            answers = greedy_answers(generate, rows, cfg.max_new_tokens, f"verify ({name} axis, capped)")
         same = sum(answers[i]["answer_ids"] == rows[i]["answer_ids"] for i in validation)
         capped_roles = [a for a in answers if a["kind"] == "role"]
         before = compute(lambda: teacher_forced(model, role_rows, axis, capping=False, batch_size=cfg.batch_size))

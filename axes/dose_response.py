@@ -32,8 +32,8 @@ from axiscap.steering.additive import steered
 
 from . import persona_data
 from .persona_data import FULLY_IN_ROLE
-from .stages import ComputeRunner, GenerateFn, ScoreFn, chat_messages, generate_in_chunks, run_here, score_answers
-from .stats import cluster_bootstrap, mcnemar_exact, wilson
+from .stages import ComputeRunner, GenerateFn, ScoreFn, chat_messages, greedy_answers, run_here, score_answers
+from .stats import cluster_bootstrap, discordant, wilson
 from .teacher_forcing import teacher_forced
 
 ALPHAS = (-2.0, -1.0, -0.5, 0.5, 1.0, 2.0)  # the paper's ±{0.5, 1, 2} standard deviations
@@ -53,13 +53,8 @@ def dose_rows(model_name: str, questions_per_role: int | None, quick: bool = Fal
         roles, questions, questions_per_role = roles[:2], questions[:2], 1
     rows = persona_data.condition_rows(model_name, roles, questions, prompts_per_role=1,
                                        questions_per_prompt=questions_per_role)
+    rows = [{**r, "messages": m} for r, m in zip(rows, chat_messages(rows))]
     return [r for r in rows if r["role"] is None], [r for r in rows if r["role"] is not None]
-
-
-def _answer(generate: GenerateFn, rows: list[dict], max_new_tokens: int, desc: str) -> list[dict]:
-    answers = generate_in_chunks(generate, chat_messages(rows), 0.0, 1.0, max_new_tokens, desc)
-    return [{**r, "prompt_ids": p, "answer_ids": a, "ended": len(a) < max_new_tokens}
-            for r, (p, a) in zip(rows, answers)]
 
 
 def token_spread(model, axis: AssistantAxis, answers: list[dict], layers: list[int], batch_size: int = 8) -> dict:
@@ -82,8 +77,6 @@ def paired_effect(roles: list[str], base: list[dict], other: list[dict]) -> dict
     pairs = list(zip(roles, base, other))
     clusters = [[(b["in_character"], o["in_character"], o["lift_sd"]) for r, b, o in pairs if r == role]
                 for role in dict.fromkeys(roles)]
-    lost = sum(b and not o for b, o, _ in (p for c in clusters for p in c))
-    gained = sum(o and not b for b, o, _ in (p for c in clusters for p in c))
 
     def share_change(items):
         return (sum(o for _, o, _ in items) - sum(b for b, _, _ in items)) / len(items)
@@ -92,7 +85,7 @@ def paired_effect(roles: list[str], base: list[dict], other: list[dict]) -> dict
         return statistics.fmean(x for _, _, x in items)
 
     items = [p for c in clusters for p in c]
-    return {"lost": lost, "gained": gained, "mcnemar_p": round(mcnemar_exact(lost, gained), 4),
+    return {**discordant([(b, o) for b, o, _ in items]),
             "share_change": round(share_change(items), 4), "share_change_ci": cluster_bootstrap(clusters, share_change),
             "lift_sd": round(lift(items), 4), "lift_sd_ci": cluster_bootstrap(clusters, lift)}
 
@@ -120,7 +113,7 @@ def dose_response(model, tokenizer, axis: AssistantAxis, model_name: str, genera
     if read_layer < 0:
         raise ValueError(f"the axis caps from layer 0 ({band}): no layer before the band to read the answers at")
     defaults, role_rows = dose_rows(model_name, questions_per_role, quick)
-    spread = compute(lambda: token_spread(model, axis, _answer(generate, defaults, max_new_tokens, "default answers"),
+    spread = compute(lambda: token_spread(model, axis, greedy_answers(generate, defaults, max_new_tokens, "default answers"),
                                           sorted({*band, read_layer})))
     conditions = {UNCAPPED: (0.0, generate, nullcontext()), CAPPED: (0.0, generate_capped, nullcontext())}
     for alpha in alphas:
@@ -130,7 +123,7 @@ def dose_response(model, tokenizer, axis: AssistantAxis, model_name: str, genera
     answers = {}
     for name, (_, gen, context) in conditions.items():
         with context:
-            rows = _answer(gen, role_rows, max_new_tokens, f"role answers ({name})")
+            rows = greedy_answers(gen, role_rows, max_new_tokens, f"role answers ({name})")
         verdicts = score_answers(score, tokenizer, [r["answer_ids"] for r in rows], [by_role[r["role"]] for r in rows],
                                  [r["question"] for r in rows])
         reads = compute(lambda: read_back(model, axis, rows, read_layer, f"read back ({name})"))

@@ -52,6 +52,14 @@ def generate_in_chunks(generate: GenerateFn, conversations: list[list[dict[str, 
     return outputs
 
 
+def greedy_answers(generate: GenerateFn, rows: list[dict], max_new_tokens: int, desc: str) -> list[dict]:
+    """Each row's ``messages`` answered greedy: the row with its ``prompt_ids``, ``answer_ids`` and
+    whether the answer ``ended`` (fewer tokens than allowed: end-of-sequence, a greedy choice too)."""
+    answers = generate_in_chunks(generate, [r["messages"] for r in rows], 0.0, 1.0, max_new_tokens, desc)
+    return [{**row, "prompt_ids": prompt_ids, "answer_ids": answer_ids, "ended": len(answer_ids) < max_new_tokens}
+            for row, (prompt_ids, answer_ids) in zip(rows, answers)]
+
+
 def score_answers(score: ScoreFn, tokenizer, answer_ids: list[list[int]], roles: list[persona_data.Role],
                   questions: list[str]) -> list[int]:
     """Role expression (0-3) of answers given as token ids, 64 at a time, with a progress bar."""

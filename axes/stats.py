@@ -55,6 +55,14 @@ def mcnemar_exact(lost: int, gained: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def discordant(pairs: list[tuple[bool, bool]]) -> dict:
+    """Paired yes/no outcomes ``(before, after)``: how many were lost (yes, then no) and gained, and the
+    exact McNemar p of that split (four places)."""
+    lost = sum(b and not a for b, a in pairs)
+    gained = sum(a and not b for b, a in pairs)
+    return {"lost": lost, "gained": gained, "mcnemar_p": round(mcnemar_exact(lost, gained), 4)}
+
+
 def cluster_bootstrap(clusters: list[list], statistic: Callable[[list], float | None],
                       resamples: int = 2000, seed: int = 0) -> tuple[float, float] | None:
     """95% percentile interval of ``statistic`` over the pooled items when whole clusters (a role's or a

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from axiscap.axes.stats import cluster_bootstrap, mcnemar_exact
+from axiscap.axes.stats import cluster_bootstrap, discordant
 
 from . import suites
 from .accuracy import passes
@@ -160,11 +160,8 @@ def paired_persona_effect(records: list[dict], condition: str) -> dict[str, dict
         clusters = [[(verdict[i, k, condition], verdict[i, k, "uncapped"]) for k in kinds]
                     for i in dict.fromkeys(r["id"] for r in records)]
         pairs = [p for c in clusters for p in c]
-        lost = sum(u and not c for c, u in pairs)
-        gained = sum(c and not u for c, u in pairs)
         effect[scope] = {"pairs": len(pairs), "uncapped": sum(u for _, u in pairs),
-                         condition: sum(c for c, _ in pairs), "lost": lost, "gained": gained,
-                         "mcnemar_p": round(mcnemar_exact(lost, gained), 4),
+                         condition: sum(c for c, _ in pairs), **discordant([(u, c) for c, u in pairs]),
                          "reduction": _reduction(pairs), "reduction_ci": cluster_bootstrap(clusters, _reduction)}
     return effect
 
@@ -261,15 +258,12 @@ def paired_accuracy(records: list[dict], condition: str) -> dict:
     95% interval that resamples items, the exact McNemar p, and whether the interval's lower bound
     clears the non-inferiority margin."""
     pairs = [(r[condition]["correct"], r["uncapped"]["correct"]) for r in records]
-    lost = sum(u and not c for c, u in pairs)
-    gained = sum(c and not u for c, u in pairs)
 
     def difference(items):
         return (sum(c for c, _ in items) - sum(u for _, u in items)) / len(items)
 
     ci = cluster_bootstrap([[p] for p in pairs], difference)
-    return {"difference": round(difference(pairs), 4), "ci": ci, "lost": lost, "gained": gained,
-            "mcnemar_p": round(mcnemar_exact(lost, gained), 4),
+    return {"difference": round(difference(pairs), 4), "ci": ci, **discordant([(u, c) for c, u in pairs]),
             "non_inferior": ci is not None and ci[0] >= NON_INFERIORITY_MARGIN}
 
 
